@@ -1,0 +1,63 @@
+"""Shared bits of the Triton kernels: interpreter detection and compile-gate specs.
+
+INTERPRET: every kernel that touches bf16 takes one `INTERPRET: tl.constexpr`, true only under
+TRITON_INTERPRET=1, where bf16 arithmetic and fp32->bf16 casts are wrong (DESIGN.md section 4): the
+kernel then moves bf16 through its raw 16 bits and rounds to nearest even by hand. Launchers pass
+`interpreting()`; the compile gate passes False so it compiles the GPU code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_bf16_bits(dtype: torch.dtype) -> bool:
+    """Under the interpreter, bf16 tensors go to kernels as int16 views (see module doc)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+TRITON_DTYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.uint8: "u8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+@dataclass
+class KernelSpec:
+    """One (kernel, config) the package can launch on a GPU, for the compile gate.
+
+    signature: {argument name: triton type string, e.g. "*fp32", "*u8", "i32", "i64", "fp32"} for
+    every non-constexpr argument; constexprs: {name: value} for every tl.constexpr argument (with
+    INTERPRET False). needs_tensor_cores: the PTX must contain mma (sm_80) / wgmma (sm_90).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    needs_tensor_cores: bool = False
+    # Kernels whose rounding must match reference.py are launched with enable_fp_fusion=False
+    # (no FMA contraction of a*b+c); the gate compiles them the same way and checks for no fma.
+    exact_fp32: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.constexprs.items() if k != "INTERPRET"]
+        parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
+        return ",".join(parts)

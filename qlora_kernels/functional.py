@@ -1,0 +1,133 @@
+"""Public functions: argument checks, then the torch.library ops of _ops.py.
+
+    quantize_4bit(w, quant_type="nf4", blocksize=64, double_quant=True, quant_storage=torch.uint8)
+        -> (packed, QuantState)
+    dequantize_4bit(packed, state, dtype=None) -> Tensor
+    quantize_blockwise(x, code=None, blocksize=256) -> (q uint8, absmax fp32)
+    dequantize_blockwise(q, absmax, code=None, blocksize=256, dtype=torch.float32) -> Tensor
+
+Spec of every op: reference.py. Kernels: backends/. Which one runs: backends.use_backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ops  # noqa: F401  (registers torch.ops.qlora.*)
+from .formats import (
+    NESTED_BLOCKSIZE,
+    QuantState,
+    check_blocksize,
+    check_quant_type,
+    get_code,
+    packed_numel,
+)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_float_tensor(x, what: str, check_finite: bool) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        kind = "complex" if x.is_complex() else ("integer/bool" if not x.is_floating_point() else str(x.dtype))
+        raise TypeError(f"{what} must be float32, bfloat16 or float16; got {x.dtype} ({kind})")
+    if x.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
+    if x.is_sparse or x.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {x.layout}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contains NaN or Inf; pass check_finite=False to quantize it anyway")
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize `w` blockwise to 4 bits (NF4 or FP4), bit-identical to bitsandbytes.
+
+    Returns (packed [ceil(n/2) / itemsize, 1] of `quant_storage`, QuantState). With double_quant
+    the per-block absmax are themselves quantized to 8 bits (QLoRA's DQ: 4.127 bits per weight at
+    blocksize 64). check_finite=False skips the NaN/Inf scan (a device sync on GPUs).
+    """
+    _check_float_tensor(w, "weight", check_finite)
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    if not isinstance(quant_storage, torch.dtype):
+        raise TypeError(f"quant_storage must be a torch.dtype, got {type(quant_storage).__name__}")
+    nbytes = packed_numel(w.numel())
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    if nbytes % itemsize:
+        raise ValueError(
+            f"{nbytes} packed bytes do not fill whole {quant_storage} elements ({itemsize} bytes); "
+            "use quant_storage=torch.uint8 for this shape"
+        )
+
+    packed, absmax = torch.ops.qlora.quantize_4bit(w.contiguous(), blocksize, quant_type)
+    code = get_code(quant_type, w.device)
+    if double_quant:
+        offset = absmax.mean()
+        qabsmax, nested_absmax = torch.ops.qlora.quantize_blockwise(
+            absmax - offset, get_code("dynamic", w.device), NESTED_BLOCKSIZE
+        )
+        state = QuantState(
+            absmax=qabsmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
+            code=code, offset=offset, nested_absmax=nested_absmax,
+            nested_code=get_code("dynamic", w.device).clone(),
+        )
+    else:
+        state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
+                           quant_type=quant_type, code=code)
+    if quant_storage != torch.uint8:
+        packed = packed.reshape(-1).view(quant_storage).reshape(-1, 1)
+    return packed, state
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Decode a 4-bit packed tensor to `dtype` (default: the dtype the weight had), shape state.shape."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qlora_kernels QuantState, got {type(state).__name__}")
+    state.validate(packed)
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    raw = packed.reshape(-1).view(torch.uint8) if packed.is_contiguous() else packed.contiguous().reshape(-1).view(torch.uint8)
+    return torch.ops.qlora.dequantize_4bit(
+        raw, state.absmax, state.nested_absmax, state.nested_code, state.offset,
+        state.blocksize, state.quant_type, list(state.shape), dtype,
+    )
+
+
+def quantize_blockwise(
+    x: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization with a 256-entry dynamic map (default: the signed one)."""
+    _check_float_tensor(x, "input", check_finite=False)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
+    code = get_code("dynamic", x.device) if code is None else code
+    if code.shape != (256,) or code.dtype != torch.float32 or code.device != x.device:
+        raise ValueError("code must be a float32 tensor of 256 sorted entries on the input's device")
+    return torch.ops.qlora.quantize_blockwise(x.contiguous(), code, blocksize)
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of quantize_blockwise: code[q] * absmax[block] in fp32, cast to `dtype`."""
+    if q.dtype != torch.uint8:
+        raise TypeError(f"q must be uint8, got {q.dtype}")
+    code = get_code("dynamic", q.device) if code is None else code
+    nb = -(-q.numel() // blocksize)
+    if absmax.shape != (nb,):
+        raise ValueError(f"absmax has shape {tuple(absmax.shape)}, expected [{nb}]")
+    return torch.ops.qlora.dequantize_blockwise(q.contiguous(), absmax, code, blocksize, dtype)
