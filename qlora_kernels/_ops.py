@@ -96,3 +96,53 @@ def op_names() -> tuple[str, ...]:
     return tuple(SCHEMAS)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA linear (issue 3): Y = X @ dequant(W)^T + s * (X_lora @ A^T) @ B^T + bias, and backward
+# ---------------------------------------------------------------------------------------------
+#
+#   qlora_linear_fwd(x [M, K], x_lora [M, K]?, packed, absmax, nested_absmax?, nested_code?, offset?,
+#                    blocksize, quant_type, shape [N, K], lora_A [r, K], lora_B [N, r], scale, bias [N]?)
+#       -> (Y [M, N] of x.dtype, T [M, r] fp32)        T = X_lora @ A^T, X_lora = x when None
+#   qlora_linear_bwd(grad_out [M, N], x_lora [M, K], T [M, r], packed, absmax, nested_absmax?,
+#                    nested_code?, offset?, blocksize, quant_type, shape, lora_A, lora_B, scale,
+#                    lora_dx) -> (dX [M, K] of x_lora.dtype, dA like lora_A, dB like lora_B)
+#       dX = dY @ dequant(W) (+ s * (dY @ B) @ A when lora_dx). dbias is dY summed (autograd.py).
+# Spec: reference.qlora_linear_forward / qlora_linear_backward. x is 2-D: callers flatten.
+
+_W_ARGS = (
+    "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+    "int blocksize, str quant_type, SymInt[] shape"
+)
+QLORA_LINEAR_SCHEMAS = {
+    "qlora_linear_fwd": (
+        f"(Tensor x, Tensor? x_lora, {_W_ARGS}, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias)"
+        " -> (Tensor, Tensor)"
+    ),
+    "qlora_linear_bwd": (
+        f"(Tensor grad_out, Tensor x_lora, Tensor t, {_W_ARGS}, Tensor lora_A, Tensor lora_B, float scale, "
+        "bool lora_dx) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
+for _name, _schema in QLORA_LINEAR_SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _dispatching(_name), "CPU")
+    _lib.impl(_name, _dispatching(_name), "CUDA")
+SCHEMAS.update(QLORA_LINEAR_SCHEMAS)
+
+
+@torch.library.register_fake(f"{LIB_NAME}::qlora_linear_fwd")
+def _(x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+      lora_A, lora_B, scale, bias):
+    torch._check(x.dim() == 2, lambda: f"qlora_linear_fwd takes a 2-D x, got {x.dim()}-D")
+    m = x.shape[0]
+    return x.new_empty((m, shape[0])), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{LIB_NAME}::qlora_linear_bwd")
+def _(grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type,
+      shape, lora_A, lora_B, scale, lora_dx):
+    dx = grad_out.new_empty((grad_out.shape[0], shape[1]), dtype=x_lora.dtype)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)

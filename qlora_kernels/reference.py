@@ -191,3 +191,83 @@ def double_dequantize(
 ) -> torch.Tensor:
     """fp32 absmax: code2[q[i]] * nested_absmax[i // 256], then + offset (two fp32 roundings)."""
     return dequantize_blockwise(q, nested_absmax, nested_code, nested_blocksize, torch.float32) + offset.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA linear: Y = X @ dequant(W)^T + s * (X_lora @ A^T) @ B^T + bias, and its backward
+# ---------------------------------------------------------------------------------------------
+#
+# Shapes: X [M, K] (callers flatten leading dims), W [N, K] stored 4-bit (packed uint8 + absmax,
+# optionally double-quantized), A [r, K], B [N, r], bias [N], s a Python float.
+# X_lora is X itself, or dropout(X) when LoRA dropout is active (then the LoRA input is not X).
+# W is never trained: there is no gradient for it.
+
+
+def dequantize_weight(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    """The fp32 weight [N, K] a QLoRA linear multiplies by: double-dequantize the absmax (when
+    nested_absmax is given, absmax is uint8), then dequantize_4bit in fp32."""
+    if nested_absmax is not None:
+        absmax = double_dequantize(absmax, nested_absmax, nested_code, offset)
+    return dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32)
+
+
+def qlora_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    x_lora: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y [M, N], T [M, r]) in `compute_dtype`, every operand upcast to it first.
+
+    weight: the dequantized W [N, K] (dequantize_weight). T = X_lora @ A^T is what the backward
+    needs besides X; Y = X @ W^T + s * (T @ B^T) + bias.
+    """
+    cd = compute_dtype
+    xl = x if x_lora is None else x_lora
+    t = xl.to(cd) @ lora_A.to(cd).t()
+    y = x.to(cd) @ weight.to(cd).t() + scale * (t @ lora_B.to(cd).t())
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y, t
+
+
+def qlora_linear_backward(
+    grad_out: torch.Tensor,
+    x_lora: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    lora_dx: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [M, K], dA [r, K], dB [N, r], dbias [N]) in `compute_dtype`, from dY = grad_out [M, N].
+
+    With U = dY @ B [M, r]:
+        dX = dY @ W + s * U @ A     (the LoRA term only when lora_dx; with dropout the caller
+                                     routes s * U @ A through the dropout's backward instead)
+        dA = s * U^T @ X_lora,   dB = s * dY^T @ T,   dbias = sum of dY over rows.
+    """
+    cd = compute_dtype
+    dy = grad_out.to(cd)
+    u = dy @ lora_B.to(cd)
+    dx = dy @ weight.to(cd)
+    if lora_dx:
+        dx = dx + scale * (u @ lora_A.to(cd))
+    da = scale * (u.t() @ x_lora.to(cd))
+    db = scale * (dy.t() @ t.to(cd))
+    return dx, da, db, dy.sum(0)

@@ -35,3 +35,27 @@ IMPLS = {
     "quantize_blockwise": ref.quantize_blockwise,
     "dequantize_blockwise": ref.dequantize_blockwise,
 }
+
+
+# --- QLoRA linear (issue 3): compute in fp32 by reference.qlora_linear_*, cast like the kernels ---
+
+
+def qlora_linear_fwd(
+    x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+    lora_A, lora_B, scale, bias,
+):
+    w = ref.dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape)
+    y, t = ref.qlora_linear_forward(x, w, lora_A, lora_B, scale, bias, x_lora, torch.float32)
+    return y.to(x.dtype), t
+
+
+def qlora_linear_bwd(
+    grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+    lora_A, lora_B, scale, lora_dx,
+):
+    w = ref.dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape)
+    dx, da, db, _ = ref.qlora_linear_backward(grad_out, x_lora, t, w, lora_A, lora_B, scale, lora_dx, torch.float32)
+    return dx.to(x_lora.dtype), da.to(lora_A.dtype), db.to(lora_B.dtype)
+
+
+IMPLS.update({"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd})
