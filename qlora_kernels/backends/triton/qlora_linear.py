@@ -1,0 +1,522 @@
+"""Triton kernels: the fused QLoRA linear, forward and backward. Spec: reference.qlora_linear_forward
+and reference.qlora_linear_backward. Ops: qlora::qlora_linear_fwd, qlora::qlora_linear_bwd (_ops.py).
+Tests: python_tests/test_qlora_linear.py. Small-M forward (M <= 16): qlora_linear_small_m.py.
+
+Forward, for X [M, K], W [N, K] stored 4-bit, A [r, K], B [N, r]:
+    T = X_lora @ A^T             _lora_down_kernel  -> fp32 [M, r], saved for the backward
+    Y = X @ W^T + s*T @ B^T + b  _fwd_kernel: W tiles dequantized in registers, never in memory
+Backward, for dY [M, N]:
+    U = dY @ B                   _lora_down_kernel  -> fp32 [M, r]
+    dX = dY @ W + s*U @ A        _dx_kernel: the same tile dequantizer, reduction over N
+    dA = s*U^T @ X_lora, dB = s*dY^T @ T: plain torch matmuls (r is small: they are cheap GEMMs
+    whose cost cuBLAS already reaches; nothing to fuse into them without a second pass over dY).
+
+Numerics: the tensor-core operands are the activation dtype (bf16/fp16; fp32 activations use
+tf32x3, about fp32 accuracy), accumulation is fp32. The dequantized weight tile equals
+reference.dequantize_weight bit for bit in fp32 (launched with enable_fp_fusion=False so the
+double-quantized scale rounds twice, as the spec does) and is then rounded once to the operand
+dtype, exactly what "dequantize to bf16, then matmul" would feed cuBLAS. The LoRA path runs in the
+LoRA weights' dtype (as PEFT casts x to lora_A's dtype); T and U stay fp32 between kernels.
+
+Under TRITON_INTERPRET=1 (INTERPRET constexpr) bf16 arithmetic and fp32->bf16 casts are wrong
+(DESIGN.md section 4): tiles are upcast to fp32 after loading, every rounding to a bf16 operand
+is emulated by a round-to-nearest-even bit trick on the fp32 value, and bf16 stores go through
+the same trick, so the interpreter computes what the GPU computes up to summation order.
+
+Where a weight tile's scales come from (flat element index i = n*K + k, block i // blocksize):
+  ALIGNED (K % blocksize == 0): a tile row of BK elements spans NSB = max(1, BK // blocksize)
+      whole blocks, so the scales are a [BN, NSB] load decoded once per tile, not per element.
+  otherwise (blocks cross rows): the scale is gathered per element; correct for every K, slower.
+  PAIRED (K even): a tile row's bytes are contiguous and hold (high, low) nibble pairs, joined in
+      registers; odd K (rows start mid-byte) gathers each nibble by its flat index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats import get_code
+from ._utils import KernelSpec, interpreting
+
+# Operand kinds of tl.dot (constexpr values).
+KIND_FP32, KIND_BF16, KIND_FP16 = 0, 1, 2
+_KIND_OF = {torch.float32: KIND_FP32, torch.bfloat16: KIND_BF16, torch.float16: KIND_FP16}
+_TYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# @triton.jit helpers (also used by qlora_linear_small_m.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def round_bf16_f32(x):
+    """fp32 -> the fp32 value of the nearest bf16 (ties to even), by bit arithmetic. Finite input."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return (bits << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def as_operand(v, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """A tile as a tl.dot operand of KIND. Under the interpreter the operand stays fp32 but holds
+    exactly the value the GPU's cast would produce (fp16 casts are exact there, bf16 are not)."""
+    if INTERPRET:
+        v = v.to(tl.float32)
+        if KIND == 1:
+            v = round_bf16_f32(v)
+        elif KIND == 2:
+            v = v.to(tl.float16).to(tl.float32)
+    else:
+        if KIND == 1:
+            v = v.to(tl.bfloat16)
+        elif KIND == 2:
+            v = v.to(tl.float16)
+        else:
+            v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def dot_acc(a, b, acc, KIND: tl.constexpr):
+    # fp32 operands: tf32x3 keeps ~fp32 accuracy on the tensor cores (plain tf32 would not).
+    if KIND == 0:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def store_out(ptr, value, mask, OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store fp32 `value` in ptr's dtype, rounding to nearest even on GPU and interpreter alike."""
+    if OUT_BF16 and INTERPRET:
+        bits = (value.to(tl.uint32, bitcast=True) + 0x7FFF + ((value.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16
+        tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, mask, NESTED: tl.constexpr):
+    """fp32 absmax of blocks `blk` (int64, any shape); 0 where masked."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0)
+        s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + blk // 256, mask=mask, other=0.0)
+        s = tl.where(mask, s + offset, 0.0)
+    else:
+        s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
+def dequant_tile(
+    packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr,
+    n0, k0, N, K,
+    BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
+    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """fp32 [BN, BK] tile of dequant(W) at rows n0.., cols k0.. (k0 a multiple of BK); 0 outside W."""
+    offs_n = n0 + tl.arange(0, BN)
+    n_ok = offs_n < N
+    row = offs_n.to(tl.int64) * K  # flat index of each row's first element
+    if PAIRED:
+        kk = k0 + 2 * tl.arange(0, BK // 2)
+        bmask = n_ok[:, None] & (kk < K)[None, :]
+        byte = tl.load(packed_ptr + (row[:, None] + kk[None, :]) // 2, mask=bmask, other=0)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 0xF))
+        vals = tl.reshape(tl.join(hi, lo), (BN, BK))  # element 2j is the high nibble
+    else:
+        offs_k = k0 + tl.arange(0, BK)
+        flat = row[:, None] + offs_k[None, :]
+        emask = n_ok[:, None] & (offs_k < K)[None, :]
+        byte = tl.load(packed_ptr + flat // 2, mask=emask, other=0)
+        nib = tl.where((flat % 2) == 0, byte >> 4, byte & 0xF)
+        vals = tl.load(code_ptr + nib)
+    if ALIGNED:
+        blk0 = (row + k0) // BLOCKSIZE  # [BN]
+        if NSB == 1:
+            scale = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk0, n_ok, NESTED)
+            w = vals * scale[:, None]
+        else:
+            j = tl.arange(0, NSB)
+            smask = n_ok[:, None] & ((k0 + j * BLOCKSIZE) < K)[None, :]
+            scale = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk0[:, None] + j[None, :], smask, NESTED)
+            w = tl.reshape(tl.reshape(vals, (BN, NSB, BLOCKSIZE)) * scale[:, :, None], (BN, BK))
+    else:
+        offs_k = k0 + tl.arange(0, BK)
+        emask = n_ok[:, None] & (offs_k < K)[None, :]
+        blk = (row[:, None] + offs_k[None, :]) // BLOCKSIZE
+        scale = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, emask, NESTED)
+        w = vals * scale
+    return w
+
+
+@triton.jit
+def lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
+            RP: tl.constexpr, L_KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + s * T[offs_m, :R] @ B[offs_n, :R]^T, r padded to RP (a power of two >= 16)."""
+    offs_r = tl.arange(0, RP)
+    r_ok = offs_r < R
+    t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :],
+                mask=(offs_m < M)[:, None] & r_ok[None, :], other=0.0)
+    bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=r_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+    lora = dot_acc(as_operand(t, L_KIND, INTERPRET), as_operand(bt, L_KIND, INTERPRET),
+                   tl.zeros(acc.shape, dtype=tl.float32), L_KIND)
+    return acc + scale * lora
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_down_kernel(
+    p_ptr, q_ptr, c_ptr, M, L, R,
+    stride_pm, stride_pl, stride_ql, stride_qr,
+    BM: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr, KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """C [M, R] fp32 (row stride R) = P [M, L] @ Q [L, R]: T = X @ A^T and U = dY @ B."""
+    pid = tl.program_id(0)
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_r = tl.arange(0, RP)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    p_rows = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for l0 in range(0, L, BL):
+        offs_l = l0 + tl.arange(0, BL)
+        l_ok = offs_l < L
+        p = tl.load(p_rows + offs_l[None, :].to(tl.int64) * stride_pl, mask=m_ok[:, None] & l_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + offs_l.to(tl.int64)[:, None] * stride_ql + offs_r[None, :] * stride_qr,
+                    mask=l_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot_acc(as_operand(p, KIND, INTERPRET), as_operand(q, KIND, INTERPRET), acc, KIND)
+    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
+    t_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, scale,
+    stride_xm, stride_xk, stride_tm, stride_bn, stride_br, stride_ym,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, RP: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
+    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Y [M, N] = X @ dequant(W)^T (+ s * T @ B^T) (+ bias)."""
+    # Grouped launch order: GROUP_M row-tiles share each column of W tiles while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
+                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
+        acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
+    if HAS_LORA:
+        acc = lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
+                      RP, L_KIND, INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    store_out(y, acc, m_ok[:, None] & (offs_n < N)[None, :], Y_BF16, INTERPRET)
+
+
+@triton.jit
+def _dx_kernel(
+    dy_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
+    u_ptr, a_ptr, dx_ptr,
+    M, N, K, R, scale,
+    stride_dym, stride_dyn, stride_um, stride_ar, stride_ak, stride_dxm,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, RP: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
+    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr,
+    X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dX [M, K] = dY @ dequant(W) (+ s * U @ A): W read packed, tiles [BN, BK] down its columns."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_k = tl.cdiv(K, BK)
+    group = pid // (GROUP_M * num_k)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
+    pid_k = (pid % (GROUP_M * num_k)) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    m_ok = offs_m < M
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        dy = tl.load(dy_rows + offs_n.to(tl.int64)[None, :] * stride_dyn, mask=m_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, n0, pid_k * BK, N, K,
+                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
+        acc = dot_acc(as_operand(dy, X_KIND, INTERPRET), as_operand(w, X_KIND, INTERPRET), acc, X_KIND)
+    if HAS_LORA:
+        # s * U @ A: the same epilogue as the forward's, with A [r, K] read as "B^T" of [K, r].
+        acc = lora_up(acc, u_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_um, stride_ak, stride_ar, scale,
+                      RP, L_KIND, INTERPRET)
+    dx = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
+    store_out(dx, acc, m_ok[:, None] & (offs_k < K)[None, :], Y_BF16, INTERPRET)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# GPU configs (H100/A100 class). Each one is in compile_specs(), so the compile gate checks it.
+GPU_CONFIGS = {
+    "large": GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
+    "medium": GemmConfig(64, 128, 64, num_warps=4, num_stages=4),
+}
+# Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
+INTERPRET_CONFIG = GemmConfig(64, 64, 64)
+LORA_DOWN_BM, LORA_DOWN_BL, LORA_DOWN_WARPS = 64, 64, 4
+
+
+def pick_config(m: int) -> GemmConfig:
+    if interpreting():
+        return INTERPRET_CONFIG
+    return GPU_CONFIGS["large" if m > 64 else "medium"]
+
+
+def lora_rank_pad(r: int) -> int:
+    """r padded for tl.dot: a power of two, at least 16 (the minimum dot dimension)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def weight_layout(shape: Sequence[int], blocksize: int, bk: int) -> dict:
+    """Constexprs of dequant_tile for W [N, K] read in tiles BK wide."""
+    k = int(shape[1])
+    return {
+        "BLOCKSIZE": blocksize,
+        "NSB": max(1, bk // blocksize),
+        "PAIRED": k % 2 == 0,
+        "ALIGNED": k % blocksize == 0,
+    }
+
+
+def weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type):
+    """(packed, absmax, nested_absmax, nested_code, offset [1] fp32, code) pointers; unused ones
+    alias a real tensor so every pointer argument is valid."""
+    code = get_code(quant_type, packed.device)
+    nested = nested_absmax is not None
+    return (
+        packed.reshape(-1).view(torch.uint8),
+        absmax,
+        nested_absmax if nested else code,
+        nested_code if nested else code,
+        offset.reshape(1).float() if nested else code,
+        code,
+    )
+
+
+def _check_inputs(x, lora_A, lora_B, shape):
+    n, k = int(shape[0]), int(shape[1])
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    if lora_A.shape[1] != k or lora_B.shape[0] != n or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit W {n}x{k}")
+    if lora_A.shape[0] > 128:
+        raise ValueError(f"LoRA rank {lora_A.shape[0]} > 128 is not supported by the Triton kernels")
+
+
+def lora_down(p: torch.Tensor, q: torch.Tensor, kind: int) -> torch.Tensor:
+    """fp32 [M, r] = p [M, L] @ q [L, r] (q may be a transposed view)."""
+    m, l = p.shape
+    r = q.shape[1]
+    c = torch.empty((m, r), dtype=torch.float32, device=p.device)
+    _lora_down_kernel[(triton.cdiv(m, LORA_DOWN_BM),)](
+        p, q, c, m, l, r, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        BM=LORA_DOWN_BM, BL=LORA_DOWN_BL, RP=lora_rank_pad(r), KIND=kind, INTERPRET=interpreting(),
+        num_warps=LORA_DOWN_WARPS,
+    )
+    return c
+
+
+def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Optional[GemmConfig] = None):
+    """Y = X @ W^T + s*T @ B^T + bias with the tiled kernel."""
+    m = x.shape[0]
+    n, k = int(shape[0]), int(shape[1])
+    cfg = cfg or pick_config(m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    has_lora = t is not None
+    grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
+    _fwd_kernel[grid](
+        x, *packed_args, t if has_lora else x, lora_B, bias if bias is not None else x, y,
+        m, n, k, lora_B.shape[1], float(scale),
+        x.stride(0), x.stride(1), t.stride(0) if has_lora else 0, lora_B.stride(0), lora_B.stride(1), y.stride(0),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, RP=lora_rank_pad(lora_B.shape[1]),
+        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_B.dtype], Y_BF16=x.dtype == torch.bfloat16,
+        INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    return y
+
+
+def qlora_linear_fwd(
+    x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+    lora_A, lora_B, scale, bias,
+):
+    _check_inputs(x, lora_A, lora_B, shape)
+    lkind = _KIND_OF[lora_A.dtype]
+    t = lora_down(x if x_lora is None else x_lora, lora_A.t(), lkind)
+    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
+    if x.shape[0] <= SMALL_M:
+        from .qlora_linear_small_m import small_m_fwd
+
+        y = small_m_fwd(x, t, args, blocksize, shape, lora_B, scale, bias)
+    else:
+        y = fwd_gemm(x, t, args, blocksize, shape, lora_B, scale, bias)
+    return y, t
+
+
+SMALL_M = 16
+
+
+def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg: Optional[GemmConfig] = None):
+    m = dy.shape[0]
+    n, k = int(shape[0]), int(shape[1])
+    cfg = cfg or pick_config(m)
+    dx = torch.empty((m, k), dtype=out_dtype, device=dy.device)
+    has_lora = u is not None
+    grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(k, cfg.BK),)
+    _dx_kernel[grid](
+        dy, *packed_args, u if has_lora else dy, lora_A, dx,
+        m, n, k, lora_A.shape[0], float(scale),
+        dy.stride(0), dy.stride(1), u.stride(0) if has_lora else 0, lora_A.stride(0), lora_A.stride(1), dx.stride(0),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, RP=lora_rank_pad(lora_A.shape[0]),
+        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK),
+        HAS_LORA=has_lora, X_KIND=_KIND_OF[dy.dtype], L_KIND=_KIND_OF[lora_A.dtype],
+        Y_BF16=out_dtype == torch.bfloat16, INTERPRET=interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    return dx
+
+
+def qlora_linear_bwd(
+    grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+    lora_A, lora_B, scale, lora_dx,
+):
+    _check_inputs(x_lora, lora_A, lora_B, shape)
+    ldt = lora_A.dtype
+    u = lora_down(grad_out, lora_B, _KIND_OF[ldt])  # U = dY @ B, fp32 [M, r]
+    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
+    dx = dx_gemm(grad_out, u if lora_dx else None, args, blocksize, shape, lora_A, scale, x_lora.dtype)
+    # The LoRA weight gradients in the LoRA dtype (fp32 accumulation inside the matmul), scaled
+    # in fp32 before the one rounding to that dtype.
+    da = torch.matmul((u * scale).t().to(ldt), x_lora.to(ldt))
+    db = torch.matmul(grad_out.t().to(ldt), (t * scale).to(ldt))
+    return dx, da, db.to(lora_B.dtype)
+
+
+IMPLS = {"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd}
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every tile config of the two GEMM kernels for each activation/LoRA dtype pair, in the usual
+    weight layout (double-quantized, K a multiple of the blocksize), plus one spec per other layout
+    path (blocks crossing rows; odd K) and per blocksize regime (NSB) of dequant_tile."""
+    specs: list[KernelSpec] = []
+    w_sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "ncode_ptr": "*fp32",
+             "offset_ptr": "*fp32", "code_ptr": "*fp32"}
+
+    def fwd_spec(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned):
+        xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
+        return KernelSpec(
+            name=f"qlora_fwd[{cfg_name},x={xt},lora={lt},bs={blocksize},paired={paired},aligned={aligned}]",
+            fn=_fwd_kernel,
+            signature={"x_ptr": f"*{xt}", **w_sig, "t_ptr": "*fp32", "b_ptr": f"*{lt}", "bias_ptr": f"*{xt}",
+                       "y_ptr": f"*{xt}", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scale": "fp32",
+                       "stride_xm": "i32", "stride_xk": "i32", "stride_tm": "i32", "stride_bn": "i32",
+                       "stride_br": "i32", "stride_ym": "i32"},
+            constexprs={"BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "RP": 16,
+                        "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
+                        "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": True, "HAS_BIAS": True,
+                        "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt], "Y_BF16": xdt == torch.bfloat16,
+                        "INTERPRET": False},
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True,
+        )
+
+    def dx_spec(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned):
+        xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
+        return KernelSpec(
+            name=f"qlora_dx[{cfg_name},x={xt},lora={lt},bs={blocksize},paired={paired},aligned={aligned}]",
+            fn=_dx_kernel,
+            signature={"dy_ptr": f"*{xt}", **w_sig, "u_ptr": "*fp32", "a_ptr": f"*{lt}", "dx_ptr": f"*{xt}",
+                       "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scale": "fp32",
+                       "stride_dym": "i32", "stride_dyn": "i32", "stride_um": "i32", "stride_ar": "i32",
+                       "stride_ak": "i32", "stride_dxm": "i32"},
+            constexprs={"BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "RP": 16,
+                        "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
+                        "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": True,
+                        "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt], "Y_BF16": xdt == torch.bfloat16,
+                        "INTERPRET": False},
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True,
+        )
+
+    dtype_pairs = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                   (torch.float16, torch.float16), (torch.float32, torch.float32)]
+    for cfg_name, cfg in GPU_CONFIGS.items():
+        for xdt, ldt in dtype_pairs:
+            specs.append(fwd_spec(cfg_name, cfg, xdt, ldt, 64, True, True))
+            specs.append(dx_spec(cfg_name, cfg, xdt, ldt, 64, True, True))
+        for blocksize in (32, 256):  # NSB = 2 (several blocks per tile row) and BK < blocksize
+            specs.append(fwd_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, blocksize, True, True))
+            specs.append(dx_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, blocksize, True, True))
+        for paired in (True, False):  # blocks crossing rows; odd K
+            specs.append(fwd_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, 64, paired, False))
+            specs.append(dx_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, 64, paired, False))
+    for ldt in (torch.bfloat16, torch.float32, torch.float16):
+        lt = _TYPE_NAME[ldt]
+        for pt in ("bf16", "fp32", "fp16"):
+            specs.append(KernelSpec(
+                name=f"qlora_lora_down[p={pt},q={lt}]", fn=_lora_down_kernel,
+                signature={"p_ptr": f"*{pt}", "q_ptr": f"*{lt}", "c_ptr": "*fp32", "M": "i32", "L": "i32",
+                           "R": "i32", "stride_pm": "i32", "stride_pl": "i32", "stride_ql": "i32", "stride_qr": "i32"},
+                constexprs={"BM": LORA_DOWN_BM, "BL": LORA_DOWN_BL, "RP": 16, "KIND": _KIND_OF[ldt], "INTERPRET": False},
+                num_warps=LORA_DOWN_WARPS, needs_tensor_cores=True,
+            ))
+    return specs
