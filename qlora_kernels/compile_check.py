@@ -1,0 +1,469 @@
+"""The compile gate: build every shipped Triton (kernel, config) for sm_80 and sm_90 without a GPU.
+
+    python -m qlora_kernels compile-check [--kernels SUBSTR ...] [--arch 80 90] [--json PATH]
+
+For each KernelSpec from `qlora_kernels.backends.triton.compile_specs()` (or `--specs-from
+MODULE:FUNCTION`) and each arch, triton.compile() lowers the kernel to PTX ahead of time (no driver
+needed), ptxas -v reports registers, spills and static shared memory, and the PTX is searched for
+tensor-core instructions and fused multiply-adds. A row fails on a compile error, any spill, shared
+memory over the chip's per-block limit, a GEMM without mma (sm_80) / wgmma (sm_90) where
+`needs_tensor_cores`, or fma where `exact_fp32`. Exit 0: all rows ok; 1: a row failed (or the specs
+could not be loaded); 2: no spec matched --kernels.
+
+Launch-time specialization: Triton's JIT compiles a kernel per argument specialization (pointers
+16-byte aligned, ints that are multiples of 16 or equal to 1). The gate compiles the variant every
+launch can hit: pointers aligned (torch allocations are), ints unknown. A spec can name int
+arguments its launches always see as multiples of 16 in `extra["divisible_by_16"]` and ones always
+equal to 1 in `extra["equal_to_1"]`; that is the variant that runs, and its register use differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+DEFAULT_SPECS = "qlora_kernels.backends.triton:compile_specs"
+
+# Max shared memory per block (opt-in) by compute capability, from the CUDA programming guide.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+_FALSE_VALUES = ("", "0", "false", "off", "no", "n")
+
+# sm_80 GEMMs use mma.sync (MMAv2); on sm_90 Triton should pick wgmma (MMAv3), and mma.sync there
+# means the kernel runs at a fraction of the chip's tensor throughput.
+_MMA_RE = re.compile(r"\bmma\.sync\.")
+_WGMMA_RE = re.compile(r"\bwgmma\.mma_async\.")
+# `mad.f32` is fused too on sm_20+, so it counts as an fma.
+_FMA_RE = re.compile(r"\b(?:fma|mad)(?:\.rn)?(?:\.ftz)?(?:\.sat)?\.f32\b")
+_COMMENT_RE = re.compile(r"//.*$", re.MULTILINE)
+
+# Set in the parent before forking workers: a fork shares them without pickling JIT functions.
+_SPECS: list[Any] = []
+_PTXAS: dict[str, Any] = {}
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    config: str
+    arch: int
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack_frame: int | None = None
+    shared: int | None = None
+    tensor_cores: str = "-"
+    fma_free: str = "-"
+    failures: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "FAIL: " + "; ".join(self.failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton-version shims. Known forms: 3.2 takes ASTSource(fn, signature, constants, attrs) with
+# name-keyed constants and an AttrsDescriptor; 3.3+ renamed it constexprs (keyed by name or by
+# argument path) and takes attrs as {(index,): [["tt.divisibility", 16]]}. From 3.2 on, the
+# signature names every argument and gives constexprs the type "constexpr".
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _make_attrs(divisible: list[int], legacy: bool) -> Any:
+    if not legacy:
+        return {(i,): [["tt.divisibility", 16]] for i in divisible}
+    try:
+        from triton.backends.compiler import AttrsDescriptor
+
+        return AttrsDescriptor.from_hints({i: 16 for i in divisible})
+    except Exception:
+        # Without hints the kernel compiles as for unaligned pointers: worse, never wrong.
+        return None
+
+
+def _make_source(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], divisible: list[int]):
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    if "constexprs" in params:
+        return ASTSource(fn, signature, constexprs=constexprs, attrs=_make_attrs(divisible, legacy=False))
+    if _triton_version() >= (3, 2):
+        return ASTSource(fn, signature, constants=constexprs, attrs=_make_attrs(divisible, legacy=True))
+    raise RuntimeError(f"triton {_triton_version()} is older than the 3.2 this gate supports")
+
+
+def _unwrap_jit(fn: Any) -> Any:
+    from triton.runtime.jit import JITFunction
+
+    seen = 0
+    # @triton.autotune / @triton.heuristics wrap the JITFunction in objects with `.fn`.
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn") and seen < 8:
+        fn, seen = fn.fn, seen + 1
+    if not isinstance(fn, JITFunction):
+        raise TypeError(
+            f"{type(fn).__name__} is not a compilable @triton.jit function "
+            "(was its module imported with TRITON_INTERPRET=1?)"
+        )
+    return fn
+
+
+def _full_signature(spec: Any, fn: Any) -> tuple[dict[str, str], dict[str, Any], list[int]]:
+    """The (signature, constexprs, indices with divisibility 16) ASTSource needs, checked."""
+    extra = spec.extra or {}
+    constexprs = dict(spec.constexprs)
+    for name in extra.get("equal_to_1", ()):
+        constexprs[name] = 1
+    div16 = set(extra.get("divisible_by_16", ()))
+    names = list(fn.arg_names)
+    unknown = (set(spec.signature) | set(constexprs) | div16) - set(names)
+    if unknown:
+        raise ValueError(f"spec names arguments the kernel does not have: {sorted(unknown)}")
+    by_name = {p.name: p for p in getattr(fn, "params", [])}
+    signature: dict[str, str] = {}
+    divisible: list[int] = []
+    for i, name in enumerate(names):
+        p = by_name.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in spec.signature:
+            if p is not None and p.is_constexpr:
+                raise ValueError(f"{name} is a tl.constexpr: give it in constexprs, not signature")
+            ty = spec.signature[name]
+            signature[name] = ty
+            if ty.startswith("*") or name in div16:
+                divisible.append(i)
+        elif p is not None and p.is_constexpr and p.default is not inspect.Parameter.empty:
+            constexprs[name] = p.default
+            signature[name] = "constexpr"
+        else:
+            raise ValueError(f"argument {name} is in neither signature nor constexprs")
+    return signature, constexprs, divisible
+
+
+# ---------------------------------------------------------------------------------------------
+# ptxas
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_ptxas(override: str | None) -> tuple[str, list[str]]:
+    """The ptxas Triton itself uses for the cubin, and the extra flags it passes.
+
+    Using Triton's ptxas matters: the PTX's .version follows that ptxas, and register allocation
+    differs between CUDA releases (the 13.x ptxas spills a 128x128x64 bf16 GEMM the 12.8 one does
+    not).
+    """
+    flags: list[str] = []
+    try:
+        import triton.backends.nvidia.compiler as nv
+
+        src = inspect.getsource(nv)
+        # triton 3.6+ passes this to every ptxas (a 13.x register-allocator bug).
+        if "--regAllocOptLevel=2" in src:
+            flags.append("--regAllocOptLevel=2")
+    except Exception:
+        nv = None
+    if override:
+        return override, flags
+    candidates: list[str | None] = [os.environ.get("TRITON_PTXAS_PATH")]
+    try:
+        from triton import knobs
+
+        candidates.append(knobs.nvidia.ptxas.path)
+    except Exception:
+        pass
+    if nv is not None and hasattr(nv, "_path_to_binary"):
+        try:
+            candidates.append(nv._path_to_binary("ptxas")[0])
+        except Exception:
+            pass
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    except Exception:
+        pass
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidates += [os.path.join(cuda_home, "bin", "ptxas"), shutil.which("ptxas")]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c, flags
+    raise FileNotFoundError("no ptxas found (set TRITON_PTXAS_PATH or pass --ptxas)")
+
+
+def _ptxas_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except Exception:
+        return "?"
+    m = re.search(r"release (\S+),", out)
+    return m.group(1) if m else "?"
+
+
+def _run_ptxas(ptx: str, arch: int, exact_fp32: bool, row: Row) -> None:
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    cmd = [_PTXAS["path"], "-v", *_PTXAS["flags"], f"--gpu-name={gpu}"]
+    if exact_fp32:
+        # Triton builds such kernels' cubins with --fmad=false; measure what ships.
+        cmd.append("--fmad=false")
+    with tempfile.TemporaryDirectory(prefix="qlk-compile-check-") as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(cmd + [src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        last = [ln for ln in log.splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
+        row.failures.append(f"ptxas error: {last[0].strip()[:200]}")
+        return
+    m = re.search(r"Used (\d+) registers", log)
+    row.registers = int(m.group(1)) if m else None
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        row.stack_frame, row.spill_stores, row.spill_loads = map(int, m.groups())
+    m = re.search(r"(\d+) bytes smem", log)
+    row.shared = (row.shared or 0) + (int(m.group(1)) if m else 0)
+    if row.registers is None or row.spill_stores is None:
+        row.failures.append("could not parse ptxas -v output")
+
+
+# ---------------------------------------------------------------------------------------------
+# One (spec, arch)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_one(task: tuple[int, int]) -> Row:
+    idx, arch = task
+    spec = _SPECS[idx]
+    row = Row(kernel=spec.name, config=spec.config, arch=arch)
+    t0 = time.perf_counter()
+    try:
+        _compile_and_inspect(spec, arch, row)
+    except Exception as e:  # a compile error is a result, not a crash of the gate
+        row.failures.append(f"compile error: {_describe_error(e)}")
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def _describe_error(e: BaseException) -> str:
+    # Triton's CompilationError text is "at L:C:", the kernel source, a caret line, then the
+    # reason: keep the location and the reason, drop the source.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    where = lines[0].rstrip(":") if len(lines) > 1 and lines[0].startswith("at ") else ""
+    cause = e.__cause__
+    reason = f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else (lines[-1] if lines else "")
+    text = f"{type(e).__name__}{' ' + where if where else ''}: {reason}" if reason else type(e).__name__
+    return " ".join(text.split())[:300]
+
+
+def _compile_and_inspect(spec: Any, arch: int, row: Row) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = _unwrap_jit(spec.fn)
+    signature, constexprs, divisible = _full_signature(spec, fn)
+    options: dict[str, Any] = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.exact_fp32:
+        options["enable_fp_fusion"] = False
+    src = _make_source(fn, signature, constexprs, divisible)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+    _run_ptxas(ptx, arch, spec.exact_fp32, row)
+    code = _COMMENT_RE.sub("", ptx)
+
+    if spec.needs_tensor_cores:
+        if arch >= 90:
+            has = bool(_WGMMA_RE.search(code))
+            row.tensor_cores = "yes" if has else ("no (mma.sync only)" if _MMA_RE.search(code) else "no")
+            if not has:
+                row.failures.append("tensor cores required but no wgmma in the sm_90 PTX"
+                                    + (" (mma.sync only)" if _MMA_RE.search(code) else ""))
+        else:
+            has = bool(_MMA_RE.search(code))
+            row.tensor_cores = "yes" if has else "no"
+            if not has:
+                row.failures.append(f"tensor cores required but no mma in the sm_{arch} PTX")
+    if spec.exact_fp32:
+        fmas = _FMA_RE.findall(code)
+        row.fma_free = "no" if fmas else "yes"
+        if fmas:
+            row.failures.append(f"exact_fp32 kernel has {len(fmas)} fma instruction(s) ({fmas[0]})")
+    if row.spill_stores or row.spill_loads:
+        row.failures.append(f"spills {row.spill_stores} B stored / {row.spill_loads} B loaded "
+                            f"({row.registers} registers)")
+    limit = SHARED_LIMIT.get(arch)
+    if limit is not None and row.shared is not None and row.shared > limit:
+        row.failures.append(f"shared memory {row.shared} B over the sm_{arch} limit of {limit} B")
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qlora_kernels compile-check",
+        description="Compile every shipped Triton kernel config for sm_80/sm_90 (no GPU needed) and "
+                    "fail on compile errors, register spills, shared memory over the limit, GEMMs "
+                    "without tensor cores, and fma in kernels that must round like the reference.",
+    )
+    p.add_argument("--kernels", nargs="+", metavar="SUBSTR",
+                   help="only specs whose name (or name[config]) contains one of these")
+    p.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=sorted(SHARED_LIMIT),
+                   help="compute capabilities to compile for (default: 80 90)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    p.add_argument("--specs-from", default=DEFAULT_SPECS, metavar="MODULE:FUNCTION",
+                   help=f"function returning the KernelSpecs (default: {DEFAULT_SPECS})")
+    p.add_argument("--jobs", "-j", type=int, default=0,
+                   help="parallel compiles (default: CPU count, at most 4; 1 = in this process)")
+    p.add_argument("--ptxas", help="ptxas to use (default: the one Triton uses)")
+    return p
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in _FALSE_VALUES
+
+
+def _rerun_without_interpreter(argv: list[str]) -> int:
+    # Under TRITON_INTERPRET=1, @triton.jit yields interpreted functions that cannot be compiled,
+    # and the flag must be unset before the kernel modules are imported: hence a fresh process.
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [pkg_parent, os.getcwd()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-m", "qlora_kernels.compile_check", *argv], env=env).returncode
+
+
+def _load_specs(target: str) -> list[Any]:
+    mod_name, _, func_name = target.partition(":")
+    mod = importlib.import_module(mod_name)
+    specs = getattr(mod, func_name or "compile_specs")()
+    return list(specs)
+
+
+def _matches(spec: Any, patterns: list[str] | None) -> bool:
+    if not patterns:
+        return True
+    label = f"{spec.name}[{spec.config}]"
+    return any(p in label for p in patterns)
+
+
+def _fmt_int(v: int | None) -> str:
+    return "?" if v is None else str(v)
+
+
+def _table(rows: list[Row]) -> str:
+    head = ["kernel", "config", "arch", "regs", "spill st/ld", "smem B", "tensor cores", "fma-free", "status"]
+    body = [[r.kernel, r.config, f"sm_{r.arch}", _fmt_int(r.registers),
+             "?" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}",
+             _fmt_int(r.shared), r.tensor_cores, r.fma_free, r.status] for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head) - 1)]
+    lines = []
+    for cells in [head] + body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1])
+        if cells is head:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    return "\n".join(lines)
+
+
+def _run_tasks(tasks: list[tuple[int, int]], jobs: int) -> list[Row]:
+    import multiprocessing as mp
+
+    if jobs > 1 and len(tasks) > 1 and "fork" in mp.get_all_start_methods():
+        # Separate processes, not threads: triton.compile is CPU-bound Python + MLIR and not
+        # guaranteed thread-safe before 3.4. Forking before any compilation keeps it safe (no
+        # MLIR/LLVM thread pools exist yet) and hands the workers the specs without pickling.
+        ctx = mp.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
+            return list(pool.map(_check_one, tasks))
+    return [_check_one(t) for t in tasks]
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    if argv[:1] == ["compile-check"]:
+        argv = argv[1:]
+    args = _parser().parse_args(argv)
+    if _interpret_requested():
+        return _rerun_without_interpreter(argv)
+
+    t0 = time.perf_counter()
+    try:
+        import triton
+    except ImportError as e:
+        print(f"compile-check: triton is not installed ({e})", file=sys.stderr)
+        return 1
+    try:
+        specs = _load_specs(args.specs_from)
+    except Exception as e:
+        print(f"compile-check: could not load specs from {args.specs_from}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 1
+    specs = [s for s in specs if _matches(s, args.kernels)]
+    if not specs:
+        print(f"compile-check: no kernel spec matched {args.kernels or '(all)'} in {args.specs_from}",
+              file=sys.stderr)
+        return 2
+    try:
+        path, flags = _find_ptxas(args.ptxas)
+    except FileNotFoundError as e:
+        print(f"compile-check: {e}", file=sys.stderr)
+        return 1
+    _PTXAS.update(path=path, flags=flags, version=_ptxas_version(path))
+    _SPECS[:] = specs
+
+    archs = list(dict.fromkeys(args.arch))
+    tasks = [(i, a) for i in range(len(specs)) for a in archs]
+    jobs = args.jobs if args.jobs > 0 else min(os.cpu_count() or 1, 4)
+    print(f"compile-check: triton {triton.__version__}, ptxas {_PTXAS['version']} ({path}), "
+          f"{len(specs)} spec(s) x {len(archs)} arch(s), {min(jobs, len(tasks))} job(s)", flush=True)
+    rows = _run_tasks(tasks, jobs)
+    elapsed = time.perf_counter() - t0
+
+    print(_table(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"compile-check: {len(rows) - len(failed)} ok, {len(failed)} failed, {elapsed:.1f} s")
+    if args.json:
+        doc = {
+            "ok": not failed,
+            "triton": triton.__version__,
+            "ptxas": {"path": path, "version": _PTXAS["version"], "flags": flags},
+            "elapsed_s": round(elapsed, 2),
+            "rows": [dict(dataclasses.asdict(r), ok=r.ok, status=r.status) for r in rows],
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
