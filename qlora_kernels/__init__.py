@@ -6,6 +6,7 @@ Layers: formats -> reference -> backends -> _ops -> functional -> (autograd, nn,
 from .backends import BackendUnavailableError, use_backend
 from .formats import QuantState
 from .functional import dequantize_4bit, dequantize_blockwise, quantize_4bit, quantize_blockwise
+from .functional import qlora_linear
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "QuantState",
     "dequantize_4bit",
     "dequantize_blockwise",
+    "qlora_linear",
     "quantize_4bit",
     "quantize_blockwise",
     "use_backend",

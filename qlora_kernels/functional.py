@@ -131,3 +131,64 @@ def dequantize_blockwise(
     if absmax.shape != (nb,):
         raise ValueError(f"absmax has shape {tuple(absmax.shape)}, expected [{nb}]")
     return torch.ops.qlora.dequantize_blockwise(q.contiguous(), absmax, code, blocksize, dtype)
+
+
+# --- QLoRA linear (issue 3) ---
+
+from .autograd import QLoRALinearFunction  # noqa: E402  (autograd sits below functional)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """Y [..., N] = x @ dequant(W)^T + scale * (dropout(x) @ lora_A^T) @ lora_B^T (+ bias).
+
+    x [..., K] (any leading dims) in float32/bfloat16/float16; W [N, K] = state.shape, frozen 4-bit;
+    lora_A [r, K], lora_B [N, r] (same dtype, float32/bfloat16/float16; r <= 128 on Triton); bias [N].
+    Differentiable in x, lora_A, lora_B and bias (never in W).
+
+    dropout > 0 and training: the LoRA input dropout(x) differs from the base input x, so the fused
+    backward cannot produce all of dX in one kernel; this path still runs the fused forward (with T
+    from the dropped input) and the fused dY @ W kernel, and adds the LoRA part of dX with separate
+    matmuls through the dropout mask. dropout == 0 or eval: the fully fused path.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qlora_kernels QuantState, got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"qlora_linear needs a 2-D weight, the quant state has shape {tuple(state.shape)}")
+    n, k = int(state.shape[0]), int(state.shape[1])
+    for what, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{what} must be a float32/bfloat16/float16 tensor")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n \
+            or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(
+            f"lora_A must be [r, {k}] and lora_B [{n}, r]; got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    state.validate(packed)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    x_lora = torch.nn.functional.dropout(x2, dropout, training=True) if (dropout > 0.0 and training) else None
+    raw = packed.reshape(-1).view(torch.uint8) if packed.is_contiguous() else packed.contiguous().reshape(-1).view(torch.uint8)
+    y, _ = QLoRALinearFunction.apply(
+        x2, x_lora, raw, state.absmax, state.nested_absmax, state.nested_code, state.offset,
+        state.blocksize, state.quant_type, [n, k], lora_A, lora_B, float(scale), bias,
+    )
+    return y.reshape(*lead, n)
