@@ -315,6 +315,12 @@ INTERPRET_CONFIG = GemmConfig(64, 64, 64)
 LORA_DOWN_BM, LORA_DOWN_BL, LORA_DOWN_WARPS = 64, 64, 4
 
 
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer of these launchers comes from here: tests swap in a NaN-filled one to
+    prove each kernel writes every element it returns."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def pick_config(m: int) -> GemmConfig:
     if interpreting():
         return INTERPRET_CONFIG
@@ -366,7 +372,7 @@ def lora_down(p: torch.Tensor, q: torch.Tensor, kind: int) -> torch.Tensor:
     """fp32 [M, r] = p [M, L] @ q [L, r] (q may be a transposed view)."""
     m, l = p.shape
     r = q.shape[1]
-    c = torch.empty((m, r), dtype=torch.float32, device=p.device)
+    c = empty((m, r), torch.float32, p.device)
     _lora_down_kernel[(triton.cdiv(m, LORA_DOWN_BM),)](
         p, q, c, m, l, r, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         BM=LORA_DOWN_BM, BL=LORA_DOWN_BL, RP=lora_rank_pad(r), KIND=kind, INTERPRET=interpreting(),
@@ -380,7 +386,7 @@ def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Opti
     m = x.shape[0]
     n, k = int(shape[0]), int(shape[1])
     cfg = cfg or pick_config(m)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = empty((m, n), x.dtype, x.device)
     has_lora = t is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
     _fwd_kernel[grid](
@@ -420,7 +426,7 @@ def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg:
     m = dy.shape[0]
     n, k = int(shape[0]), int(shape[1])
     cfg = cfg or pick_config(m)
-    dx = torch.empty((m, k), dtype=out_dtype, device=dy.device)
+    dx = empty((m, k), out_dtype, dy.device)
     has_lora = u is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(k, cfg.BK),)
     _dx_kernel[grid](

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import qlora_linear
 from ._utils import KernelSpec, interpreting
 from .qlora_linear import (
     _KIND_OF,
@@ -126,7 +127,7 @@ def small_m_fwd(x, t, packed_args, blocksize, shape, lora_B, scale, bias, split_
     if split > 1:
         y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
     else:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        y = qlora_linear.empty((m, n), x.dtype, x.device)
     has_lora = t is not None
     grid = (triton.cdiv(n, cfg.BN), split)
     _small_m_kernel[grid](
