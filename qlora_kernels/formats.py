@@ -30,12 +30,14 @@ NF4_CODE_VALUES = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
-# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bits, scaled to max 1). Index 8 is the bit
-# pattern "sign=1, zero": its decoders on CPU and CUDA return -0.0, so ours does too.
+# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bits, scaled to max 1). Index 8 (the bit
+# pattern "sign=1, zero") is +0.0 as in bitsandbytes' table (and thus its state dicts'
+# quant_map); its own C decoders disagree on that zero's sign (-0.0 in the scalar path, +0.0 in the
+# vectorised one), so FP4 decodes are compared modulo the sign of zero.
 FP4_CODE_VALUES = (
     0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
     0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
-    -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
     -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
 )
 

@@ -25,8 +25,8 @@ from .formats import DYNAMIC_LUT_SIZE, get_code, num_blocks
 def sorted_levels(quant_type: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(midpoints [15] fp32, order [16] int64) for encoding a 4-bit code.
 
-    The levels sorted ascending (a stable sort, so FP4's +0.0 at index 0 comes before its -0.0 at
-    index 8), the 15 midpoints between neighbours, and `order[k]` = the code index of the k-th
+    The levels sorted ascending (a stable sort, so of FP4's two zeros index 0 comes before index 8;
+    a value in (-0.0026, 0] encodes 0, one in (0, 0.0026] encodes 8), the 15 midpoints between neighbours, and `order[k]` = the code index of the k-th
     smallest level. NF4 is already sorted, so its order is the identity.
     """
     code = get_code(quant_type, device)
