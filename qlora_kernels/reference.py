@@ -131,8 +131,11 @@ def dynamic_map_lut(code: torch.Tensor) -> torch.Tensor:
 
 
 def lut_index(normed: torch.Tensor) -> torch.Tensor:
-    """Grid index (int64) of a normalised fp32 value: trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)."""
-    v = normed.clamp(-1.0, 1.0)
+    """Grid index (int64) of a normalised fp32 value: trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5).
+
+    NaN (only reachable with check_finite=False) maps to index 0.
+    """
+    v = torch.nan_to_num(normed, nan=-1.0).clamp(-1.0, 1.0)
     t = (v + 1.0) * 0.5
     t = t * float(DYNAMIC_LUT_SIZE - 1)
     t = t + 0.5

@@ -75,7 +75,10 @@ def availability(name: str, device: torch.device | str) -> tuple[bool, str]:
         mod = _module(name)
     except ImportError as e:  # triton not installed, etc.
         return False, f"cannot import the {name} backend: {e}"
-    return mod.available(device)
+    check = getattr(mod, "available", None)
+    if check is None:
+        return False, f"the {name} backend is not complete in this build"
+    return check(device)
 
 
 def _impl_of(name: str, op: str):

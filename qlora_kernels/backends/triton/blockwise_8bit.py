@@ -42,6 +42,7 @@ def _quantize_blockwise_kernel(
     is_zero = absmax == 0.0
     inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(is_zero, 1.0, absmax))
     v = x * inv[:, None]
+    v = tl.where(v == v, v, -1.0)  # NaN -> index 0, as the reference (a NaN -> int cast is undefined)
     v = tl.minimum(tl.maximum(v, -1.0), 1.0)
     t = (v + 1.0) * 0.5
     t = t * (LUT_SIZE - 1.0)
