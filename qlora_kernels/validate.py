@@ -1,0 +1,173 @@
+"""`python -m qlora_kernels validate`: every op of every available backend against the reference on
+this machine's device, as a table; exit code 1 on any failure.
+
+Exact ops (quantization) must match the reference bit for bit. The fused linear is checked by
+DESIGN.md section 6's rule: its error against a float64 reference must be at most 2x the error of
+the same computation done by PyTorch in the low precision, plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    shape: str
+    dtype: str
+    err: float
+    bound: float
+    ok: bool
+    note: str = ""
+
+
+def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of differing bytes (0.0 = bit-identical)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return 1.0
+    x = a.contiguous().reshape(-1).view(torch.uint8)
+    y = b.contiguous().reshape(-1).view(torch.uint8)
+    return (x != y).float().mean().item()
+
+
+def _quant_checks(device: torch.device, quick: bool):
+    import qlora_kernels as qk
+
+    shapes = [(37, 101), (4097,), (256, 320)] if quick else [(37, 101), (4097,), (256, 320), (1, 33), (1024, 1024)]
+    dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
+    blocksizes = [64, 256] if quick else [32, 64, 128, 256, 1024, 4096]
+    for shape in shapes:
+        for dtype in dtypes:
+            for blocksize in blocksizes:
+                for quant_type, dq in (("nf4", True), ("fp4", False)):
+                    w = torch.randn(shape, device=device).to(dtype)
+                    label = f"{quant_type}{'+dq' if dq else ''} bs{blocksize}"
+
+                    def run(backend, w=w, quant_type=quant_type, blocksize=blocksize, dq=dq):
+                        with qk.use_backend(backend):
+                            packed, state = qk.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=dq)
+                            return packed, state, qk.dequantize_4bit(packed, state)
+
+                    yield label, "x".join(map(str, shape)), dtype, run
+
+
+def _compare_quant(expected, actual) -> float:
+    (p0, s0, d0), (p1, s1, d1) = expected, actual
+    parts = [_bits_differ(p1, p0), _bits_differ(s1.absmax, s0.absmax), _bits_differ(d1 + 0.0, d0 + 0.0)]
+    if s0.nested:
+        parts += [_bits_differ(s1.nested_absmax, s0.nested_absmax), _bits_differ(s1.offset, s0.offset)]
+    return max(parts)
+
+
+def _linear_checks(device: torch.device, quick: bool):
+    import qlora_kernels as qk
+
+    if not hasattr(qk, "qlora_linear"):
+        return
+    shapes = [(1, 320, 200, 16), (37, 256, 128, 8)] if quick else [
+        (1, 320, 200, 16), (37, 256, 128, 8), (129, 320, 200, 64), (16, 512, 384, 1)]
+    for m, k, n, r in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            w = torch.randn(n, k, device=device) * 0.05
+            packed, state = qk.quantize_4bit(w)
+            x = torch.randn(m, k, device=device).to(dtype)
+            a = (torch.randn(r, k, device=device) * 0.05).to(dtype)
+            b = (torch.randn(n, r, device=device) * 0.05).to(dtype)
+            bias = torch.randn(n, device=device).to(dtype)
+
+            def run(backend, x=x, a=a, b=b, bias=bias, packed=packed, state=state):
+                with qk.use_backend(backend):
+                    return qk.qlora_linear(x, packed, state, a, b, 2.0, bias)
+
+            def exact(x=x, a=a, b=b, bias=bias, packed=packed, state=state):
+                with qk.use_backend("reference"):
+                    wd = qk.dequantize_4bit(packed, state, dtype=torch.float32).double()
+                xd, ad, bd = x.double(), a.double(), b.double()
+                return xd @ wd.T + 2.0 * (xd @ ad.T) @ bd.T + bias.double()
+
+            def lowp(x=x, a=a, b=b, bias=bias, packed=packed, state=state):
+                with qk.use_backend("reference"):
+                    wl = qk.dequantize_4bit(packed, state, dtype=x.dtype)
+                return torch.nn.functional.linear(x, wl, bias) + 2.0 * (x @ a.T) @ b.T
+
+            yield f"qlora_linear r{r}", f"{m}x{k}->{n}", dtype, run, exact, lowp
+
+
+def validate(backends: Optional[list[str]] = None, quick: bool = False, out=None) -> list[Row]:
+    from .backends import BACKENDS, availability
+
+    out = sys.stdout if out is None else out
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows: list[Row] = []
+    wanted = backends or list(BACKENDS)
+    usable = []
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}", file=out)
+    for name in wanted:
+        ok, why = availability(name, device)
+        if ok:
+            usable.append(name)
+        else:
+            print(f"backend {name}: unavailable on {device} ({why})", file=out)
+
+    torch.manual_seed(0)
+    for label, shape, dtype, run in _quant_checks(device, quick):
+        expected = run("reference")
+        for name in usable:
+            err = _compare_quant(expected, run(name))
+            rows.append(Row(label, name, shape, str(dtype).removeprefix("torch."), err, 0.0, err == 0.0,
+                            "bit-identical" if err == 0.0 else "bytes differ"))
+    for label, shape, dtype, run, exact, lowp in _linear_checks(device, quick):
+        ref64 = exact()
+        scale = ref64.abs().max().item() or 1.0
+        lowp_err = (lowp().double() - ref64).abs().max().item() / scale
+        bound = 2.0 * lowp_err + 1e-6
+        for name in usable:
+            y = run(name)
+            err = (y.double() - ref64).abs().max().item() / scale
+            ok = bool(torch.isfinite(y).all()) and err <= bound
+            rows.append(Row(label, name, shape, str(dtype).removeprefix("torch."), err, bound, ok))
+    _print_table(rows, out)
+    return rows
+
+
+def _print_table(rows: list[Row], out) -> None:
+    header = f"{'op':22s} {'backend':9s} {'shape':14s} {'dtype':9s} {'max rel err':>11s} {'bound':>9s}  result"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in rows:
+        result = "pass" if r.ok else "FAIL"
+        note = f" ({r.note})" if r.note else ""
+        print(f"{r.op:22s} {r.backend:9s} {r.shape:14s} {r.dtype:9s} {r.err:11.3e} {r.bound:9.2e}  {result}{note}", file=out)
+    failed = sum(not r.ok for r in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed", file=out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora_kernels validate", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", action="append", choices=["reference", "triton", "cuda"],
+                        help="check only this backend (repeatable); default: every available one")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (CI)")
+    args = parser.parse_args(argv)
+    rows = validate(args.backend, args.quick)
+    if not rows:
+        print("no check ran", file=sys.stderr)
+        return 1
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def prepare_environment() -> None:
+    """Without a GPU, the Triton kernels can run only under the interpreter, which must be chosen
+    before they are defined: set it before anything imports them."""
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
