@@ -101,11 +101,14 @@ def dequantize_4bit(
     """Decode: out[i] = code[q[i]] * absmax[i // B] in fp32, then cast to `dtype` (round to nearest
     even). `absmax` is the fp32 per-block scale (decode double-quantized scales first)."""
     n = math.prod(shape)
-    q = unpack_4bit(packed, n)
     code = get_code(quant_type, packed.device)
-    block = torch.arange(n, device=packed.device) // blocksize
-    values = code[q] * absmax.float()[block]
-    return values.to(dtype).reshape(shape)
+    # Byte b decodes to the pair (code[b >> 4], code[b & 15]): one gather per byte.
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]
+    values = pairs[packed.reshape(-1).view(torch.uint8).long()].reshape(-1)[:n]
+    nb = absmax.numel()
+    values = torch.nn.functional.pad(values, (0, nb * blocksize - n)).reshape(nb, blocksize)
+    values = values * absmax.float()[:, None]
+    return values.reshape(-1)[:n].to(dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,3 +277,111 @@ def qlora_linear_backward(
     da = scale * (u.t() @ x_lora.to(cd))
     db = scale * (dy.t() @ t.to(cd))
     return dx, da, db, dy.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW (issue 5): one optimizer step with fp32 states or blockwise 8-bit states
+# ---------------------------------------------------------------------------------------------
+#
+# Semantics of torch.optim.AdamW (decoupled weight decay, bias correction, no amsgrad), with the
+# per-element arithmetic in the order torch's single-tensor path uses, so a run matches torch to
+# float32 rounding. Hyperparameters are combined in Python float64 and each combination is rounded
+# once to float32 (adamw_scalars): kernels receive exactly those float32 numbers.
+#
+# Per element, all float32, one rounding per operation, in this order (t = step >= 1):
+#     p = p * decay                            decay = 1 - lr * weight_decay
+#     m = m * beta1 + g * (1 - beta1)
+#     v = v * beta2 + (g * g) * (1 - beta2)
+#     denom = sqrt(v) / bc2_sqrt + eps         bc2_sqrt = sqrt(1 - beta2^t)
+#     p = p - (step_size * m) / denom          step_size = lr / (1 - beta1^t)
+# sqrt and the divisions are IEEE round-to-nearest (kernels use sqrt_rn / div_rn, no FMA).
+# The parameter is read and written in its own dtype (fp32/bf16/fp16; written back rounded to
+# nearest even); the gradient may be any of those dtypes; states are fp32 or 8-bit.
+#
+# 8-bit states (the memory-saving variant): m and v are stored as quantize_blockwise codes of the
+# signed ("dynamic", m) and unsigned ("dynamic_unsigned", v) maps, blocks of 256 contiguous
+# elements, one fp32 absmax per block each. A step dequantizes both, runs the fp32 update above
+# (the parameter sees the fresh fp32 m and v, not their requantized values), then requantizes
+# with the same 65536-entry LUT encoder as quantize_blockwise. Tensors of fewer than
+# ADAMW_8BIT_MIN_NUMEL elements keep fp32 states: their scales would cost more than they save and
+# small tensors (biases, norms) are the ones most hurt by quantization noise.
+
+ADAMW_8BIT_BLOCKSIZE = 256
+ADAMW_8BIT_MIN_NUMEL = 4096
+
+
+def _fp32(x: float) -> float:
+    """The float32 nearest to x (round to nearest even), as a Python float."""
+    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
+
+
+def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict[str, float]:
+    """The eight float32 constants of one AdamW step (exactly representable Python floats)."""
+    if step < 1:
+        raise ValueError(f"AdamW step count starts at 1, got {step}")
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    return {
+        "decay": _fp32(1.0 - lr * weight_decay),
+        "beta1": _fp32(beta1),
+        "one_minus_beta1": _fp32(1.0 - beta1),
+        "beta2": _fp32(beta2),
+        "one_minus_beta2": _fp32(1.0 - beta2),
+        "step_size": _fp32(lr / bias_correction1),
+        "bc2_sqrt": _fp32(bias_correction2**0.5),
+        "eps": _fp32(eps),
+    }
+
+
+def adamw_update(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, m, v) after one step, all new fp32 tensors; `s` from adamw_scalars.
+
+    The constants become 0-d fp32 tensors on the data's device: a Python-scalar divisor may be
+    turned into a reciprocal multiply by torch's CUDA kernels, a 0-d tensor is divided exactly.
+    """
+    c = {k: torch.tensor(val, dtype=torch.float32, device=p.device) for k, val in s.items()}
+    p = p.float() * c["decay"]
+    g = g.float()
+    m = m.float() * c["beta1"] + g * c["one_minus_beta1"]
+    v = v.float() * c["beta2"] + (g * g) * c["one_minus_beta2"]
+    denom = torch.sqrt(v) / c["bc2_sqrt"] + c["eps"]
+    p = p - (c["step_size"] * m) / denom
+    return p, m, v
+
+
+def adamw_step_32bit(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> None:
+    """One AdamW step in place: p (any float dtype), m and v fp32 of p's shape; step >= 1 is the
+    count including this step."""
+    s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    new_p, new_m, new_v = adamw_update(p, g, m, v, s)
+    m.copy_(new_m)
+    v.copy_(new_v)
+    p.copy_(new_p.to(p.dtype))
+
+
+def adamw_step_8bit(
+    p: torch.Tensor, g: torch.Tensor,
+    m_q: torch.Tensor, m_absmax: torch.Tensor, v_q: torch.Tensor, v_absmax: torch.Tensor,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+    blocksize: int = ADAMW_8BIT_BLOCKSIZE,
+) -> None:
+    """One AdamW step in place with 8-bit states: m_q, v_q uint8 of p's shape, m_absmax, v_absmax
+    fp32 [ceil(numel / blocksize)]. Fresh states are all zeros (codes and absmax)."""
+    code_m = get_code("dynamic", p.device)
+    code_v = get_code("dynamic_unsigned", p.device)
+    m = dequantize_blockwise(m_q, m_absmax, code_m, blocksize)
+    v = dequantize_blockwise(v_q, v_absmax, code_v, blocksize)
+    s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    new_p, m, v = adamw_update(p, g, m, v, s)
+    q, absmax = quantize_blockwise(m, code_m, blocksize)
+    m_q.copy_(q)
+    m_absmax.copy_(absmax)
+    q, absmax = quantize_blockwise(v, code_v, blocksize)
+    v_q.copy_(q)
+    v_absmax.copy_(absmax)
+    p.copy_(new_p.to(p.dtype))
