@@ -146,3 +146,41 @@ def _(grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, b
       shape, lora_A, lora_B, scale, lora_dx):
     dx = grad_out.new_empty((grad_out.shape[0], shape[1]), dtype=x_lora.dtype)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW steps (issue 5): in-place, one fused pass over param, grad and states
+# ---------------------------------------------------------------------------------------------
+#
+#   adamw_step_32bit(p!, g, m!, v!, lr, beta1, beta2, eps, weight_decay, step) -> ()
+#       p any float dtype; g float of p's shape; m, v fp32 of p's shape; step >= 1 counts this step.
+#   adamw_step_8bit(p!, g, m_q!, m_absmax!, v_q!, v_absmax!, lr, beta1, beta2, eps, weight_decay,
+#                   step, blocksize) -> ()
+#       m_q, v_q uint8 of p's shape (signed / unsigned dynamic map codes), m_absmax, v_absmax fp32
+#       [ceil(numel / blocksize)].
+# Spec: reference.adamw_step_32bit / reference.adamw_step_8bit. Used by optim.PagedAdamW(8bit).
+
+_ADAMW_HYPER = "float lr, float beta1, float beta2, float eps, float weight_decay, int step"
+ADAMW_SCHEMAS = {
+    "adamw_step_32bit": f"(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, {_ADAMW_HYPER}) -> ()",
+    "adamw_step_8bit": (
+        "(Tensor(a!) p, Tensor g, Tensor(b!) m_q, Tensor(c!) m_absmax, Tensor(d!) v_q, Tensor(e!) v_absmax, "
+        f"{_ADAMW_HYPER}, int blocksize) -> ()"
+    ),
+}
+
+for _name, _schema in ADAMW_SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _dispatching(_name), "CPU")
+    _lib.impl(_name, _dispatching(_name), "CUDA")
+SCHEMAS.update(ADAMW_SCHEMAS)
+
+
+@torch.library.register_fake(f"{LIB_NAME}::adamw_step_32bit")
+def _(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    return None
+
+
+@torch.library.register_fake(f"{LIB_NAME}::adamw_step_8bit")
+def _(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, weight_decay, step, blocksize):
+    return None

@@ -59,3 +59,8 @@ def qlora_linear_bwd(
 
 
 IMPLS.update({"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd})
+
+
+# --- AdamW steps (issue 5): reference.adamw_step_* mutate their arguments in place ---
+
+IMPLS.update({"adamw_step_32bit": ref.adamw_step_32bit, "adamw_step_8bit": ref.adamw_step_8bit})
