@@ -64,6 +64,7 @@ QK_API int qk_check_device(int device) {
     if (e != cudaSuccess) {
         int driver = 0;
         cudaDriverGetVersion(&driver);
+        if (driver == 0) return qk::fail(QK_ERR_CUDA, "no CUDA driver: %s", cudaGetErrorString(e));
         return qk::fail(QK_ERR_CUDA,
                         "CUDA runtime %d.%d of libqlora_kernels cannot start (driver supports %d.%d): %s",
                         CUDART_VERSION / 1000, (CUDART_VERSION % 1000) / 10, driver / 1000, (driver % 1000) / 10,

@@ -1,0 +1,227 @@
+"""The CUDA C++ backend (csrc via ctypes) against reference.py, bit for bit. Needs a CUDA GPU and
+the built library; skipped with the reason otherwise (bench/device_check.sh runs it on a lent GPU).
+
+The reference runs on the CPU (the spec's arithmetic), the kernels on the GPU; inputs are fresh
+random data per case, with crafted blocks (exact midpoints, all-zero blocks), ragged sizes, and
+misaligned (sliced) inputs that take the kernels' scalar paths. Outputs are poisoned before the
+kernels write them (the caching allocator hands back a block just filled with 0xFF).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_kernels import reference as ref
+from qlora_kernels.backends import cuda as C
+from qlora_kernels.backends import use_backend
+from qlora_kernels.backends.cuda import _lib
+from qlora_kernels.formats import BLOCKSIZES_4BIT, get_code
+
+_OK, _WHY = C.available(torch.device("cuda"))
+pytestmark = pytest.mark.skipif(not _OK, reason=f"cuda backend unavailable: {_WHY}")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.uint8: torch.uint8}
+
+
+def poison(nbytes: int) -> None:
+    """Fill a cached block of this size with 0xFF and free it: the next allocation gets it back."""
+    t = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device="cuda")
+    del t
+
+
+def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    got, expected = got.cpu(), expected.cpu()
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (what, got.dtype, got.shape, expected.shape)
+    g = got.reshape(-1).view(INT_VIEW[got.dtype])
+    e = expected.reshape(-1).view(INT_VIEW[expected.dtype])
+    same = g == e
+    if got.is_floating_point():
+        same |= torch.isnan(got.reshape(-1)) & torch.isnan(expected.reshape(-1))
+    if not bool(same.all()):
+        bad = (~same).nonzero().reshape(-1)
+        i = int(bad[0])
+        raise AssertionError(f"{what}: {bad.numel()} of {same.numel()} differ; first at {i}: "
+                             f"got {got.reshape(-1)[i].item()!r}, expected {expected.reshape(-1)[i].item()!r}")
+
+
+def crafted_weight(n: int, blocksize: int, quant_type: str, gen: torch.Generator) -> torch.Tensor:
+    """Random normal, with block 0 = exact midpoints (and neighbours) times 4 and block 1 = 0."""
+    w = torch.randn(n, generator=gen)
+    mids, _ = ref.sorted_levels(quant_type)
+    m4 = mids * 4.0
+    special = torch.cat([torch.tensor([4.0]), m4, torch.nextafter(m4, torch.full_like(m4, 9.0)),
+                         torch.nextafter(m4, torch.full_like(m4, -9.0))])
+    k = min(special.numel(), blocksize, n)
+    w[:k] = special[:k]
+    if n >= 2 * blocksize:
+        w[blocksize : 2 * blocksize] = 0.0
+    return w
+
+
+def sizes_4bit(blocksize: int) -> list[int]:
+    return [1, 7, 3 * blocksize + 5, 64 * blocksize + 37]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_4bit(quant_type, blocksize, dtype):
+    gen = torch.Generator().manual_seed(blocksize * 7 + DTYPES.index(dtype))
+    for n in sizes_4bit(blocksize):
+        w = crafted_weight(n, blocksize, quant_type, gen).to(dtype)
+        exp_packed, exp_absmax = ref.quantize_4bit(w, blocksize, quant_type)
+        for offset in (0, 1):  # 1: a sliced input, not 16-byte aligned (the scalar load path)
+            src = torch.empty(n + offset, dtype=dtype, device="cuda")
+            src[offset:] = w.cuda()
+            x = src[offset:]
+            poison((n + 1) // 2)
+            packed, absmax = C.quantize_4bit(x, blocksize, quant_type)
+            torch.cuda.synchronize()
+            assert_bits_equal(absmax, exp_absmax, f"absmax n={n} offset={offset}")
+            assert_bits_equal(packed, exp_packed, f"packed n={n} offset={offset}")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_4bit(quant_type, blocksize, nested):
+    gen = torch.Generator().manual_seed(blocksize * 3 + nested)
+    for n in sizes_4bit(blocksize):
+        w = crafted_weight(n, blocksize, quant_type, gen) * 0.02
+        packed, absmax = ref.quantize_4bit(w, blocksize, quant_type)
+        if nested:
+            qa, a2, off = ref.double_quantize(absmax)
+            dyn = get_code("dynamic")
+            scale = ref.double_dequantize(qa, a2, dyn, off)
+            args = (qa.cuda(), a2.cuda(), dyn.cuda(), off.cuda())
+        else:
+            scale = absmax
+            args = (absmax.cuda(), None, None, None)
+        for dtype in DTYPES:
+            expected = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n,), dtype)
+            for offset in (0, 1):  # 1: packed bytes at an odd address (the scalar path)
+                raw = torch.empty(packed.numel() + offset, dtype=torch.uint8, device="cuda")
+                raw[offset:] = packed.reshape(-1).cuda()
+                poison(n * expected.element_size())
+                out = C.dequantize_4bit(raw[offset:], *args, blocksize, quant_type, (n,), dtype)
+                torch.cuda.synchronize()
+                assert_bits_equal(out, expected, f"dequantize n={n} dtype={dtype} offset={offset}")
+
+
+@pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned"])
+def test_dynamic_map_lut(code_name):
+    code = get_code(code_name)
+    assert_bits_equal(C.dynamic_map_lut(code.cuda()), ref.dynamic_map_lut(code), code_name)
+    random_code = torch.sort(torch.rand(256) * 2 - 1).values
+    assert_bits_equal(C.dynamic_map_lut(random_code.cuda()), ref.dynamic_map_lut(random_code), "random code")
+
+
+BLOCKSIZES_8BIT = (2, 4, 8, 32, 64, 256, 1024, 4096, 8192, 16384)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_8BIT)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned"])
+def test_quantize_dequantize_blockwise(blocksize, dtype, code_name):
+    gen = torch.Generator().manual_seed(blocksize + DTYPES.index(dtype))
+    code = get_code(code_name)
+    for n in (1, 5, blocksize + 3, 5 * blocksize + 11, 100_003):
+        x = torch.randn(n, generator=gen) * 3
+        if code_name == "dynamic_unsigned":
+            x = x.abs()
+        if n >= 2 * blocksize and blocksize >= 256:
+            crafted = torch.cat([torch.tensor([1.0]), code, 0.5 * (code[:-1] + code[1:])])
+            k = min(crafted.numel(), blocksize)
+            x[:k] = crafted[:k]
+            x[blocksize : 2 * blocksize] = 0.0
+        x = x.to(dtype)
+        exp_q, exp_absmax = ref.quantize_blockwise(x, code, blocksize)
+        for offset in (0, 1):
+            src = torch.empty(n + offset, dtype=dtype, device="cuda")
+            src[offset:] = x.cuda()
+            poison(n)
+            q, absmax = C.quantize_blockwise(src[offset:], code.cuda(), blocksize)
+            torch.cuda.synchronize()
+            assert_bits_equal(absmax, exp_absmax, f"absmax n={n} offset={offset}")
+            assert_bits_equal(q, exp_q, f"q n={n} offset={offset}")
+        for out_dtype in DTYPES:
+            expected = ref.dequantize_blockwise(exp_q, exp_absmax, code, blocksize, out_dtype)
+            for offset in (0, 1):
+                raw = torch.empty(n + offset, dtype=torch.uint8, device="cuda")
+                raw[offset:] = exp_q.cuda()
+                poison(n * expected.element_size())
+                out = C.dequantize_blockwise(raw[offset:], exp_absmax.cuda(), code.cuda(), blocksize, out_dtype)
+                torch.cuda.synchronize()
+                assert_bits_equal(out, expected, f"dequantize_blockwise n={n} dtype={out_dtype} offset={offset}")
+
+
+def test_2d_shapes_and_double_quant_through_the_ops():
+    # The public functions with the cuda backend forced, on a 2-D weight whose blocks cross rows.
+    # (Double quantization's offset is a torch.mean, whose CUDA and CPU sums may round
+    # differently, so the nested state is made by the reference and only decoded by the kernel.)
+    import qlora_kernels as qk
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 129, generator=gen).to(torch.bfloat16)
+    with use_backend("reference"):
+        p_ref, s_ref = qk.quantize_4bit(w, "nf4", 64, double_quant=True)
+        d_ref = qk.dequantize_4bit(p_ref, s_ref, torch.bfloat16)
+    _, exp_absmax = ref.quantize_4bit(w, 64, "nf4")
+    with use_backend("cuda"):
+        p, s = qk.quantize_4bit(w.cuda(), "nf4", 64, double_quant=False)
+        d = qk.dequantize_4bit(p_ref.cuda(), s_ref.to("cuda"), torch.bfloat16)
+        q8, a8 = qk.quantize_blockwise(exp_absmax.cuda() - s_ref.offset.cuda(), blocksize=256)
+    torch.cuda.synchronize()
+    assert_bits_equal(p, p_ref, "packed")
+    assert_bits_equal(s.absmax, exp_absmax, "absmax")
+    assert_bits_equal(d, d_ref, "dequantized through the nested state")
+    assert_bits_equal(q8, s_ref.absmax, "double-quantized absmax")
+    assert_bits_equal(a8, s_ref.nested_absmax, "nested absmax")
+
+
+def test_runs_on_the_current_stream():
+    # The kernel's input is written on a side stream after a long sleep there; only a launch on
+    # that same stream (torch's current stream) is ordered after the write and sees real bytes.
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(4096 * 64 + 3, generator=gen)
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    expected = ref.dequantize_4bit(packed, absmax, 64, "nf4", (w.numel(),), torch.float16)
+    p, a = packed.cuda(), absmax.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        late = torch.full_like(p, 0xFF)
+        torch.cuda._sleep(50_000_000)
+        late.copy_(p)
+        out = C.dequantize_4bit(late, a, None, None, None, 64, "nf4", (w.numel(),), torch.float16)
+    side.synchronize()
+    assert_bits_equal(out, expected, "dequantize on a side stream")
+
+
+def test_bad_arguments_raise():
+    x = torch.randn(100, device="cuda")
+    with pytest.raises(ValueError):
+        C.quantize_4bit(x, 48, "nf4")
+    with pytest.raises(ValueError):
+        C.quantize_blockwise(x, get_code("dynamic", "cuda"), 3)
+    with pytest.raises(TypeError):
+        C.quantize_4bit(x.double(), 64, "nf4")
+    lib = _lib.get_lib()
+    assert lib.qk_dequantize_blockwise(1, 16, 16, 10, 4, 16, 7, None) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
+
+
+def test_managed_alloc_and_prefetch():
+    lib = _lib.get_lib()
+    dev = torch.cuda.current_device()
+    stream = torch.cuda.current_stream().cuda_stream
+    nbytes = 1 << 20  # small on purpose: never ask a lent GPU for much managed memory
+    ptr = lib.qk_managed_alloc(nbytes, dev, stream)
+    assert ptr, _lib.last_error()
+    try:
+        assert lib.qk_prefetch(ptr, nbytes, dev, stream) == 0, _lib.last_error()
+        assert lib.qk_prefetch(ptr, nbytes, -1, stream) == 0, _lib.last_error()
+        torch.cuda.synchronize()
+    finally:
+        lib.qk_managed_free(ptr, nbytes, dev, stream)
