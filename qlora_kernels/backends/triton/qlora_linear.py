@@ -160,16 +160,17 @@ def dequant_tile(
 @triton.jit
 def lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
             RP: tl.constexpr, L_KIND: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc + s * T[offs_m, :R] @ B[offs_n, :R]^T, r padded to RP (a power of two >= 16)."""
+    """acc + (s * T[offs_m, :R]) @ B[offs_n, :R]^T, r padded to RP (a power of two >= 16).
+
+    s scales T before the dot so the dot accumulates straight into acc: a second [BM, BN] fp32
+    accumulator for the LoRA term made the fp32 (tf32x3) epilogue spill on sm_90."""
     offs_r = tl.arange(0, RP)
     r_ok = offs_r < R
     t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :],
                 mask=(offs_m < M)[:, None] & r_ok[None, :], other=0.0)
     bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=r_ok[:, None] & (offs_n < N)[None, :], other=0.0)
-    lora = dot_acc(as_operand(t, L_KIND, INTERPRET), as_operand(bt, L_KIND, INTERPRET),
-                   tl.zeros(acc.shape, dtype=tl.float32), L_KIND)
-    return acc + scale * lora
+    return dot_acc(as_operand(t * scale, L_KIND, INTERPRET), as_operand(bt, L_KIND, INTERPRET), acc, L_KIND)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,10 +306,23 @@ class GemmConfig:
     num_stages: int = 3
 
 
-# GPU configs (H100/A100 class). Each one is in compile_specs(), so the compile gate checks it.
+# GPU configs (H100/A100 class), each in compile_specs() so the compile gate checks it. The
+# dequantized [BN, BK] tile lives in registers next to the accumulator: BK = 32 keeps the forward
+# under 255 registers with no spills on sm_80 and sm_90 (128x128x64 spilled on both). "narrow"
+# configs serve the register-hungrier variants: fp32 activations (tf32x3 = three dots) and weight
+# layouts that gather a scale per element (K % blocksize != 0, odd K).
 GPU_CONFIGS = {
-    "large": GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
-    "medium": GemmConfig(64, 128, 64, num_warps=4, num_stages=4),
+    "large": GemmConfig(128, 128, 32, num_warps=8, num_stages=3),
+    "medium": GemmConfig(64, 128, 32, num_warps=4, num_stages=3),
+    "narrow_large": GemmConfig(128, 64, 32, num_warps=8, num_stages=3),
+    "narrow_medium": GemmConfig(64, 128, 32, num_warps=8, num_stages=3),
+}
+# dX: BN is the reduction (over W's rows) and BK the output width.
+DX_GPU_CONFIGS = {
+    "large": GemmConfig(128, 32, 128, num_warps=8, num_stages=3),
+    "medium": GemmConfig(64, 32, 64, num_warps=4, num_stages=3),
+    "narrow_large": GemmConfig(128, 32, 64, num_warps=8, num_stages=3),
+    "narrow_medium": GemmConfig(64, 32, 64, num_warps=4, num_stages=3),
 }
 # Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
 INTERPRET_CONFIG = GemmConfig(64, 64, 64)
@@ -321,10 +335,15 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def pick_config(m: int) -> GemmConfig:
+def config_name(m: int, narrow: bool) -> str:
+    return ("narrow_" if narrow else "") + ("large" if m > 64 else "medium")
+
+
+def pick_config(m: int, x_dtype: torch.dtype, shape: Sequence[int], blocksize: int, dx: bool = False) -> GemmConfig:
     if interpreting():
         return INTERPRET_CONFIG
-    return GPU_CONFIGS["large" if m > 64 else "medium"]
+    narrow = x_dtype == torch.float32 or int(shape[1]) % blocksize != 0
+    return (DX_GPU_CONFIGS if dx else GPU_CONFIGS)[config_name(m, narrow)]
 
 
 def lora_rank_pad(r: int) -> int:
@@ -385,7 +404,7 @@ def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Opti
     """Y = X @ W^T + s*T @ B^T + bias with the tiled kernel."""
     m = x.shape[0]
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or pick_config(m)
+    cfg = cfg or pick_config(m, x.dtype, shape, blocksize)
     y = empty((m, n), x.dtype, x.device)
     has_lora = t is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
@@ -425,7 +444,7 @@ SMALL_M = 16
 def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg: Optional[GemmConfig] = None):
     m = dy.shape[0]
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or pick_config(m)
+    cfg = cfg or pick_config(m, dy.dtype, shape, blocksize, dx=True)
     dx = empty((m, k), out_dtype, dy.device)
     has_lora = u is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(k, cfg.BK),)
@@ -503,18 +522,18 @@ def compile_specs() -> list[KernelSpec]:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True,
         )
 
-    dtype_pairs = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                   (torch.float16, torch.float16), (torch.float32, torch.float32)]
-    for cfg_name, cfg in GPU_CONFIGS.items():
-        for xdt, ldt in dtype_pairs:
-            specs.append(fwd_spec(cfg_name, cfg, xdt, ldt, 64, True, True))
-            specs.append(dx_spec(cfg_name, cfg, xdt, ldt, 64, True, True))
-        for blocksize in (32, 256):  # NSB = 2 (several blocks per tile row) and BK < blocksize
-            specs.append(fwd_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, blocksize, True, True))
-            specs.append(dx_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, blocksize, True, True))
-        for paired in (True, False):  # blocks crossing rows; odd K
-            specs.append(fwd_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, 64, paired, False))
-            specs.append(dx_spec(cfg_name, cfg, torch.bfloat16, torch.bfloat16, 64, paired, False))
+    bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    # (x dtype, LoRA dtype, blocksize, PAIRED, ALIGNED) that pick_config sends to each config kind.
+    variants = {
+        False: [(bf, bf, 64, True, True), (bf, f32, 64, True, True), (f16, f16, 64, True, True),
+                (bf, bf, 32, True, True), (bf, bf, 256, True, True)],
+        True: [(f32, f32, 64, True, True), (f32, f32, 32, True, True), (f32, f32, 64, False, False),
+               (bf, bf, 64, True, False), (bf, f32, 64, True, False), (bf, bf, 64, False, False)],
+    }
+    for make, configs in ((fwd_spec, GPU_CONFIGS), (dx_spec, DX_GPU_CONFIGS)):
+        for cfg_name, cfg in configs.items():
+            for xdt, ldt, blocksize, paired, aligned in variants[cfg_name.startswith("narrow")]:
+                specs.append(make(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned))
     for ldt in (torch.bfloat16, torch.float32, torch.float16):
         lt = _TYPE_NAME[ldt]
         for pt in ("bf16", "fp32", "fp16"):

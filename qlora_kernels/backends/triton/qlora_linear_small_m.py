@@ -97,7 +97,9 @@ class SmallMConfig:
     num_stages: int = 4
 
 
-GPU_CONFIG = SmallMConfig(BN=64, BK=256, num_warps=4, num_stages=4)
+# 32x128 weight tiles: ~100 registers and ~46 KB of shared memory per program in the usual layout,
+# so several programs share an SM (64x256 used all 255 registers; fp32 and odd-K variants spilled).
+GPU_CONFIG = SmallMConfig(BN=32, BK=128, num_warps=4, num_stages=3)
 INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # Programs wanted in flight: enough per SM to keep loads outstanding while others dequantize.
 PROGRAMS_PER_SM = 4
@@ -164,6 +166,7 @@ def compile_specs() -> list[KernelSpec]:
         cases.append((torch.bfloat16, torch.bfloat16, 1, blocksize, True, True))
     for paired in (True, False):
         cases.append((torch.bfloat16, torch.bfloat16, 1, 64, paired, False))
+        cases.append((torch.float32, torch.float32, 2, 64, paired, False))
     for xdt, ldt, split, blocksize, paired, aligned in cases:
         xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
         yt = "fp32" if split > 1 else xt
