@@ -20,7 +20,10 @@ equal to 1 in `extra["equal_to_1"]`; that is the variant that runs, and its regi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
+import io
 import importlib
 import inspect
 import json
@@ -51,6 +54,7 @@ _COMMENT_RE = re.compile(r"//.*$", re.MULTILINE)
 
 # Set in the parent before forking workers: a fork shares them without pickling JIT functions.
 _SPECS: list[Any] = []
+_CONFIGS: list[str] = []
 _PTXAS: dict[str, Any] = {}
 
 
@@ -68,6 +72,9 @@ class Row:
     fma_free: str = "-"
     failures: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    # Where the ptxas numbers come from: "triton" (the log of the ptxas run that built the cubin),
+    # "ptxas" (a run of our own) or "cache" (an earlier run on identical PTX).
+    ptxas_log: str = ""
 
     @property
     def ok(self) -> bool:
@@ -223,32 +230,105 @@ def _ptxas_version(path: str) -> str:
     return m.group(1) if m else "?"
 
 
-def _run_ptxas(ptx: str, arch: int, exact_fp32: bool, row: Row) -> None:
+def _ptxas_cmd(arch: int, exact_fp32: bool) -> list[str]:
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     cmd = [_PTXAS["path"], "-v", *_PTXAS["flags"], f"--gpu-name={gpu}"]
     if exact_fp32:
         # Triton builds such kernels' cubins with --fmad=false; measure what ships.
         cmd.append("--fmad=false")
+    return cmd
+
+
+def _cache_path(ptx: str, cmd: list[str]) -> str | None:
+    cache_dir = _PTXAS.get("cache_dir")
+    if not cache_dir:
+        return None
+    h = hashlib.sha256("\0".join([_PTXAS["version"], *cmd, ptx]).encode()).hexdigest()
+    return os.path.join(cache_dir, h + ".log")
+
+
+def _cache_put(path: str | None, log: str) -> None:
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(log)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
+def _ptxas_log(ptx: str, arch: int, exact_fp32: bool, triton_log: str | None, row: Row) -> str | None:
+    """ptxas -v output for this PTX: Triton's own if it was captured, else cached, else run."""
+    cmd = _ptxas_cmd(arch, exact_fp32)
+    cache = _cache_path(ptx, cmd)
+    if triton_log and re.search(r"Used \d+ registers", triton_log):
+        row.ptxas_log = "triton"
+        _cache_put(cache, triton_log)
+        return triton_log
+    if cache is not None and os.path.isfile(cache):
+        with open(cache) as f:
+            row.ptxas_log = "cache"
+            return f.read()
     with tempfile.TemporaryDirectory(prefix="qlk-compile-check-") as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         proc = subprocess.run(cmd + [src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         last = [ln for ln in log.splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
         row.failures.append(f"ptxas error: {last[0].strip()[:200]}")
-        return
+        return None
+    row.ptxas_log = "ptxas"
+    _cache_put(cache, log)
+    return log
+
+
+def _parse_ptxas(log: str, row: Row) -> None:
     m = re.search(r"Used (\d+) registers", log)
     row.registers = int(m.group(1)) if m else None
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if m:
         row.stack_frame, row.spill_stores, row.spill_loads = map(int, m.groups())
+    # Triton's tiles live in dynamic shared memory (metadata.shared); ptxas only sees static smem.
     m = re.search(r"(\d+) bytes smem", log)
     row.shared = (row.shared or 0) + (int(m.group(1)) if m else 0)
     if row.registers is None or row.spill_stores is None:
         row.failures.append("could not parse ptxas -v output")
+
+
+def _compile(src: Any, target: Any, options: dict[str, Any]) -> tuple[Any, str | None]:
+    """triton.compile, plus the -v log of the ptxas run that built the cubin when Triton can
+    print it (3.4+: knobs.nvidia.dump_ptxas_log): saves running ptxas a second time, which on a
+    kernel that spills heavily takes as long as the whole Triton compile."""
+    import triton
+
+    nv_knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    # Look the knob up on the class: reading the descriptor there raises instead of answering.
+    if nv_knobs is None or not any("dump_ptxas_log" in vars(k) for k in type(nv_knobs).__mro__):
+        return triton.compile(src, target=target, options=options), None
+    before = nv_knobs.__dict__.get("dump_ptxas_log", _MISSING)
+    out = io.StringIO()
+    try:
+        # Stored the way the knob stores an override, bypassing its setter, which would also
+        # export TRITON_DUMP_PTXAS_LOG=1 to the environment (and to anything run later). Should a
+        # later Triton read it differently, no log comes back and the gate runs ptxas itself.
+        nv_knobs.__dict__["dump_ptxas_log"] = True
+        with contextlib.redirect_stdout(out):
+            compiled = triton.compile(src, target=target, options=options)
+    finally:
+        if before is _MISSING:
+            nv_knobs.__dict__.pop("dump_ptxas_log", None)
+        else:
+            nv_knobs.__dict__["dump_ptxas_log"] = before
+    return compiled, out.getvalue()
+
+
+_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +339,7 @@ def _run_ptxas(ptx: str, arch: int, exact_fp32: bool, row: Row) -> None:
 def _check_one(task: tuple[int, int]) -> Row:
     idx, arch = task
     spec = _SPECS[idx]
-    row = Row(kernel=spec.name, config=spec.config, arch=arch)
+    row = Row(kernel=spec.name, config=_CONFIGS[idx], arch=arch)
     t0 = time.perf_counter()
     try:
         _compile_and_inspect(spec, arch, row)
@@ -281,7 +361,6 @@ def _describe_error(e: BaseException) -> str:
 
 
 def _compile_and_inspect(spec: Any, arch: int, row: Row) -> None:
-    import triton
     from triton.backends.compiler import GPUTarget
 
     fn = _unwrap_jit(spec.fn)
@@ -290,10 +369,12 @@ def _compile_and_inspect(spec: Any, arch: int, row: Row) -> None:
     if spec.exact_fp32:
         options["enable_fp_fusion"] = False
     src = _make_source(fn, signature, constexprs, divisible)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled, triton_log = _compile(src, GPUTarget("cuda", arch, 32), options)
     ptx = compiled.asm["ptx"]
     row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
-    _run_ptxas(ptx, arch, spec.exact_fp32, row)
+    log = _ptxas_log(ptx, arch, spec.exact_fp32, triton_log, row)
+    if log is not None:
+        _parse_ptxas(log, row)
     code = _COMMENT_RE.sub("", ptx)
 
     if spec.needs_tensor_cores:
@@ -343,6 +424,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", "-j", type=int, default=0,
                    help="parallel compiles (default: CPU count, at most 4; 1 = in this process)")
     p.add_argument("--ptxas", help="ptxas to use (default: the one Triton uses)")
+    p.add_argument("--no-cache", action="store_true",
+                   help=f"do not reuse ptxas results of earlier runs on identical PTX "
+                        f"(kept in {_default_cache_dir()})")
     return p
 
 
@@ -373,6 +457,30 @@ def _matches(spec: Any, patterns: list[str] | None) -> bool:
         return True
     label = f"{spec.name}[{spec.config}]"
     return any(p in label for p in patterns)
+
+
+
+def _config_labels(specs: list[Any]) -> list[str]:
+    """spec.config, plus the argument types that tell apart specs sharing a name and config
+    (the same kernel built for several input dtypes)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((s.name, s.config), []).append(i)
+    labels = [s.config for s in specs]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        sigs = [specs[i].signature for i in members]
+        differing = [k for k in sigs[0] if len({str(sg.get(k)) for sg in sigs}) > 1]
+        for i in members:
+            if differing:
+                labels[i] += "," + ",".join(f"{k}:{specs[i].signature.get(k)}" for k in differing)
+    return labels
+
+
+def _default_cache_dir() -> str:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"qlora_kernels-compile-check-{uid}")
 
 
 def _fmt_int(v: int | None) -> str:
@@ -438,8 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"compile-check: {e}", file=sys.stderr)
         return 1
-    _PTXAS.update(path=path, flags=flags, version=_ptxas_version(path))
+    _PTXAS.update(path=path, flags=flags, version=_ptxas_version(path),
+                  cache_dir=None if args.no_cache else _default_cache_dir())
     _SPECS[:] = specs
+    _CONFIGS[:] = _config_labels(specs)
 
     archs = list(dict.fromkeys(args.arch))
     tasks = [(i, a) for i in range(len(specs)) for a in archs]
