@@ -1,0 +1,152 @@
+"""The compile gate (`python -m qlora_kernels compile-check`), run as CI runs it: in a subprocess.
+
+conftest.py sets TRITON_INTERPRET=1 for this process, under which @triton.jit functions cannot be
+compiled, so every gate run here gets an environment without it (one test keeps it, to check that
+the gate drops it by itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _toy_kernels import EXPECTED_FAILURE
+from qlora_kernels import compile_check
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TOY_SPECS = "_toy_kernels:toy_specs"
+TOY_NAMES = ["ok_matmul", "ok_axpy_exact", *EXPECTED_FAILURE]
+
+
+def run_gate(tmp_path: Path, *args: str, interpret: bool = False, timeout: int = 600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(REPO), env.get("PYTHONPATH")) if p)
+    out = tmp_path / "gate.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_kernels.compile_check", *args, "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    doc = json.loads(out.read_text()) if out.exists() else None
+    return proc, doc
+
+
+def table_rows(stdout: str) -> dict[tuple[str, str], str]:
+    """(kernel, arch) -> status, read back from the printed table."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        arch = next((c for c in cells if c in ("sm_80", "sm_90")), None)
+        if arch is None:
+            continue
+        # Columns are separated by two spaces; statuses never contain two in a row.
+        rows[(cells[0], arch)] = line.rstrip().rsplit("  ", 1)[-1].strip()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def toy_gate(tmp_path_factory):
+    return run_gate(tmp_path_factory.mktemp("toy"), "--specs-from", TOY_SPECS)
+
+
+def test_toy_gate_fails_exactly_the_bad_configs(toy_gate):
+    proc, doc = toy_gate
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert doc is not None and doc["ok"] is False
+    rows = {(r["kernel"], r["arch"]): r for r in doc["rows"]}
+    assert set(rows) == {(name, arch) for name in TOY_NAMES for arch in (80, 90)}
+
+    for arch in (80, 90):
+        mm = rows[("ok_matmul", arch)]
+        assert mm["ok"], mm["status"]
+        assert mm["tensor_cores"] == "yes"
+        assert mm["spill_stores"] == 0 and mm["spill_loads"] == 0
+        assert 0 < mm["registers"] <= 255
+        assert 0 < mm["shared"] <= compile_check.SHARED_LIMIT[arch]
+
+        axpy = rows[("ok_axpy_exact", arch)]
+        assert axpy["ok"], axpy["status"]
+        assert axpy["fma_free"] == "yes" and axpy["tensor_cores"] == "-"
+
+        for name, reason in EXPECTED_FAILURE.items():
+            row = rows[(name, arch)]
+            assert not row["ok"], f"{name} sm_{arch} passed the gate"
+            assert row["status"].startswith("FAIL:") and reason in row["status"], row["status"]
+
+        # DESIGN.md section 4: 128x256x64 with 4 warps runs out of registers.
+        spills = rows[("bad_matmul_spills", arch)]
+        assert spills["registers"] == 255 and spills["spill_stores"] > 0
+        assert rows[("bad_axpy_fma", arch)]["fma_free"] == "no"
+        assert rows[("bad_axpy_no_tensor_cores", arch)]["tensor_cores"].startswith("no")
+        assert rows[("bad_matmul_smem", arch)]["shared"] > compile_check.SHARED_LIMIT[arch]
+
+
+def test_toy_gate_table_matches_json(toy_gate):
+    proc, doc = toy_gate
+    printed = table_rows(proc.stdout)
+    assert len(printed) == len(doc["rows"]), proc.stdout
+    for r in doc["rows"]:
+        assert printed[(r["kernel"], f"sm_{r['arch']}")] == r["status"]
+    assert "4 ok, 10 failed" in proc.stdout
+
+
+def test_gate_passes_good_configs_and_drops_the_interpreter(tmp_path):
+    # TRITON_INTERPRET=1 left in: the gate must re-run itself without it, or nothing compiles.
+    proc, doc = run_gate(tmp_path, "--specs-from", TOY_SPECS, "--kernels", "ok_", "--arch", "90",
+                         interpret=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(r["kernel"], r["arch"], r["ok"]) for r in doc["rows"]] == [
+        ("ok_matmul", 90, True), ("ok_axpy_exact", 90, True)]
+
+
+def test_gate_exits_2_when_nothing_matches(tmp_path):
+    proc, doc = run_gate(tmp_path, "--specs-from", TOY_SPECS, "--kernels", "no_such_kernel")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert doc is None
+
+
+def test_parse_ptxas_log():
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    792 bytes stack frame, 1136 bytes spill stores, 936 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 792 bytes cumulative stack size\n"
+    )
+    row = compile_check.Row(kernel="k", config="", arch=90, shared=4096)
+    compile_check._parse_ptxas(log, row)
+    assert (row.registers, row.spill_stores, row.spill_loads, row.stack_frame) == (255, 1136, 936, 792)
+    assert row.shared == 4096 + 1024 and row.ok
+
+    bad = compile_check.Row(kernel="k", config="", arch=80)
+    compile_check._parse_ptxas("ptxas info    : 0 bytes gmem\n", bad)
+    assert not bad.ok
+
+
+@pytest.mark.parametrize("line, fused", [
+    ("\tfma.rn.f32 \t%f3, %f1, %f2, %f0;", True),
+    ("\tfma.rn.ftz.f32 \t%f3, %f1, %f2, %f0;", True),
+    ("\tmad.rn.f32 \t%f3, %f1, %f2, %f0;", True),
+    ("\tfma.rn.bf16 \t%rs3, %rs1, %rs2, %rs0;", False),
+    ("\tmul.rn.f32 \t%f3, %f1, %f2;", False),
+    ("\tadd.rn.f32 \t%f4, %f3, %f0; // fma.rn.f32 avoided", False),
+])
+def test_fma_detection(line, fused):
+    code = compile_check._COMMENT_RE.sub("", line)
+    assert bool(compile_check._FMA_RE.search(code)) is fused
+
+
+def test_package_kernels_pass_the_gate(tmp_path):
+    """Every (kernel, config) the package ships compiles for sm_80 and sm_90 without spills, within
+    shared memory, on tensor cores where required, and without fma where exact."""
+    proc, doc = run_gate(tmp_path, timeout=3600)
+    failed = [f"{r['kernel']} [{r['config']}] sm_{r['arch']}: {r['status']}"
+              for r in (doc or {}).get("rows", []) if not r["ok"]]
+    assert proc.returncode == 0, "\n".join(failed) or (proc.stdout + proc.stderr)[-4000:]
+    assert doc["ok"] and doc["rows"]
