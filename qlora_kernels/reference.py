@@ -294,7 +294,8 @@ def qlora_linear_backward(
 #     v = v * beta2 + (g * g) * (1 - beta2)
 #     denom = sqrt(v) / bc2_sqrt + eps         bc2_sqrt = sqrt(1 - beta2^t)
 #     p = p - (step_size * m) / denom          step_size = lr / (1 - beta1^t)
-# sqrt and the divisions are IEEE round-to-nearest (kernels use sqrt_rn / div_rn, no FMA).
+# sqrt and the divisions are IEEE round-to-nearest (here via float64, see _sqrt_rn; kernels use
+# sqrt_rn / div_rn), and nothing is fused (no FMA).
 # The parameter is read and written in its own dtype (fp32/bf16/fp16; written back rounded to
 # nearest even); the gradient may be any of those dtypes; states are fp32 or 8-bit.
 #
@@ -336,19 +337,29 @@ def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_deca
 def adamw_update(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: dict[str, float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(p, m, v) after one step, all new fp32 tensors; `s` from adamw_scalars.
-
-    The constants become 0-d fp32 tensors on the data's device: a Python-scalar divisor may be
-    turned into a reciprocal multiply by torch's CUDA kernels, a 0-d tensor is divided exactly.
-    """
+    """(p, m, v) after one step, all new fp32 tensors; `s` from adamw_scalars."""
     c = {k: torch.tensor(val, dtype=torch.float32, device=p.device) for k, val in s.items()}
     p = p.float() * c["decay"]
     g = g.float()
     m = m.float() * c["beta1"] + g * c["one_minus_beta1"]
     v = v.float() * c["beta2"] + (g * g) * c["one_minus_beta2"]
-    denom = torch.sqrt(v) / c["bc2_sqrt"] + c["eps"]
-    p = p - (c["step_size"] * m) / denom
+    denom = _div_rn(_sqrt_rn(v), c["bc2_sqrt"]) + c["eps"]
+    p = p - _div_rn(c["step_size"] * m, denom)
     return p, m, v
+
+
+# torch's float32 sqrt on AVX-512 CPUs is not correctly rounded (1 ulp off for ~0.7% of inputs,
+# checked with torch 2.13), and its CUDA division by a scalar multiplies by the reciprocal. Both
+# are computed in float64 and rounded once: for sqrt and division of float32 operands that double
+# rounding still gives the correctly rounded float32 result (53 >= 2 * 24 + 2 bits).
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(x.double()).float()
+
+
+def _div_rn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() / b.double()).float()
 
 
 def adamw_step_32bit(
@@ -378,10 +389,37 @@ def adamw_step_8bit(
     v = dequantize_blockwise(v_q, v_absmax, code_v, blocksize)
     s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
     new_p, m, v = adamw_update(p, g, m, v, s)
-    q, absmax = quantize_blockwise(m, code_m, blocksize)
+    q, absmax = _quantize_blockwise_lut(m, _state_lut("dynamic", p.device), blocksize)
     m_q.copy_(q)
     m_absmax.copy_(absmax)
-    q, absmax = quantize_blockwise(v, code_v, blocksize)
+    q, absmax = _quantize_blockwise_lut(v, _state_lut("dynamic_unsigned", p.device), blocksize)
     v_q.copy_(q)
     v_absmax.copy_(absmax)
     p.copy_(new_p.to(p.dtype))
+
+
+# quantize_blockwise rebuilds its 65536-entry table on every call (0.4 s on a CPU); an optimizer
+# requantizes every step, so the two state maps' tables are built once per device. The encoder is
+# quantize_blockwise's, step for step; test_optim.py checks the two agree bit for bit.
+_STATE_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _state_lut(name: str, device: torch.device) -> torch.Tensor:
+    key = (name, torch.device(device))
+    if key not in _STATE_LUTS:
+        _STATE_LUTS[key] = dynamic_map_lut(get_code(name, device))
+    return _STATE_LUTS[key]
+
+
+def _quantize_blockwise_lut(x: torch.Tensor, lut: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_blockwise(x, code, blocksize) given lut = dynamic_map_lut(code)."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nb = num_blocks(n, blocksize)
+    padded = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).reshape(nb, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    is_zero = absmax == 0
+    inv = 1.0 / torch.where(is_zero, torch.ones_like(absmax), absmax)
+    q = lut[lut_index(padded * inv[:, None])]
+    q = torch.where(is_zero[:, None], torch.zeros_like(q), q)
+    return q.reshape(-1)[:n].reshape(x.shape), absmax

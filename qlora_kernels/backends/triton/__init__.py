@@ -15,7 +15,7 @@ import torch
 
 from ._utils import interpreting
 
-KERNEL_MODULES = ("quant_4bit", "blockwise_8bit", "qlora_linear", "qlora_linear_small_m")
+KERNEL_MODULES = ("quant_4bit", "blockwise_8bit", "qlora_linear", "qlora_linear_small_m", "adamw")
 
 _loaded_interpreted: bool | None = None
 
