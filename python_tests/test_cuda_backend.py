@@ -22,6 +22,23 @@ _OK, _WHY = C.available(torch.device("cuda"))
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cuda backend unavailable: {_WHY}")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_REF_LUT = ref.dynamic_map_lut
+
+
+@pytest.fixture(autouse=True)
+def _memo_reference_lut(monkeypatch):
+    # reference.quantize_blockwise rebuilds its 65536-entry table on every call (about 0.25 s on
+    # the CPU); the cases use three codes, so remember each table (same function, same result).
+    cache: dict[bytes, torch.Tensor] = {}
+
+    def memo(code: torch.Tensor) -> torch.Tensor:
+        key = code.float().cpu().numpy().tobytes()
+        if key not in cache:
+            cache[key] = _REF_LUT(code)
+        return cache[key].to(code.device)
+
+    monkeypatch.setattr(ref, "dynamic_map_lut", memo)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.uint8: torch.uint8}
 
 
@@ -113,9 +130,9 @@ def test_dequantize_4bit(quant_type, blocksize, nested):
 @pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned"])
 def test_dynamic_map_lut(code_name):
     code = get_code(code_name)
-    assert_bits_equal(C.dynamic_map_lut(code.cuda()), ref.dynamic_map_lut(code), code_name)
+    assert_bits_equal(C.dynamic_map_lut(code.cuda()), _REF_LUT(code), code_name)
     random_code = torch.sort(torch.rand(256) * 2 - 1).values
-    assert_bits_equal(C.dynamic_map_lut(random_code.cuda()), ref.dynamic_map_lut(random_code), "random code")
+    assert_bits_equal(C.dynamic_map_lut(random_code.cuda()), _REF_LUT(random_code), "random code")
 
 
 BLOCKSIZES_8BIT = (2, 4, 8, 32, 64, 256, 1024, 4096, 8192, 16384)

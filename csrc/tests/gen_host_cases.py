@@ -179,6 +179,14 @@ def _cases(seed: int) -> list[str]:
                             lines.append(fmt("dq4", QT[qt], B, DT[out_dtype], n, 1, ints(packed), ints(qa), bits(a2),
                                              bits(dyn), bits(off), bits(deq)))
 
+    # Decode of every one of the 256 entries of both dynamic maps.
+    for code in (dyn, dynu):
+        q = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+        absmax = torch.rand(4, generator=g) * 10
+        for dtype in DT:
+            deq = ref.dequantize_blockwise(q, absmax, code, 64, dtype)
+            lines.append(fmt("dq8", 64, DT[dtype], 256, ints(q), bits(absmax), bits(code), bits(deq)))
+
     # Whole-tensor 8-bit blockwise: tiny to large blocksizes, both dynamic maps; at blocksize >=
     # 256 the first block holds every code entry, every midpoint and its neighbours at absmax 1,
     # and the second block is all zero.
