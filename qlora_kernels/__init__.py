@@ -20,3 +20,8 @@ __all__ = [
     "quantize_blockwise",
     "use_backend",
 ]
+
+# --- paged AdamW (issue 5) ---
+from .optim import PagedAdamW, PagedAdamW8bit  # noqa: E402
+
+__all__ += ["PagedAdamW", "PagedAdamW8bit"]
