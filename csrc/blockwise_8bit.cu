@@ -138,9 +138,11 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_kernel(const uint8_t
     const int64_t gstride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t u0 = gtid; u0 < vec_units; u0 += kUnroll * gstride) {
         uint32_t w[kUnroll][E / 4];
+        float s0[kUnroll];  // loaded with the indices so the latencies overlap
 #pragma unroll
         for (int j = 0; j < kUnroll; ++j) {
             const int64_t u = u0 + j * gstride;
+            s0[j] = u < vec_units ? __ldg(absmax + ((u * E) >> log2B)) : 0.0f;
             if constexpr (E == 4) {
                 w[j][0] = u < vec_units ? __ldg(reinterpret_cast<const uint32_t*>(q) + u) : 0u;
             } else {
@@ -155,12 +157,11 @@ __global__ void __launch_bounds__(256) dequantize_blockwise_kernel(const uint8_t
             const int64_t u = u0 + j * gstride;
             if (u >= vec_units) break;
             const int64_t i0 = u * E;
-            const float s0 = __ldg(absmax + (i0 >> log2B));
             float v[E];
 #pragma unroll
             for (int k = 0; k < E; ++k) {
                 const uint32_t idx = (w[j][k >> 2] >> (8 * (k & 3))) & 0xFFu;
-                const float s = one_scale ? s0 : __ldg(absmax + ((i0 + k) >> log2B));
+                const float s = one_scale ? s0[j] : __ldg(absmax + ((i0 + k) >> log2B));
                 v[k] = qk_decode_scale(s_code[idx], s);
             }
             *reinterpret_cast<uint4*>(out + i0) = qk::pack16<DT>(v);

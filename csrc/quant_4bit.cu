@@ -85,14 +85,18 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel(
     const int64_t gtid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t gstride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t u0 = gtid; u0 < vec_units; u0 += kUnroll * gstride) {
+        // All loads (packed words and scales) first, so their latencies overlap.
         uint32_t w[kUnroll];
+        float sc[kUnroll];
 #pragma unroll
         for (int j = 0; j < kUnroll; ++j) {
             const int64_t u = u0 + j * gstride;
             w[j] = 0;
+            sc[j] = 0.0f;
             if (u < vec_units) {
                 if constexpr (W == 4) w[j] = __ldg(reinterpret_cast<const uint32_t*>(packed) + u);
                 else w[j] = __ldg(reinterpret_cast<const uint16_t*>(packed) + u);
+                sc[j] = scale_of((u * E) >> log2B);
             }
         }
 #pragma unroll
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel(
             const int64_t u = u0 + j * gstride;
             if (u >= vec_units) break;
             const int64_t i0 = u * E;
-            const float scale = scale_of(i0 >> log2B);
+            const float scale = sc[j];
             float v[E];
 #pragma unroll
             for (int k = 0; k < E; ++k) {
