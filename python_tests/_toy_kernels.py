@@ -100,7 +100,9 @@ def _matmul(name: str, bm: int, bn: int, bk: int, warps: int, stages: int) -> Ke
 
 def toy_specs() -> list[KernelSpec]:
     return [
-        _matmul("ok_matmul", 128, 128, 64, warps=4, stages=3),
+        # 8 warps: with 4, sm_80 sits at 255 registers and spills 8 B under triton 3.3 (0 under
+        # 3.2 and 3.7), so it would be a test of the Triton version, not of the gate.
+        _matmul("ok_matmul", 128, 128, 64, warps=8, stages=3),
         KernelSpec(
             name="ok_axpy_exact", fn=toy_axpy_kernel, signature=dict(_AXPY_SIG),
             constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1, exact_fp32=True,
