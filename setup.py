@@ -55,9 +55,9 @@ def will_build_cuda() -> bool:
     return not _flag("QLORA_KERNELS_SKIP_CUDA") and find_nvcc() is not None
 
 
-def _cache_source_dir(cache: Path) -> str | None:
+def _cache_value(cache: Path, key: str) -> str | None:
     for line in cache.read_text(errors="replace").splitlines():
-        if line.startswith("CMAKE_HOME_DIRECTORY:"):
+        if line.startswith(key + ":"):
             return line.split("=", 1)[1].strip()
     return None
 
@@ -94,7 +94,7 @@ def build_csrc() -> bool:
 
     build_dir = Path(os.environ.get("QLORA_KERNELS_BUILD_DIR") or ROOT / "build").resolve()
     cache = build_dir / "CMakeCache.txt"
-    if cache.exists() and _cache_source_dir(cache) != str(ROOT):
+    if cache.exists() and _cache_value(cache, "CMAKE_HOME_DIRECTORY") != str(ROOT):
         # A build tree of another checkout (copied or moved): CMake refuses to reuse it.
         _log(f"{build_dir} was configured for another source tree; reconfiguring")
         cache.unlink()
@@ -108,10 +108,12 @@ def build_csrc() -> bool:
     if archs:
         configure.append(f"-DQLORA_CUDA_ARCHS={archs}")
     build = [cmake, "--build", str(build_dir), "--target", "qlora_kernels", "-j", _jobs()]
+    # A tree configured by hand without nvcc on PATH has no CUDA compiler (and no library target).
+    cuda_known = cache.exists() and (_cache_value(cache, "CMAKE_CUDA_COMPILER") or "").endswith("nvcc")
     try:
         # Configuring only once keeps a no-change reinstall to a make no-op; CMake re-runs its
         # own configure step when CMakeLists.txt changes.
-        if not cache.exists() or archs:
+        if not cuda_known or archs:
             _log(" ".join(configure))
             subprocess.run(configure, check=True)
         _log(" ".join(build))
