@@ -44,6 +44,10 @@ for f in python_tests/test_triton_gpu.py python_tests/test_cuda_backend.py pytho
 done
 step "GPU tests" 240 "$PY" -m pytest -q -p no:cacheprovider "${gpu_tests[@]}"
 
+if [ "$CPU_FORM" != 1 ] && command -v compute-sanitizer >/dev/null; then
+  step "memcheck (csrc)" 120 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitizer_case.py
+fi
+
 if [ "$CPU_FORM" = 1 ]; then
   step "validate --quick" 300 "$PY" -m qlora_kernels validate --quick
   step "bench --quick" 300 "$PY" -m qlora_kernels bench --quick --ops dequantize linear --out "$out"
