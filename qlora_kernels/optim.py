@@ -301,7 +301,7 @@ class PagedAdamW(torch.optim.Optimizer):
             raise TypeError(f"paged must be a bool, got {type(paged).__name__}")
         defaults["betas"] = tuple(betas)
         self.paged = paged
-        self._buffers: dict[torch.Tensor, _StateBuffer] = {}
+        self._buffers: dict[torch.Tensor, list[_StateBuffer]] = {}
         super().__init__(params, defaults)
 
     # --- param groups ---
@@ -336,29 +336,38 @@ class PagedAdamW(torch.optim.Optimizer):
                     ("exp_avg_absmax", torch.float32, nb), ("exp_avg_sq_absmax", torch.float32, nb)]
         return [("exp_avg", torch.float32, shape), ("exp_avg_sq", torch.float32, shape)]
 
-    def _new_state(self, p: torch.Tensor) -> tuple[dict[str, Any], _StateBuffer]:
-        """Zeroed states of p, all views into one buffer (one allocation, one prefetch)."""
-        fields = self._state_fields(p)
-        offsets, total = [], 0
-        for _, dtype, shape in fields:
-            offsets.append(total)
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            total += -(-nbytes // _ALIGN) * _ALIGN
-        buf, managed = _allocate_bytes(total, p.device, self.paged)
+    def _new_state(self, p: torch.Tensor) -> tuple[dict[str, Any], list[_StateBuffer]]:
+        """Zeroed states of p as views into one buffer per dtype (few allocations and prefetches;
+        torch.save refuses views of one storage as different dtypes)."""
         state: dict[str, Any] = {"step": 0}
-        for (name, dtype, shape), off in zip(fields, offsets):
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            state[name] = buf[off:off + size].view(dtype).view(shape)
-        return state, _StateBuffer(buf, managed)
+        buffers = []
+        fields = self._state_fields(p)
+        for dtype in dict.fromkeys(d for _, d, _ in fields):
+            members = [(name, shape) for name, d, shape in fields if d == dtype]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            offsets, total = [], 0
+            for _, shape in members:
+                offsets.append(total)
+                total += -(-math.prod(shape) * itemsize // _ALIGN) * _ALIGN
+            buf, managed = _allocate_bytes(total, p.device, self.paged)
+            typed = buf.view(dtype)
+            for (name, shape), off in zip(members, offsets):
+                start = off // itemsize
+                state[name] = typed[start:start + math.prod(shape)].view(shape)
+            buffers.append(_StateBuffer(buf, managed))
+        return state, buffers
 
     # --- paging ---
 
     def _can_prefetch(self, sb: _StateBuffer) -> bool:
         return sb.managed and managed_memory_support(sb.buf.device)[1]
 
+    def _all_buffers(self) -> list[_StateBuffer]:
+        return [sb for bufs in self._buffers.values() for sb in bufs]
+
     def prefetch(self) -> None:
         """Migrate every managed state buffer to its GPU, ordered on the current stream."""
-        for sb in self._buffers.values():
+        for sb in self._all_buffers():
             if self._can_prefetch(sb):
                 _prefetch(sb.buf, _device_index(sb.buf.device))
 
@@ -366,16 +375,17 @@ class PagedAdamW(torch.optim.Optimizer):
         """Migrate every managed state buffer to host memory (frees GPU memory until the next
         step, which prefetches them back). Ordered on the current stream; a no-op for states in
         ordinary memory or on devices without concurrent managed access."""
-        for sb in self._buffers.values():
+        for sb in self._all_buffers():
             if self._can_prefetch(sb):
                 _prefetch(sb.buf, _HOST)
 
     def state_bytes(self) -> int:
         """Bytes of memory held by the optimizer states (alignment padding included)."""
-        return sum(sb.buf.numel() for sb in self._buffers.values())
+        return sum(sb.buf.numel() for sb in self._all_buffers())
 
     def managed_state_bytes(self) -> int:
-        return sum(sb.buf.numel() for sb in self._buffers.values() if sb.managed)
+        """Bytes of the states that are CUDA managed memory."""
+        return sum(sb.buf.numel() for sb in self._all_buffers() if sb.managed)
 
     # --- the step ---
 
@@ -402,12 +412,12 @@ class PagedAdamW(torch.optim.Optimizer):
         for group, p, g in work:
             state = self.state[p]
             if not state:
-                new_state, sb = self._new_state(p)
+                new_state, bufs = self._new_state(p)
                 state.update(new_state)
-                self._buffers[p] = sb
-            sb = self._buffers.get(p)
-            if sb is not None and self._can_prefetch(sb):
-                _prefetch(sb.buf, _device_index(p.device))
+                self._buffers[p] = bufs
+            for sb in self._buffers.get(p, ()):
+                if self._can_prefetch(sb):
+                    _prefetch(sb.buf, _device_index(p.device))
             state["step"] += 1
             self._update(p, g, state, group)
         return loss
@@ -485,15 +495,15 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"state {field!r} of param {key!r}: expected {dtype} {shape}, got {got}")
 
         new_state: defaultdict = defaultdict(dict)
-        new_buffers: dict[torch.Tensor, _StateBuffer] = {}
+        new_buffers: dict[torch.Tensor, list[_StateBuffer]] = {}
         for key, st in saved_state.items():
             p = params_of[key]
-            state, sb = self._new_state(p)
+            state, bufs = self._new_state(p)
             for field, _, _ in self._state_fields(p):
                 state[field].copy_(st[field])
             state["step"] = _step_count(st["step"])
             new_state[p] = state
-            new_buffers[p] = sb
+            new_buffers[p] = bufs
 
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
