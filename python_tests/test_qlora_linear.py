@@ -204,7 +204,8 @@ def test_dropout_path(backend):
     torch.manual_seed(123)
     got = run_qlora_linear(inp, backend, dropout=p)
     torch.manual_seed(123)
-    mask = torch.nn.functional.dropout(torch.ones(18, 192, dtype=torch.float64), p, training=True)
+    # The same draw as qlora_linear's dropout of the [18, 192] fp32 input on this device.
+    mask = torch.nn.functional.dropout(torch.ones(18, 192, device=DEVICE), p, training=True).double()
     x2 = inp.x.reshape(-1, 192).double()
     xl = x2 * mask
     gy = inp.grad_y.reshape(-1, 96).double()
@@ -226,6 +227,18 @@ def test_eval_ignores_dropout():
         a = qk.qlora_linear(inp.x, inp.packed, inp.state, inp.A, inp.B, inp.scale, inp.bias, dropout=0.5, training=False)
         b = qk.qlora_linear(inp.x, inp.packed, inp.state, inp.A, inp.B, inp.scale, inp.bias)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch(backend):
+    inp = make_inputs(Case((3,), 64, 128, 4))
+    x = torch.randn(0, 5, 128, requires_grad=True)
+    A = inp.A.detach().requires_grad_()
+    with use_backend(backend):
+        y = qk.qlora_linear(x, inp.packed, inp.state, A, inp.B, inp.scale)
+        y.sum().backward()
+    assert y.shape == (0, 5, 64) and x.grad.shape == x.shape
+    assert torch.equal(A.grad, torch.zeros_like(A))
 
 
 def test_argument_errors():
@@ -318,7 +331,7 @@ def _tiny_llama(backend_seed: int = 0):
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
     )
     torch.manual_seed(backend_seed)
-    model = transformers.LlamaForCausalLM(cfg).float()
+    model = transformers.LlamaForCausalLM(cfg).float().to(DEVICE)
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
@@ -327,12 +340,12 @@ def _tiny_llama(backend_seed: int = 0):
             for name in LLAMA_PROJ:
                 if hasattr(parent, name):
                     setattr(parent, name, _TinyQLoRALinear(getattr(parent, name), 8, 16.0, g))
-    return model
+    return model.to(DEVICE)
 
 
 def _train(backend: str, steps: int = 3):
     model = _tiny_llama()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     # SGD keeps the update linear in the gradient, so summation-order differences stay that size
     # (Adam's first step is sign(g) * lr: a gradient within rounding of 0 could flip its sign).

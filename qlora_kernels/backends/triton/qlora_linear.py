@@ -309,20 +309,20 @@ class GemmConfig:
 # GPU configs (H100/A100 class), each in compile_specs() so the compile gate checks it. The
 # dequantized [BN, BK] tile lives in registers next to the accumulator: BK = 32 keeps the forward
 # under 255 registers with no spills on sm_80 and sm_90 (128x128x64 spilled on both). "narrow"
-# configs serve the register-hungrier variants: fp32 activations (tf32x3 = three dots) and weight
-# layouts that gather a scale per element (K % blocksize != 0, odd K).
+# configs serve the register-hungrier variants: fp32 activations or LoRA weights (tf32x3 = three
+# dots) and weight layouts that gather a scale per element (K % blocksize != 0, odd K).
 GPU_CONFIGS = {
     "large": GemmConfig(128, 128, 32, num_warps=8, num_stages=3),
     "medium": GemmConfig(64, 128, 32, num_warps=4, num_stages=3),
     "narrow_large": GemmConfig(128, 64, 32, num_warps=8, num_stages=3),
-    "narrow_medium": GemmConfig(64, 128, 32, num_warps=8, num_stages=3),
+    "narrow_medium": GemmConfig(64, 64, 32, num_warps=8, num_stages=2),
 }
 # dX: BN is the reduction (over W's rows) and BK the output width.
 DX_GPU_CONFIGS = {
     "large": GemmConfig(128, 32, 128, num_warps=8, num_stages=3),
     "medium": GemmConfig(64, 32, 64, num_warps=4, num_stages=3),
     "narrow_large": GemmConfig(128, 32, 64, num_warps=8, num_stages=3),
-    "narrow_medium": GemmConfig(64, 32, 64, num_warps=4, num_stages=3),
+    "narrow_medium": GemmConfig(64, 32, 64, num_warps=8, num_stages=3),
 }
 # Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
 INTERPRET_CONFIG = GemmConfig(64, 64, 64)
@@ -339,10 +339,11 @@ def config_name(m: int, narrow: bool) -> str:
     return ("narrow_" if narrow else "") + ("large" if m > 64 else "medium")
 
 
-def pick_config(m: int, x_dtype: torch.dtype, shape: Sequence[int], blocksize: int, dx: bool = False) -> GemmConfig:
+def pick_config(m: int, x_dtype: torch.dtype, lora_dtype: torch.dtype, shape: Sequence[int], blocksize: int,
+                dx: bool = False) -> GemmConfig:
     if interpreting():
         return INTERPRET_CONFIG
-    narrow = x_dtype == torch.float32 or int(shape[1]) % blocksize != 0
+    narrow = torch.float32 in (x_dtype, lora_dtype) or int(shape[1]) % blocksize != 0
     return (DX_GPU_CONFIGS if dx else GPU_CONFIGS)[config_name(m, narrow)]
 
 
@@ -404,7 +405,7 @@ def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Opti
     """Y = X @ W^T + s*T @ B^T + bias with the tiled kernel."""
     m = x.shape[0]
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or pick_config(m, x.dtype, shape, blocksize)
+    cfg = cfg or pick_config(m, x.dtype, lora_B.dtype, shape, blocksize)
     y = empty((m, n), x.dtype, x.device)
     has_lora = t is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
@@ -426,6 +427,8 @@ def qlora_linear_fwd(
     lora_A, lora_B, scale, bias,
 ):
     _check_inputs(x, lora_A, lora_B, shape)
+    if x.shape[0] == 0:  # a grid of zero programs is not launchable
+        return x.new_empty((0, int(shape[0]))), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32)
     lkind = _KIND_OF[lora_A.dtype]
     t = lora_down(x if x_lora is None else x_lora, lora_A.t(), lkind)
     args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
@@ -444,7 +447,7 @@ SMALL_M = 16
 def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg: Optional[GemmConfig] = None):
     m = dy.shape[0]
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or pick_config(m, dy.dtype, shape, blocksize, dx=True)
+    cfg = cfg or pick_config(m, dy.dtype, lora_A.dtype, shape, blocksize, dx=True)
     dx = empty((m, k), out_dtype, dy.device)
     has_lora = u is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(k, cfg.BK),)
@@ -466,6 +469,8 @@ def qlora_linear_bwd(
     lora_A, lora_B, scale, lora_dx,
 ):
     _check_inputs(x_lora, lora_A, lora_B, shape)
+    if grad_out.shape[0] == 0:
+        return x_lora.new_empty((0, int(shape[1]))), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     ldt = lora_A.dtype
     u = lora_down(grad_out, lora_B, _KIND_OF[ldt])  # U = dY @ B, fp32 [M, r]
     args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
@@ -525,10 +530,11 @@ def compile_specs() -> list[KernelSpec]:
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
     # (x dtype, LoRA dtype, blocksize, PAIRED, ALIGNED) that pick_config sends to each config kind.
     variants = {
-        False: [(bf, bf, 64, True, True), (bf, f32, 64, True, True), (f16, f16, 64, True, True),
-                (bf, bf, 32, True, True), (bf, bf, 256, True, True)],
+        False: [(bf, bf, 64, True, True), (f16, f16, 64, True, True), (bf, bf, 32, True, True),
+                (bf, bf, 256, True, True)],
         True: [(f32, f32, 64, True, True), (f32, f32, 32, True, True), (f32, f32, 64, False, False),
-               (bf, bf, 64, True, False), (bf, f32, 64, True, False), (bf, bf, 64, False, False)],
+               (bf, f32, 64, True, True), (bf, bf, 64, True, False), (bf, f32, 64, True, False),
+               (bf, bf, 64, False, False)],
     }
     for make, configs in ((fwd_spec, GPU_CONFIGS), (dx_spec, DX_GPU_CONFIGS)):
         for cfg_name, cfg in configs.items():
