@@ -27,7 +27,7 @@ from ._utils import KernelSpec, interpreting
 from .blockwise_8bit import _lut_for
 
 BLOCK_32BIT = 1024
-ELEMS_PER_PROG_8BIT = 2048
+ELEMS_PER_PROG_8BIT = 1024
 WARPS = 4
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
