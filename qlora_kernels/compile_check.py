@@ -23,8 +23,8 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import io
 import importlib
+import io
 import inspect
 import json
 import os
@@ -188,7 +188,8 @@ def _find_ptxas(override: str | None) -> tuple[str, list[str]]:
         import triton.backends.nvidia.compiler as nv
 
         src = inspect.getsource(nv)
-        # triton 3.6+ passes this to every ptxas (a 13.x register-allocator bug).
+        # Newer Tritons pass this to every ptxas (a workaround for a 13.x register-allocator
+        # bug); the numbers must come from the same allocator settings as the shipped cubin.
         if "--regAllocOptLevel=2" in src:
             flags.append("--regAllocOptLevel=2")
     except Exception:
@@ -459,7 +460,6 @@ def _matches(spec: Any, patterns: list[str] | None) -> bool:
     return any(p in label for p in patterns)
 
 
-
 def _config_labels(specs: list[Any]) -> list[str]:
     """spec.config, plus the argument types that tell apart specs sharing a name and config
     (the same kernel built for several input dtypes)."""
@@ -510,8 +510,20 @@ def _run_tasks(tasks: list[tuple[int, int]], jobs: int) -> list[Row]:
         # MLIR/LLVM thread pools exist yet) and hands the workers the specs without pickling.
         ctx = mp.get_context("fork")
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
-            return list(pool.map(_check_one, tasks))
-    return [_check_one(t) for t in tasks]
+            return _with_progress(pool.map(_check_one, tasks), len(tasks))
+    return _with_progress(map(_check_one, tasks), len(tasks))
+
+
+def _with_progress(rows: Any, total: int) -> list[Row]:
+    # All of the package's configs take minutes on a small CI machine: say now and then that the
+    # gate is alive, so a no-output watchdog does not kill it (stderr keeps stdout the table).
+    out, last = [], time.perf_counter()
+    for row in rows:
+        out.append(row)
+        if time.perf_counter() - last > 30 and len(out) < total:
+            print(f"compile-check: {len(out)}/{total} compiled", file=sys.stderr, flush=True)
+            last = time.perf_counter()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
