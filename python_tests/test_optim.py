@@ -326,6 +326,22 @@ def test_state_dict_resume_is_bit_exact(cls):
         assert "exp_avg_q" in opt.state[model[0].weight]  # 80x64 = 5120: 8-bit
 
 
+def test_deepcopy_continues_identically():
+    model, data = _model_and_data()
+    with use_backend("reference"):
+        opt = _make_opt(PagedAdamW8bit, model)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+        _steps(model, opt, sched, data[:3])
+        model2, opt2 = copy.deepcopy((model, opt))
+        sched2 = torch.optim.lr_scheduler.StepLR(opt2, 3, 0.5)
+        sched2.load_state_dict(sched.state_dict())
+        _steps(model, opt, sched, data[3:6])
+        _steps(model2, opt2, sched2, data[3:6])
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert_same_bits(b.detach(), a.detach(), "param")
+    assert opt2.state_bytes() == opt.state_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error, the optimizer unchanged
 # ---------------------------------------------------------------------------------------------

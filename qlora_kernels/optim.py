@@ -80,8 +80,11 @@ def _warn_once(msg: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _libcuda() -> ctypes.CDLL:
-    # The driver library is present wherever torch sees a GPU; torch has already initialised it.
+    # The driver library is present wherever torch sees a GPU; cuInit is idempotent.
     lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuInit.argtypes = [ctypes.c_uint]
+    if lib.cuInit(0) != 0:
+        raise RuntimeError("cuInit failed")
     lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
     lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
@@ -188,8 +191,9 @@ def _prefetch(buf: torch.Tensor, destination: int) -> None:
     from .backends.cuda import _lib
 
     lib = _lib.get_lib()
-    stream = torch.cuda.current_stream(buf.device).cuda_stream
-    status = lib.qk_prefetch(buf.data_ptr(), buf.numel(), destination, stream)
+    with torch.cuda.device(buf.device):
+        stream = torch.cuda.current_stream(buf.device).cuda_stream
+        status = lib.qk_prefetch(buf.data_ptr(), buf.numel(), destination, stream)
     _lib.check(status, "qk_prefetch")
 
 
@@ -303,6 +307,26 @@ class PagedAdamW(torch.optim.Optimizer):
         self.paged = paged
         self._buffers: dict[torch.Tensor, list[_StateBuffer]] = {}
         super().__init__(params, defaults)
+
+    # --- pickling (copy.deepcopy) ---
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["paged"] = self.paged
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.paged = state.get("paged", True)
+        # Unpickled states are loose tensors: give them buffers of their own (paged when enabled).
+        self._buffers = {}
+        for p, st in list(self.state.items()):
+            fresh, bufs = self._new_state(p)
+            for field, _, _ in self._state_fields(p):
+                fresh[field].copy_(st[field])
+            fresh["step"] = st["step"]
+            self.state[p] = fresh
+            self._buffers[p] = bufs
 
     # --- param groups ---
 
