@@ -568,7 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs if args.jobs > 0 else min(os.cpu_count() or 1, 4)
     print(f"compile-check: triton {triton.__version__}, ptxas {_PTXAS['version']} ({path}), "
           f"{len(specs)} spec(s) x {len(archs)} arch(s), {min(jobs, len(tasks))} job(s)", flush=True)
-    rows = _run_tasks(tasks, jobs)
+    try:
+        rows = _run_tasks(tasks, jobs)
+    except Exception as e:  # a worker killed by a crash in LLVM/ptxas, or by the OOM killer
+        print(f"compile-check: a compile worker died ({type(e).__name__}: {e}); "
+              "rerun with --jobs 1 to see which kernel", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - t0
 
     print(_table(rows))
