@@ -179,9 +179,8 @@ def _full_signature(spec: Any, fn: Any) -> tuple[dict[str, str], dict[str, Any],
 def _find_ptxas(override: str | None) -> tuple[str, list[str]]:
     """The ptxas Triton itself uses for the cubin, and the extra flags it passes.
 
-    Using Triton's ptxas matters: the PTX's .version follows that ptxas, and register allocation
-    differs between CUDA releases (the 13.x ptxas spills a 128x128x64 bf16 GEMM the 12.8 one does
-    not).
+    Triton's own ptxas, not the first one on PATH: the PTX's .version follows that ptxas (an older
+    one rejects it), and that is the ptxas that builds the cubin which ships, whose numbers count.
     """
     flags: list[str] = []
     try:
