@@ -180,13 +180,15 @@ def test_reference_matches_float64_by_the_rule(case):
 
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_small_m_split_k(split_k, poisoned_outputs):
-    """The split-K (fp32 atomics) mode the GPU picks when few N tiles exist; K tail in a split."""
+    """The split-K (fp32 atomics) mode the GPU picks when few N tiles exist, in the GPU's tile
+    config; K tail in a split."""
     case = Case((5,), 130, 448, 16, ldt=torch.float32)
     inp = make_inputs(case)
     s = inp.state
     args = tql.weight_args(inp.packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, s.quant_type)
     t = tql.lora_down(inp.x, inp.A.t(), tql._KIND_OF[inp.A.dtype])
-    got = tql_small.small_m_fwd(inp.x, t, args, s.blocksize, list(s.shape), inp.B, inp.scale, inp.bias, split_k=split_k)
+    got = tql_small.small_m_fwd(inp.x, t, args, s.blocksize, list(s.shape), inp.B, inp.scale, inp.bias, split_k=split_k,
+                                cfg=tql_small.GPU_CONFIG)
     one = tql_small.small_m_fwd(inp.x, t, args, s.blocksize, list(s.shape), inp.B, inp.scale, inp.bias, split_k=1)
     exact = truth(inp)[0]
     low = torch_low_precision(inp)[0]
@@ -376,3 +378,48 @@ def test_tiny_llama_trains_same_on_triton_and_reference():
         moved = (ref_lora[name] - initial.get_parameter(name).detach()).abs().max()
         assert moved > 1e-4, f"{name} did not train"
         torch.testing.assert_close(tri_lora[name], ref_lora[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- compile-gate specs stay in step with the launchers -----------------------------------------
+
+
+def test_compile_specs_match_kernels_and_launch_configs():
+    """Every spec names each kernel argument once (runtime or constexpr, INTERPRET False), and every
+    config the launchers can pick on a GPU has a spec, so the compile gate (sm_80/sm_90, no spills,
+    tensor cores) sees everything that ships. The gate itself compiles them (compile_check)."""
+    specs = tql.compile_specs() + tql_small.compile_specs()
+    for spec in specs:
+        names = list(getattr(spec.fn, "arg_names"))
+        assert sorted(list(spec.signature) + list(spec.constexprs)) == sorted(names), spec.name
+        assert spec.constexprs["INTERPRET"] is False, spec.name
+    seen = {(s.fn, s.constexprs["BM"], s.constexprs.get("BN"), s.constexprs.get("BK"), s.num_warps, s.num_stages)
+            for s in specs}
+    bf, f32 = torch.bfloat16, torch.float32
+    for m in (1, 64, 65, 4096):
+        for xdt, ldt in ((bf, bf), (bf, f32), (f32, f32), (torch.float16, torch.float16)):
+            for shape, bs in (([4096, 4096], 64), ([200, 320], 128), ([64, 321], 64)):
+                for dx, fn in ((False, tql._fwd_kernel), (True, tql._dx_kernel)):
+                    cfg = tql.GPU_CONFIGS if not dx else tql.DX_GPU_CONFIGS
+                    narrow = f32 in (xdt, ldt) or shape[1] % bs != 0
+                    c = cfg[tql.config_name(m, narrow)]
+                    assert (fn, c.BM, c.BN, c.BK, c.num_warps, c.num_stages) in seen, (m, xdt, ldt, shape, dx)
+    sc = tql_small.GPU_CONFIG
+    assert (tql_small._small_m_kernel, tql_small.BM, sc.BN, sc.BK, sc.num_warps, sc.num_stages) in seen
+
+
+@pytest.mark.parametrize("cfg_name", list(tql.GPU_CONFIGS))
+def test_gpu_tile_configs(cfg_name, poisoned_outputs):
+    """The tile configs a GPU launches (BK 32..128: 1..4 scale blocks per tile row at blocksize 32),
+    run here through the interpreter: forward and dX GEMMs by the same rule as the default config."""
+    case = Case((130,), 160, 256, 16, blocksize=32)
+    inp = make_inputs(case)
+    s = inp.state
+    args = tql.weight_args(inp.packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, s.quant_type)
+    shape = list(s.shape)
+    t = tql.lora_down(inp.x, inp.A.t(), tql._KIND_OF[inp.A.dtype])
+    y = tql.fwd_gemm(inp.x, t, args, s.blocksize, shape, inp.B, inp.scale, inp.bias, cfg=tql.GPU_CONFIGS[cfg_name])
+    u = tql.lora_down(inp.grad_y, inp.B, tql._KIND_OF[inp.B.dtype])
+    dx = tql.dx_gemm(inp.grad_y, u, args, s.blocksize, shape, inp.A, inp.scale, inp.x.dtype,
+                     cfg=tql.DX_GPU_CONFIGS[cfg_name])
+    exact, low = truth(inp), torch_low_precision(inp)
+    assert_within_rule([y, dx], low[:2], exact[:2], f"GPU config {cfg_name}")
