@@ -104,6 +104,11 @@ def _blocks_per_program(blocksize: int) -> int:
     return max(1, QUANT_ELEMS // blocksize)
 
 
+def _quant_warps(blocksize: int) -> int:
+    # Quantize holds a whole block per program: 4096-element blocks get 8 warps (no spills).
+    return QUANT_WARPS if blocksize <= QUANT_ELEMS else 2 * QUANT_WARPS
+
+
 def _dequant_tile(blocksize: int) -> tuple[int, int]:
     cols = min(blocksize, DEQUANT_ELEMS)
     return DEQUANT_ELEMS // cols, cols
@@ -120,7 +125,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     grid = (triton.cdiv(nb, bpp),)
     _quantize_4bit_kernel[grid](
         x, midpoints, order.to(torch.int32), packed, absmax, n,
-        BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, num_warps=QUANT_WARPS, enable_fp_fusion=False,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, num_warps=_quant_warps(blocksize), enable_fp_fusion=False,
     )
     return packed, absmax
 
@@ -168,7 +173,7 @@ def compile_specs() -> list[KernelSpec]:
                 signature={"x_ptr": f"*{tname}", "midpoints_ptr": "*fp32", "order_ptr": "*i32",
                            "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i32"},
                 constexprs={"BLOCKSIZE": bs, "BLOCKS_PER_PROG": _blocks_per_program(bs)},
-                num_warps=QUANT_WARPS, exact_fp32=True,
+                num_warps=_quant_warps(bs), exact_fp32=True,
             ))
         rows, cols = _dequant_tile(bs)
         for nested in (True, False):
