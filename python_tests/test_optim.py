@@ -179,6 +179,82 @@ def test_8bit_ops_opcheck(backend):
         torch.library.opcheck(torch.ops.qlora.adamw_step_32bit.default, (p, g, torch.randn(n), torch.rand(n), *hyper))
 
 
+def _states(p: torch.Tensor, eight_bit: bool) -> list[torch.Tensor]:
+    if eight_bit:
+        nb = -(-p.numel() // 256)
+        return [torch.zeros(p.shape, dtype=torch.uint8), torch.zeros(nb), torch.zeros(p.shape, dtype=torch.uint8),
+                torch.zeros(nb)]
+    return [torch.zeros(p.shape), torch.zeros(p.shape)]
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_multi_tensor_ops_equal_single_tensor_reference(eight_bit):
+    """The Triton multi-tensor launch (mixed dtypes: two launches; a non-contiguous param: a
+    single-tensor launch) gives the reference's single-tensor results bit for bit."""
+    shapes_dtypes = [((70, 73), torch.float32), ((4100,), torch.bfloat16), ((300,), torch.float32),
+                     ((1,), torch.float16), ((64, 65), torch.float32)]
+    params0 = [torch.randn(s).to(d) for s, d in shapes_dtypes]
+    grads = [[torch.randn(p.shape).to(p.dtype) for p in params0] for _ in range(2)]
+    results = {}
+    for mode in ("single", "multi"):
+        ps = [p.clone() for p in params0]
+        ps[4] = ps[4].t().contiguous().t()  # same values, column-major: not contiguous
+        states = [_states(p, eight_bit) for p in ps]
+        for step, gs in enumerate(grads, 1):
+            hyper = (1e-2, 0.9, 0.999, 1e-8, 0.1, step)
+            if mode == "single":
+                with use_backend("reference"):
+                    for p, g, st in zip(ps, gs, states):
+                        op = torch.ops.qlora.adamw_step_8bit if eight_bit else torch.ops.qlora.adamw_step_32bit
+                        op(p, g, *st, *hyper, *((256,) if eight_bit else ()))
+            else:
+                lists = [list(x) for x in zip(*states)]
+                with use_backend("triton"):
+                    if eight_bit:
+                        torch.ops.qlora.adamw_step_8bit_multi(ps, gs, *lists, *hyper, 256)
+                    else:
+                        torch.ops.qlora.adamw_step_32bit_multi(ps, gs, *lists, *hyper)
+        results[mode] = ps + [t for st in states for t in st]
+    for i, (a, b) in enumerate(zip(results["single"], results["multi"])):
+        assert_same_bits(b, a, f"tensor {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_ops_opcheck(backend):
+    ps = [torch.randn(700), torch.randn(5, 9)]
+    gs = [torch.randn_like(p) for p in ps]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, 2)
+    s8 = [_states(p, True) for p in ps]
+    s32 = [_states(p, False) for p in ps]
+    for st in s8:
+        st[0].random_(0, 256), st[1].uniform_(), st[2].random_(0, 256), st[3].uniform_()
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.qlora.adamw_step_8bit_multi.default,
+                              (ps, gs, *[list(x) for x in zip(*s8)], *hyper, 256))
+        torch.library.opcheck(torch.ops.qlora.adamw_step_32bit_multi.default,
+                              (ps, gs, *[list(x) for x in zip(*s32)], *hyper))
+
+
+def test_params_joining_late_keep_their_own_step_count():
+    """A param whose first gradient comes at step 3 starts its bias correction at 1, as torch's."""
+    a0, b0 = torch.randn(30), torch.randn(40)
+    runs = {}
+    for cls in (torch.optim.AdamW, PagedAdamW):
+        a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+        opt = cls([a, b], lr=1e-2, weight_decay=0.1)
+        for step in range(6):
+            a.grad = torch.sin(a.detach() * (step + 1))
+            b.grad = torch.cos(b.detach() * (step + 1)) if step >= 2 else None
+            with use_backend("reference"):
+                opt.step()
+        runs[cls] = (a, b, opt)
+    a, b, opt = runs[PagedAdamW]
+    ta, tb, topt = runs[torch.optim.AdamW]
+    assert opt.state[a]["step"] == 6 and opt.state[b]["step"] == 4 == int(topt.state[tb]["step"])
+    _relative_close(a, ta, 1e-6, "a")
+    _relative_close(b, tb, 1e-6, "b")
+
+
 # ---------------------------------------------------------------------------------------------
 # 8-bit: training quality and memory
 # ---------------------------------------------------------------------------------------------

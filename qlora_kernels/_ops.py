@@ -184,3 +184,44 @@ def _(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
 @torch.library.register_fake(f"{LIB_NAME}::adamw_step_8bit")
 def _(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, weight_decay, step, blocksize):
     return None
+
+
+# Multi-tensor forms: the same step for a list of parameters of one device (one param group, one
+# step count), so a backend can update many small tensors (LoRA factors) in a few launches.
+#   adamw_step_32bit_multi(p![], g[], m![], v![], lr, beta1, beta2, eps, weight_decay, step) -> ()
+#   adamw_step_8bit_multi(p![], g[], m_q![], m_absmax![], v_q![], v_absmax![], ..., step, blocksize)
+# Spec: the single-tensor op applied to each index in turn.
+
+ADAMW_MULTI_SCHEMAS = {
+    "adamw_step_32bit_multi": f"(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, {_ADAMW_HYPER}) -> ()",
+    "adamw_step_8bit_multi": (
+        "(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m_q, Tensor(c!)[] m_absmax, Tensor(d!)[] v_q, "
+        f"Tensor(e!)[] v_absmax, {_ADAMW_HYPER}, int blocksize) -> ()"
+    ),
+}
+
+
+def _dispatching_list(op: str):
+    def impl(*args):
+        _, fn = get_impl(op, args[0][0].device)
+        return fn(*args)
+
+    impl.__name__ = f"{op}_dispatch"
+    return impl
+
+
+for _name, _schema in ADAMW_MULTI_SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _dispatching_list(_name), "CPU")
+    _lib.impl(_name, _dispatching_list(_name), "CUDA")
+SCHEMAS.update(ADAMW_MULTI_SCHEMAS)
+
+
+@torch.library.register_fake(f"{LIB_NAME}::adamw_step_32bit_multi")
+def _(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    return None
+
+
+@torch.library.register_fake(f"{LIB_NAME}::adamw_step_8bit_multi")
+def _(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, weight_decay, step, blocksize):
+    return None

@@ -5,8 +5,9 @@
 
 torch.optim.Optimizer API (param groups, schedulers changing group["lr"], zero_grad, state_dict /
 load_state_dict), AdamW semantics of torch.optim.AdamW (decoupled weight decay, bias correction).
-The update of one parameter is one fused op, qlora::adamw_step_32bit / adamw_step_8bit (spec:
-reference.adamw_step_*; kernels: backends/triton/adamw.py), chosen per device like every op.
+The update is one fused op per batch of parameters (same group, device and step count):
+qlora::adamw_step_32bit_multi / adamw_step_8bit_multi (spec: reference.adamw_step_*, applied to
+each tensor; kernels: backends/triton/adamw.py), its backend chosen per device like every op.
 
 8-bit: m and v quantized blockwise (256 elements, signed / unsigned dynamic map, fp32 absmax
 per block): 2 + 8/256 bytes of state per element instead of 8. Tensors of fewer than 4096 elements
@@ -433,6 +434,9 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._work()
+        # One multi-tensor op per (param group, device, step count, state kind): a LoRA model's
+        # hundreds of small tensors take a few launches instead of one each.
+        batches: dict[tuple, tuple[dict, list]] = {}
         for group, p, g in work:
             state = self.state[p]
             if not state:
@@ -442,21 +446,30 @@ class PagedAdamW(torch.optim.Optimizer):
             for sb in self._buffers.get(p, ()):
                 if self._can_prefetch(sb):
                     _prefetch(sb.buf, _device_index(p.device))
-            state["step"] += 1
-            self._update(p, g, state, group)
+            key = (id(group), p.device, state["step"] + 1, "exp_avg_q" in state)
+            batches.setdefault(key, (group, []))[1].append((p, g, state))
+        for (_, _, step, eight_bit), (group, items) in batches.items():
+            self._update(items, group, step, eight_bit)
+            for _, _, state in items:
+                state["step"] = step
         return loss
 
-    def _update(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+    def _update(self, items: list, group: dict, step: int, eight_bit: bool) -> None:
         beta1, beta2 = (float(_real(b)) for b in group["betas"])
         hyper = (float(_real(group["lr"])), beta1, beta2, float(_real(group["eps"])),
-                 float(_real(group["weight_decay"])), int(state["step"]))
-        if "exp_avg_q" in state:
-            torch.ops.qlora.adamw_step_8bit(
-                p, g, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"], state["exp_avg_sq_absmax"],
+                 float(_real(group["weight_decay"])), step)
+        ps = [p for p, _, _ in items]
+        gs = [g for _, g, _ in items]
+        if eight_bit:
+            torch.ops.qlora.adamw_step_8bit_multi(
+                ps, gs, *([st[k] for _, _, st in items]
+                          for k in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")),
                 *hyper, ADAMW_8BIT_BLOCKSIZE,
             )
         else:
-            torch.ops.qlora.adamw_step_32bit(p, g, state["exp_avg"], state["exp_avg_sq"], *hyper)
+            torch.ops.qlora.adamw_step_32bit_multi(
+                ps, gs, [st["exp_avg"] for _, _, st in items], [st["exp_avg_sq"] for _, _, st in items], *hyper
+            )
 
     # --- checkpoints ---
 

@@ -64,3 +64,16 @@ IMPLS.update({"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_li
 # --- AdamW steps (issue 5): reference.adamw_step_* mutate their arguments in place ---
 
 IMPLS.update({"adamw_step_32bit": ref.adamw_step_32bit, "adamw_step_8bit": ref.adamw_step_8bit})
+
+
+def adamw_step_32bit_multi(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
+    for p, g, m, v in zip(ps, gs, ms, vs, strict=True):
+        ref.adamw_step_32bit(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+
+def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, beta2, eps, weight_decay, step, blocksize):
+    for args in zip(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, strict=True):
+        ref.adamw_step_8bit(*args, lr, beta1, beta2, eps, weight_decay, step, blocksize)
+
+
+IMPLS.update({"adamw_step_32bit_multi": adamw_step_32bit_multi, "adamw_step_8bit_multi": adamw_step_8bit_multi})

@@ -43,13 +43,11 @@ def _adamw_math(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta
 
 
 @triton.jit
-def _adamw_32bit_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, n,
+def _adamw_32bit_body(
+    p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    BLOCK: tl.constexpr, P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -58,6 +56,18 @@ def _adamw_32bit_kernel(
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     store_cast(p_ptr + offs, p, mask, P_BF16, INTERPRET)
+
+
+@triton.jit
+def _adamw_32bit_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    BLOCK: tl.constexpr, P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _adamw_32bit_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                      decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                      P_BF16, INTERPRET)
 
 
 @triton.jit
@@ -79,13 +89,12 @@ def _requantize_blocks(x, lut_ptr, LUT_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _adamw_8bit_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr, n,
+def _adamw_8bit_body(
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr, n, block,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, LUT_SIZE: tl.constexpr,
-    P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, LUT_SIZE: tl.constexpr, P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+    """Blocks `block` (int64 [BLOCKS_PER_PROG]) of one tensor of n elements."""
     offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     mask = offs < n
     block_ok = block < (n + BLOCKSIZE - 1) // BLOCKSIZE
@@ -108,6 +117,89 @@ def _adamw_8bit_kernel(
     tl.store(vq_ptr + offs, qv, mask=mask)
     tl.store(vabs_ptr + block, av, mask=block_ok)
     store_cast(p_ptr + offs, p, mask, P_BF16, INTERPRET)
+
+
+@triton.jit
+def _adamw_8bit_kernel(
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr, n,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, LUT_SIZE: tl.constexpr,
+    P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+    _adamw_8bit_body(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr,
+                     n, block, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                     BLOCKSIZE, LUT_SIZE, P_BF16, INTERPRET)
+
+
+# --- multi-tensor kernels: one launch for a list of tensors of the same dtypes ---
+#
+# A LoRA model trains hundreds of small tensors; one launch (plus Python dispatch) per tensor costs
+# more than the update. The launcher passes a table of raw addresses (int64) and a chunk map: program
+# c updates chunk c - first[t] of tensor t = chunk_tensor[c], CHUNK_ITERS tiles of the single-tensor
+# kernel's size, with exactly the single-tensor kernel's arithmetic (bit-identical results).
+
+
+@triton.jit
+def _as_ptr(addr, KIND: tl.constexpr):
+    """An int64 address as a pointer to fp32 (KIND 0), bf16 (1), fp16 (2) or uint8 (3)."""
+    if KIND == 0:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    elif KIND == 1:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == 2:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.uint8))
+    return ptr
+
+
+@triton.jit
+def _adamw_32bit_multi_kernel(
+    table_ptr, chunk_tensor_ptr, ntensors,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    BLOCK: tl.constexpr, CHUNK_ITERS: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # table: [p addr | g addr | m addr | v addr | numel | first chunk], ntensors int64 each.
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
+    p_ptr = _as_ptr(tl.load(table_ptr + t), P_KIND)
+    g_ptr = _as_ptr(tl.load(table_ptr + ntensors + t), G_KIND)
+    m_ptr = _as_ptr(tl.load(table_ptr + 2 * ntensors + t), 0)
+    v_ptr = _as_ptr(tl.load(table_ptr + 3 * ntensors + t), 0)
+    n = tl.load(table_ptr + 4 * ntensors + t)
+    start = (c - tl.load(table_ptr + 5 * ntensors + t)) * (BLOCK * CHUNK_ITERS)
+    for i in tl.static_range(CHUNK_ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        _adamw_32bit_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                          decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                          P_KIND == 1, INTERPRET)
+
+
+@triton.jit
+def _adamw_8bit_multi_kernel(
+    table_ptr, chunk_tensor_ptr, ntensors, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, CHUNK_ITERS: tl.constexpr, LUT_SIZE: tl.constexpr,
+    P_KIND: tl.constexpr, G_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # table: [p | g | m_q | m_absmax | v_q | v_absmax addr | numel | first chunk], ntensors each.
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
+    p_ptr = _as_ptr(tl.load(table_ptr + t), P_KIND)
+    g_ptr = _as_ptr(tl.load(table_ptr + ntensors + t), G_KIND)
+    mq_ptr = _as_ptr(tl.load(table_ptr + 2 * ntensors + t), 3)
+    mabs_ptr = _as_ptr(tl.load(table_ptr + 3 * ntensors + t), 0)
+    vq_ptr = _as_ptr(tl.load(table_ptr + 4 * ntensors + t), 3)
+    vabs_ptr = _as_ptr(tl.load(table_ptr + 5 * ntensors + t), 0)
+    n = tl.load(table_ptr + 6 * ntensors + t)
+    first_block = (c - tl.load(table_ptr + 7 * ntensors + t)) * (BLOCKS_PER_PROG * CHUNK_ITERS)
+    for i in tl.static_range(CHUNK_ITERS):
+        block = first_block + i * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+        _adamw_8bit_body(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr,
+                         lut_v_ptr, n, block, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                         bc2_sqrt, eps, BLOCKSIZE, LUT_SIZE, P_KIND == 1, INTERPRET)
 
 
 def _scalar_args(lr, beta1, beta2, eps, weight_decay, step) -> list[float]:
@@ -185,14 +277,138 @@ def adamw_step_8bit(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, w
         )
 
 
-IMPLS = {"adamw_step_32bit": adamw_step_32bit, "adamw_step_8bit": adamw_step_8bit}
+# --- multi-tensor launchers ---
+
+MULTI_CHUNK_ITERS = 4
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_chunk_maps: dict[tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
+_CHUNK_MAP_CACHE = 32
+
+
+def _chunk_map(device: torch.device, chunks: tuple[int, ...]) -> tuple[torch.Tensor, list[int]]:
+    """(chunk -> tensor index, int32 on device; first chunk of each tensor). Cached: an optimizer
+    asks for the same tensor sizes every step."""
+    key = (device, chunks)
+    hit = _chunk_maps.get(key)
+    if hit is None:
+        firsts, total = [], 0
+        for c in chunks:
+            firsts.append(total)
+            total += c
+        owner = torch.repeat_interleave(torch.arange(len(chunks), dtype=torch.int32), torch.tensor(chunks))
+        hit = (owner.to(device), firsts)
+        if len(_chunk_maps) >= _CHUNK_MAP_CACHE:
+            _chunk_maps.pop(next(iter(_chunk_maps)))
+        _chunk_maps[key] = hit
+    return hit
+
+
+def _group(ps, gs, checks) -> tuple[list[int], dict[tuple[torch.dtype, torch.dtype], list[int]]]:
+    """Check every tensor, then split the indices into single launches (a non-contiguous param)
+    and groups of equal (param dtype, grad dtype)."""
+    device = ps[0].device
+    singles, groups = [], {}
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        _check(p, g, checks(i))
+        if p.device != device or g.device != device:
+            raise ValueError(f"multi-tensor AdamW step: tensors on {p.device} / {g.device} and {device}")
+        if p.numel() == 0:
+            continue
+        if not p.is_contiguous():
+            singles.append(i)
+        else:
+            groups.setdefault((p.dtype, g.dtype), []).append(i)
+    return singles, groups
+
+
+def _check_lengths(*lists) -> None:
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(f"multi-tensor AdamW step: list lengths differ: {[len(x) for x in lists]}")
+
+
+def adamw_step_32bit_multi(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    _check_lengths(ps, gs, ms, vs)
+    if not ps:
+        return
+    singles, groups = _group(
+        ps, gs, lambda i: {"m": (ms[i], torch.float32, ps[i].numel()), "v": (vs[i], torch.float32, ps[i].numel())}
+    )
+    for i in singles:
+        adamw_step_32bit(ps[i], gs[i], ms[i], vs[i], lr, beta1, beta2, eps, weight_decay, step)
+    scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, step)
+    elems = BLOCK_32BIT * MULTI_CHUNK_ITERS
+    device = ps[0].device
+    for (pdt, gdt), idx in groups.items():
+        grads = [gs[i].contiguous() for i in idx]  # kept alive until the launch is queued
+        numels = [ps[i].numel() for i in idx]
+        chunk_owner, firsts = _chunk_map(device, tuple(triton.cdiv(n, elems) for n in numels))
+        table = torch.tensor(
+            [ps[i].data_ptr() for i in idx] + [g.data_ptr() for g in grads] + [ms[i].data_ptr() for i in idx]
+            + [vs[i].data_ptr() for i in idx] + numels + firsts,
+            dtype=torch.int64,
+        ).to(device)
+        _adamw_32bit_multi_kernel[(chunk_owner.numel(),)](
+            table, chunk_owner, len(idx), *scalars,
+            BLOCK=BLOCK_32BIT, CHUNK_ITERS=MULTI_CHUNK_ITERS, P_KIND=_KIND[pdt], G_KIND=_KIND[gdt],
+            INTERPRET=interpreting(), num_warps=WARPS, enable_fp_fusion=False,
+        )
+
+
+def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, beta2, eps, weight_decay, step,
+                          blocksize) -> None:
+    _check_lengths(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs)
+    if not ps:
+        return
+    if isinstance(blocksize, bool) or blocksize < 16 or blocksize & (blocksize - 1):
+        raise ValueError(f"the Triton 8-bit AdamW step needs a power-of-two blocksize >= 16, got {blocksize}")
+
+    def checks(i):
+        n = ps[i].numel()
+        nb = num_blocks(n, blocksize)
+        return {"m_q": (m_qs[i], torch.uint8, n), "m_absmax": (m_absmaxs[i], torch.float32, nb),
+                "v_q": (v_qs[i], torch.uint8, n), "v_absmax": (v_absmaxs[i], torch.float32, nb)}
+
+    singles, groups = _group(ps, gs, checks)
+    for i in singles:
+        adamw_step_8bit(ps[i], gs[i], m_qs[i], m_absmaxs[i], v_qs[i], v_absmaxs[i],
+                        lr, beta1, beta2, eps, weight_decay, step, blocksize)
+    device = ps[0].device
+    code_m, code_v = get_code("dynamic", device), get_code("dynamic_unsigned", device)
+    scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, step)
+    bpp = _blocks_per_program(blocksize)
+    blocks_per_chunk = bpp * MULTI_CHUNK_ITERS
+    for (pdt, gdt), idx in groups.items():
+        grads = [gs[i].contiguous() for i in idx]
+        numels = [ps[i].numel() for i in idx]
+        chunks = tuple(triton.cdiv(num_blocks(n, blocksize), blocks_per_chunk) for n in numels)
+        chunk_owner, firsts = _chunk_map(device, chunks)
+        table = torch.tensor(
+            [ps[i].data_ptr() for i in idx] + [g.data_ptr() for g in grads]
+            + [m_qs[i].data_ptr() for i in idx] + [m_absmaxs[i].data_ptr() for i in idx]
+            + [v_qs[i].data_ptr() for i in idx] + [v_absmaxs[i].data_ptr() for i in idx] + numels + firsts,
+            dtype=torch.int64,
+        ).to(device)
+        _adamw_8bit_multi_kernel[(chunk_owner.numel(),)](
+            table, chunk_owner, len(idx), code_m, code_v, _lut_for(code_m), _lut_for(code_v), *scalars,
+            BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, CHUNK_ITERS=MULTI_CHUNK_ITERS, LUT_SIZE=DYNAMIC_LUT_SIZE,
+            P_KIND=_KIND[pdt], G_KIND=_KIND[gdt], INTERPRET=interpreting(), num_warps=WARPS, enable_fp_fusion=False,
+        )
+
+
+IMPLS = {
+    "adamw_step_32bit": adamw_step_32bit,
+    "adamw_step_8bit": adamw_step_8bit,
+    "adamw_step_32bit_multi": adamw_step_32bit_multi,
+    "adamw_step_8bit_multi": adamw_step_8bit_multi,
+}
 
 _TNAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _SCALAR_NAMES = ("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps")
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every (param dtype, grad dtype) pair the optimizers launch; 8-bit at blocksize 256 only."""
+    """Every (param dtype, grad dtype) pair the optimizers launch, single- and multi-tensor; 8-bit
+    at blocksize 256 only."""
     specs = []
     scalars = {k: "fp32" for k in _SCALAR_NAMES}
     for pdt in FLOAT_DTYPES:
@@ -212,6 +428,24 @@ def compile_specs() -> list[KernelSpec]:
                            "lut_m_ptr": "*u8", "lut_v_ptr": "*u8", "n": "i32", **scalars},
                 constexprs={"BLOCKSIZE": ADAMW_8BIT_BLOCKSIZE, "BLOCKS_PER_PROG": _blocks_per_program(ADAMW_8BIT_BLOCKSIZE),
                             "LUT_SIZE": DYNAMIC_LUT_SIZE, "P_BF16": pdt == torch.bfloat16, "INTERPRET": False},
+                num_warps=WARPS, exact_fp32=True,
+            ))
+    for pdt in FLOAT_DTYPES:
+        for gdt in FLOAT_DTYPES:
+            table = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", "ntensors": "i32"}
+            kinds = {"P_KIND": _KIND[pdt], "G_KIND": _KIND[gdt]}
+            specs.append(KernelSpec(
+                name="adamw_step_32bit_multi", fn=_adamw_32bit_multi_kernel,
+                signature={**table, **scalars},
+                constexprs={"BLOCK": BLOCK_32BIT, "CHUNK_ITERS": MULTI_CHUNK_ITERS, **kinds, "INTERPRET": False},
+                num_warps=WARPS, exact_fp32=True,
+            ))
+            specs.append(KernelSpec(
+                name="adamw_step_8bit_multi", fn=_adamw_8bit_multi_kernel,
+                signature={**table, "code_m_ptr": "*fp32", "code_v_ptr": "*fp32", "lut_m_ptr": "*u8",
+                           "lut_v_ptr": "*u8", **scalars},
+                constexprs={"BLOCKSIZE": ADAMW_8BIT_BLOCKSIZE, "BLOCKS_PER_PROG": _blocks_per_program(ADAMW_8BIT_BLOCKSIZE),
+                            "CHUNK_ITERS": MULTI_CHUNK_ITERS, "LUT_SIZE": DYNAMIC_LUT_SIZE, **kinds, "INTERPRET": False},
                 num_warps=WARPS, exact_fp32=True,
             ))
     return specs
