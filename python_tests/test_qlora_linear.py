@@ -265,7 +265,7 @@ def _op_args(inp: Inputs):
          list(s.shape))
     fwd = (inp.x.reshape(-1, k), None, *w, inp.A, inp.B, inp.scale, inp.bias)
     t = (inp.x.reshape(-1, k).float() @ inp.A.float().t()).contiguous()
-    bwd = (inp.grad_y.reshape(-1, inp.grad_y.shape[-1]), inp.x.reshape(-1, k), t, *w, inp.A, inp.B, inp.scale, True)
+    bwd = (inp.grad_y.reshape(-1, inp.grad_y.shape[-1]), inp.x.reshape(-1, k), t, *w, inp.A, inp.B, inp.scale, True, True)
     return fwd, bwd
 
 
@@ -278,6 +278,7 @@ def test_opcheck(backend):
     with use_backend(backend):
         torch.library.opcheck(torch.ops.qlora.qlora_linear_fwd.default, fwd)
         torch.library.opcheck(torch.ops.qlora.qlora_linear_bwd.default, bwd)
+        torch.library.opcheck(torch.ops.qlora.qlora_linear_bwd.default, bwd[:-2] + (False, True))
 
 
 class _TinyQLoRALinear(torch.nn.Module):
@@ -429,3 +430,21 @@ def test_gpu_tile_configs(cfg_name, poisoned_outputs):
                      cfg=tql.DX_GPU_CONFIGS[cfg_name])
     exact, low = truth(inp), torch_low_precision(inp)
     assert_within_rule([y, dx], low[:2], exact[:2], f"GPU config {cfg_name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_input_without_grad_skips_dx(backend, monkeypatch):
+    """An input that needs no gradient (the first layer's, after frozen embeddings): the dX GEMM is
+    skipped and the LoRA gradients are those of the full backward."""
+    inp = make_inputs(Case((20,), 64, 128, 4))
+    full = run_qlora_linear(inp, backend)
+    calls = []
+    real = tql.dx_gemm
+    monkeypatch.setattr(tql, "dx_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    A = inp.A.detach().requires_grad_()
+    B = inp.B.detach().requires_grad_()
+    with use_backend(backend):
+        qk.qlora_linear(inp.x, inp.packed, inp.state, A, B, inp.scale, inp.bias).backward(inp.grad_y)
+    assert not calls
+    torch.testing.assert_close(A.grad, full[2], rtol=0, atol=0)
+    torch.testing.assert_close(B.grad, full[3], rtol=0, atol=0)

@@ -107,8 +107,10 @@ def op_names() -> tuple[str, ...]:
 #       -> (Y [M, N] of x.dtype, T [M, r] fp32)        T = X_lora @ A^T, X_lora = x when None
 #   qlora_linear_bwd(grad_out [M, N], x_lora [M, K], T [M, r], packed, absmax, nested_absmax?,
 #                    nested_code?, offset?, blocksize, quant_type, shape, lora_A, lora_B, scale,
-#                    lora_dx) -> (dX [M, K] of x_lora.dtype, dA like lora_A, dB like lora_B)
-#       dX = dY @ dequant(W) (+ s * (dY @ B) @ A when lora_dx). dbias is dY summed (autograd.py).
+#                    compute_dx, lora_dx) -> (dX [M, K] of x_lora.dtype, dA like lora_A, dB like lora_B)
+#       dX = dY @ dequant(W) (+ s * (dY @ B) @ A when lora_dx); compute_dx False skips that GEMM
+#       (an input that needs no gradient, e.g. the first layer's) and returns dX as [0, K].
+#       dbias is dY summed (autograd.py).
 # Spec: reference.qlora_linear_forward / qlora_linear_backward. x is 2-D: callers flatten.
 
 _W_ARGS = (
@@ -122,7 +124,7 @@ QLORA_LINEAR_SCHEMAS = {
     ),
     "qlora_linear_bwd": (
         f"(Tensor grad_out, Tensor x_lora, Tensor t, {_W_ARGS}, Tensor lora_A, Tensor lora_B, float scale, "
-        "bool lora_dx) -> (Tensor, Tensor, Tensor)"
+        "bool compute_dx, bool lora_dx) -> (Tensor, Tensor, Tensor)"
     ),
 }
 
@@ -143,8 +145,8 @@ def _(x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
 
 @torch.library.register_fake(f"{LIB_NAME}::qlora_linear_bwd")
 def _(grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type,
-      shape, lora_A, lora_B, scale, lora_dx):
-    dx = grad_out.new_empty((grad_out.shape[0], shape[1]), dtype=x_lora.dtype)
+      shape, lora_A, lora_B, scale, compute_dx, lora_dx):
+    dx = grad_out.new_empty((grad_out.shape[0] if compute_dx else 0, shape[1]), dtype=x_lora.dtype)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 

@@ -44,9 +44,11 @@ class QLoRALinearFunction(torch.autograd.Function):
         x_l, t, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
         blocksize, quant_type, shape = ctx.w_meta
         s = ctx.scale
+        # No input gradient wanted (e.g. the first layer, fed by frozen embeddings): skip the dX
+        # GEMM, which costs as much as the forward.
         dx, da, db = torch.ops.qlora.qlora_linear_bwd(
             grad_y, x_l, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
-            lora_A, lora_B, s, not ctx.separate_lora_input,
+            lora_A, lora_B, s, ctx.needs_input_grad[0], not ctx.separate_lora_input,
         )
         dx_lora = None
         if ctx.separate_lora_input and ctx.needs_input_grad[1]:

@@ -51,10 +51,12 @@ def qlora_linear_fwd(
 
 def qlora_linear_bwd(
     grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
-    lora_A, lora_B, scale, lora_dx,
+    lora_A, lora_B, scale, compute_dx, lora_dx,
 ):
     w = ref.dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape)
     dx, da, db, _ = ref.qlora_linear_backward(grad_out, x_lora, t, w, lora_A, lora_B, scale, lora_dx, torch.float32)
+    if not compute_dx:
+        dx = dx[:0]
     return dx.to(x_lora.dtype), da.to(lora_A.dtype), db.to(lora_B.dtype)
 
 

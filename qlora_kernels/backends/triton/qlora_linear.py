@@ -466,7 +466,7 @@ def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg:
 
 def qlora_linear_bwd(
     grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
-    lora_A, lora_B, scale, lora_dx,
+    lora_A, lora_B, scale, compute_dx, lora_dx,
 ):
     _check_inputs(x_lora, lora_A, lora_B, shape)
     if grad_out.shape[0] == 0:
@@ -474,7 +474,10 @@ def qlora_linear_bwd(
     ldt = lora_A.dtype
     u = lora_down(grad_out, lora_B, _KIND_OF[ldt])  # U = dY @ B, fp32 [M, r]
     args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
-    dx = dx_gemm(grad_out, u if lora_dx else None, args, blocksize, shape, lora_A, scale, x_lora.dtype)
+    if compute_dx:
+        dx = dx_gemm(grad_out, u if lora_dx else None, args, blocksize, shape, lora_A, scale, x_lora.dtype)
+    else:
+        dx = x_lora.new_empty((0, int(shape[1])))
     # The LoRA weight gradients in the LoRA dtype (fp32 accumulation inside the matmul), scaled
     # in fp32 before the one rounding to that dtype.
     da = torch.matmul((u * scale).t().to(ldt), x_lora.to(ldt))
