@@ -91,6 +91,9 @@ def make_inputs(case: Case, device: str = DEVICE) -> Inputs:
     A = (torch.randn(case.r, case.K, device=device) / math.sqrt(case.K)).to(case.ldt)
     B = (torch.randn(case.N, case.r, device=device) * 0.1).to(case.ldt)
     bias = (torch.randn(case.N, device=device) * 0.1).to(case.xdt) if case.bias else None
+    if case.sliced:  # strided LoRA factors and bias too (views of wider tensors)
+        A, B = A.t().contiguous().t(), B.t().contiguous().t()  # column-major
+        bias = torch.stack([bias, bias], dim=1)[:, 0] if bias is not None else None
     grad_y = torch.randn(*case.lead, case.N, device=device).to(case.xdt)
     return Inputs(x, packed, state, A, B, bias, 2.0 / math.sqrt(case.r), grad_y)
 

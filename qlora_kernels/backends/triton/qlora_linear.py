@@ -370,9 +370,9 @@ def weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type):
     nested = nested_absmax is not None
     return (
         packed.reshape(-1).view(torch.uint8),
-        absmax,
-        nested_absmax if nested else code,
-        nested_code if nested else code,
+        absmax.contiguous(),
+        nested_absmax.contiguous() if nested else code,
+        nested_code.float().contiguous() if nested else code,
         offset.reshape(1).float() if nested else code,
         code,
     )
@@ -427,6 +427,7 @@ def qlora_linear_fwd(
     lora_A, lora_B, scale, bias,
 ):
     _check_inputs(x, lora_A, lora_B, shape)
+    bias = bias.contiguous() if bias is not None else None  # the kernels index bias densely
     if x.shape[0] == 0:  # a grid of zero programs is not launchable
         return x.new_empty((0, int(shape[0]))), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32)
     lkind = _KIND_OF[lora_A.dtype]
