@@ -55,6 +55,7 @@ STATE_DICT_VERSION = 1
 # Byte alignment of each state tensor inside a parameter's buffer (vectorised loads, and the
 # 4-byte element alignment that viewing bytes as fp32 needs).
 _ALIGN = 64
+_FLOAT_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 # ---------------------------------------------------------------------------------------------
 # Unified memory: capability checks, the managed pool, prefetch
@@ -275,11 +276,12 @@ def _step_count(step: Any) -> Optional[int]:
 
 
 class _StateBuffer:
-    __slots__ = ("buf", "managed")
+    __slots__ = ("buf", "managed", "prefetch")
 
     def __init__(self, buf: torch.Tensor, managed: bool):
         self.buf = buf
         self.managed = managed
+        self.prefetch = managed and managed_memory_support(buf.device)[1]
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -384,16 +386,13 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # --- paging ---
 
-    def _can_prefetch(self, sb: _StateBuffer) -> bool:
-        return sb.managed and managed_memory_support(sb.buf.device)[1]
-
     def _all_buffers(self) -> list[_StateBuffer]:
         return [sb for bufs in self._buffers.values() for sb in bufs]
 
     def prefetch(self) -> None:
         """Migrate every managed state buffer to its GPU, ordered on the current stream."""
         for sb in self._all_buffers():
-            if self._can_prefetch(sb):
+            if sb.prefetch:
                 _prefetch(sb.buf, _device_index(sb.buf.device))
 
     def page_out(self) -> None:
@@ -401,7 +400,7 @@ class PagedAdamW(torch.optim.Optimizer):
         step, which prefetches them back). Ordered on the current stream; a no-op for states in
         ordinary memory or on devices without concurrent managed access."""
         for sb in self._all_buffers():
-            if self._can_prefetch(sb):
+            if sb.prefetch:
                 _prefetch(sb.buf, _HOST)
 
     def state_bytes(self) -> int:
@@ -417,14 +416,20 @@ class PagedAdamW(torch.optim.Optimizer):
     def _work(self) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
         """(group, param, grad) of every parameter to update, after checking everything."""
         work = []
+        strided = torch.strided
         for i, group in enumerate(self.param_groups):
             _check_hyper(group, f"param group {i}: ")
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                _check_param(p, f"param group {i}: ")
-                _check_grad(p, p.grad, f"param group {i}: ")
-                work.append((group, p, p.grad))
+                # The common case in few attribute reads (a LoRA model steps hundreds of tensors);
+                # anything off gets the full checks and their messages.
+                if not (p.dtype in _FLOAT_DTYPES and g.dtype in _FLOAT_DTYPES and g.layout == strided
+                        and p.layout == strided and g.shape == p.shape and g.device == p.device):
+                    _check_param(p, f"param group {i}: ")
+                    _check_grad(p, g, f"param group {i}: ")
+                work.append((group, p, g))
         return work
 
     @torch.no_grad()
@@ -444,7 +449,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 state.update(new_state)
                 self._buffers[p] = bufs
             for sb in self._buffers.get(p, ()):
-                if self._can_prefetch(sb):
+                if sb.prefetch:
                     _prefetch(sb.buf, _device_index(p.device))
             key = (id(group), p.device, state["step"] + 1, "exp_avg_q" in state)
             batches.setdefault(key, (group, []))[1].append((p, g, state))
