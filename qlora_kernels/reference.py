@@ -11,6 +11,7 @@ Shapes use n = numel of the weight, B = blocksize, nb = ceil(n / B).
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 import torch
@@ -313,7 +314,10 @@ ADAMW_8BIT_MIN_NUMEL = 4096
 
 def _fp32(x: float) -> float:
     """The float32 nearest to x (round to nearest even), as a Python float."""
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
+    try:
+        return struct.unpack("f", struct.pack("f", float(x)))[0]
+    except OverflowError:  # beyond float32's range: what a float32 cast gives
+        return math.copysign(math.inf, x)
 
 
 def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict[str, float]:

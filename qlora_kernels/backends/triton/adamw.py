@@ -30,6 +30,7 @@ BLOCK_32BIT = 1024
 ELEMS_PER_PROG_8BIT = 1024
 WARPS = 4
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 
 
 @triton.jit
@@ -202,6 +203,11 @@ def _adamw_8bit_multi_kernel(
                          bc2_sqrt, eps, BLOCKSIZE, LUT_SIZE, P_KIND == 1, INTERPRET)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: that is a JIT function, and calling it from Python costs ~20 us.
+    return -(-a // b)
+
+
 def _scalar_args(lr, beta1, beta2, eps, weight_decay, step) -> list[float]:
     s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
     return [s["decay"], s["beta1"], s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"],
@@ -243,7 +249,7 @@ def adamw_step_32bit(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> N
         return
     scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, step)
     with _ContiguousParam(p) as pc:
-        _adamw_32bit_kernel[(triton.cdiv(n, BLOCK_32BIT),)](
+        _adamw_32bit_kernel[(_cdiv(n, BLOCK_32BIT),)](
             pc, g.contiguous(), m, v, n, *scalars,
             BLOCK=BLOCK_32BIT, P_BF16=p.dtype == torch.bfloat16, INTERPRET=interpreting(),
             num_warps=WARPS, enable_fp_fusion=False,
@@ -268,7 +274,7 @@ def adamw_step_8bit(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, w
     scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, step)
     bpp = _blocks_per_program(blocksize)
     with _ContiguousParam(p) as pc:
-        _adamw_8bit_kernel[(triton.cdiv(nb, bpp),)](
+        _adamw_8bit_kernel[(_cdiv(nb, bpp),)](
             pc, g.contiguous(), m_q, m_absmax, v_q, v_absmax, code_m, code_v, _lut_for(code_m), _lut_for(code_v), n,
             *scalars,
             BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, LUT_SIZE=DYNAMIC_LUT_SIZE,
@@ -303,16 +309,28 @@ def _chunk_map(device: torch.device, chunks: tuple[int, ...]) -> tuple[torch.Ten
     return hit
 
 
-def _group(ps, gs, checks) -> tuple[list[int], dict[tuple[torch.dtype, torch.dtype], list[int]]]:
+def _group(ps, gs, states, state_dtypes, blocksize=None):
     """Check every tensor, then split the indices into single launches (a non-contiguous param)
-    and groups of equal (param dtype, grad dtype)."""
-    device = ps[0].device
+    and groups of equal (param dtype, grad dtype). states: lists parallel to ps; state_dtypes: the
+    dtype of each list; a list of dtype fp32 with blocksize set holds per-block absmax."""
+    dev = ps[0].get_device()
     singles, groups = [], {}
     for i, (p, g) in enumerate(zip(ps, gs)):
-        _check(p, g, checks(i))
-        if p.device != device or g.device != device:
-            raise ValueError(f"multi-tensor AdamW step: tensors on {p.device} / {g.device} and {device}")
-        if p.numel() == 0:
+        n = p.numel()
+        nb = num_blocks(n, blocksize) if blocksize else n
+        sts = [lst[i] for lst in states]
+        # A few attribute reads per tensor (hundreds of tensors a step); _check has the messages.
+        ok = (p.dtype in _FLOAT_SET and g.dtype in _FLOAT_SET and g.shape == p.shape
+              and p.get_device() == dev and g.get_device() == dev)
+        for t, dtype in zip(sts, state_dtypes):
+            ok = ok and t.dtype == dtype and t.is_contiguous() and t.get_device() == dev and t.numel() == (
+                nb if (blocksize and dtype == torch.float32) else n)
+        if not ok:
+            names = ("m_q", "m_absmax", "v_q", "v_absmax") if blocksize else ("m", "v")
+            _check(p, g, {name: (t, dtype, nb if (blocksize and dtype == torch.float32) else n)
+                          for name, t, dtype in zip(names, sts, state_dtypes)})
+            raise ValueError(f"multi-tensor AdamW step: tensor {i} is on another device than tensor 0 ({ps[0].device})")
+        if n == 0:
             continue
         if not p.is_contiguous():
             singles.append(i)
@@ -330,9 +348,7 @@ def adamw_step_32bit_multi(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, 
     _check_lengths(ps, gs, ms, vs)
     if not ps:
         return
-    singles, groups = _group(
-        ps, gs, lambda i: {"m": (ms[i], torch.float32, ps[i].numel()), "v": (vs[i], torch.float32, ps[i].numel())}
-    )
+    singles, groups = _group(ps, gs, (ms, vs), (torch.float32, torch.float32))
     for i in singles:
         adamw_step_32bit(ps[i], gs[i], ms[i], vs[i], lr, beta1, beta2, eps, weight_decay, step)
     scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, step)
@@ -341,7 +357,7 @@ def adamw_step_32bit_multi(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, 
     for (pdt, gdt), idx in groups.items():
         grads = [gs[i].contiguous() for i in idx]  # kept alive until the launch is queued
         numels = [ps[i].numel() for i in idx]
-        chunk_owner, firsts = _chunk_map(device, tuple(triton.cdiv(n, elems) for n in numels))
+        chunk_owner, firsts = _chunk_map(device, tuple(_cdiv(n, elems) for n in numels))
         table = torch.tensor(
             [ps[i].data_ptr() for i in idx] + [g.data_ptr() for g in grads] + [ms[i].data_ptr() for i in idx]
             + [vs[i].data_ptr() for i in idx] + numels + firsts,
@@ -362,13 +378,8 @@ def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, b
     if isinstance(blocksize, bool) or blocksize < 16 or blocksize & (blocksize - 1):
         raise ValueError(f"the Triton 8-bit AdamW step needs a power-of-two blocksize >= 16, got {blocksize}")
 
-    def checks(i):
-        n = ps[i].numel()
-        nb = num_blocks(n, blocksize)
-        return {"m_q": (m_qs[i], torch.uint8, n), "m_absmax": (m_absmaxs[i], torch.float32, nb),
-                "v_q": (v_qs[i], torch.uint8, n), "v_absmax": (v_absmaxs[i], torch.float32, nb)}
-
-    singles, groups = _group(ps, gs, checks)
+    singles, groups = _group(ps, gs, (m_qs, m_absmaxs, v_qs, v_absmaxs),
+                             (torch.uint8, torch.float32, torch.uint8, torch.float32), blocksize)
     for i in singles:
         adamw_step_8bit(ps[i], gs[i], m_qs[i], m_absmaxs[i], v_qs[i], v_absmaxs[i],
                         lr, beta1, beta2, eps, weight_decay, step, blocksize)
@@ -380,7 +391,7 @@ def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, b
     for (pdt, gdt), idx in groups.items():
         grads = [gs[i].contiguous() for i in idx]
         numels = [ps[i].numel() for i in idx]
-        chunks = tuple(triton.cdiv(num_blocks(n, blocksize), blocks_per_chunk) for n in numels)
+        chunks = tuple(_cdiv(num_blocks(n, blocksize), blocks_per_chunk) for n in numels)
         chunk_owner, firsts = _chunk_map(device, chunks)
         table = torch.tensor(
             [ps[i].data_ptr() for i in idx] + [g.data_ptr() for g in grads]
