@@ -17,6 +17,7 @@ Atomics make the low bits of a split-K result depend on the order programs finis
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -106,10 +107,15 @@ PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def pick_split_k(n: int, k: int, cfg: SmallMConfig, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     n_tiles = triton.cdiv(n, cfg.BN)
     want = triton.cdiv(PROGRAMS_PER_SM * sms, n_tiles)
     k_tiles = triton.cdiv(k, cfg.BK)
@@ -182,6 +188,6 @@ def compile_specs() -> list[KernelSpec]:
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": True, "HAS_BIAS": True,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt],
                         "Y_BF16": split == 1 and xdt == torch.bfloat16, "INTERPRET": False},
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, exact_fp32=True,
         ))
     return specs
