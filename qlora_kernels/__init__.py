@@ -21,6 +21,13 @@ __all__ = [
     "use_backend",
 ]
 
+# --- modules and files (issue 4) ---
+from .nn import QLoRALinear, memory_report, replace_linear  # noqa: E402
+from .io import load_adapter, load_quantized, save_adapter, save_quantized  # noqa: E402
+
+__all__ += ["QLoRALinear", "load_adapter", "load_quantized", "memory_report", "replace_linear", "save_adapter",
+            "save_quantized"]
+
 # --- paged AdamW (issue 5) ---
 from .optim import PagedAdamW, PagedAdamW8bit  # noqa: E402
 

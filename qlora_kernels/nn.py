@@ -1,0 +1,576 @@
+"""QLoRALinear (an nn.Linear replacement with a frozen 4-bit base), replace_linear, memory_report.
+
+A QLoRALinear holds W [out, in] only in its quantized form: packed nibbles and (double-quantized)
+scales, as buffers, so state_dict(), to(), cuda() and load_state_dict() handle them like any other
+module state. A QuantState is rebuilt from the buffers on each use (cheap: no data moves). The code
+tables are constants (formats.get_code) rather than per-layer buffers: 1 KB per layer of data that
+never differs would skew bits/param on small layers; io.py writes them out where bitsandbytes'
+checkpoint format expects them.
+
+Forward: y = x @ dequant(W)^T + (lora_alpha / r) * dropout(x) @ A^T @ B^T (+ bias), one call of
+functional.qlora_linear (the fused op; nothing here dequantizes W for the forward or backward).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from .formats import QuantState, check_blocksize, check_quant_type, get_code, num_blocks
+from .functional import dequantize_4bit, qlora_linear, quantize_4bit
+
+logger = logging.getLogger("qlora_kernels")
+
+# Buffers that hold the quantized weight; their dtypes are part of the format and must survive
+# module.to(dtype) / .half() (see QLoRALinear._apply).
+_QUANT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "offset")
+
+
+class QuantizedWeight(torch.Tensor):
+    """What `QLoRALinear.weight` returns: a storage-less tensor that reports the shape
+    [out, in], the compute dtype, the device and requires_grad=False of the weight an nn.Linear
+    would have, so code that inspects `module.weight` (Hugging Face reads .dtype/.device) works
+    without a dequantization. Any real use (an op taking it as an argument, e.g. F.linear or
+    .float()) dequantizes afresh for that op; nothing is cached.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, packed: torch.Tensor, state: QuantState, dtype: torch.dtype):
+        t = torch.Tensor._make_wrapper_subclass(
+            cls, tuple(state.shape), dtype=dtype, device=packed.device, requires_grad=False
+        )
+        t._packed = packed
+        t._state = state
+        return t
+
+    def __init__(self, packed, state, dtype):
+        pass
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The dequantized weight as a plain tensor of this stand-in's dtype (a new copy)."""
+        return dequantize_4bit(self._packed, self._state, self.dtype)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        s = self._state
+        return (
+            f"QuantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+            f"{s.quant_type} blocksize={s.blocksize} double_quant={s.nested}; dequantized on use)"
+        )
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            return t.dequantize_weight() if isinstance(t, QuantizedWeight) else t
+
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+
+@dataclass
+class RequantizationError:
+    """What re-quantizing a merged weight W' = W + s*B@A added: dequant(quant(W')) - W'."""
+
+    max_abs: float
+    rms: float
+    rel_rms: float  # rms / rms(W')
+    lora_delta_rms: float  # rms of s*B@A, for scale: the change the merge was meant to carry
+
+    def __str__(self) -> str:
+        return (
+            f"re-quantization error: max |err| {self.max_abs:.3e}, rms {self.rms:.3e} "
+            f"({100 * self.rel_rms:.2f}% of rms(W')); rms of the merged LoRA delta {self.lora_delta_rms:.3e}"
+        )
+
+
+class QLoRALinear(nn.Module):
+    """y = x @ dequant(W)^T + (lora_alpha / r) * dropout(x) @ lora_A^T @ lora_B^T (+ bias).
+
+    W [out, in] is frozen in 4 bits (NF4 or FP4, blockwise absmax, optionally double-quantized);
+    lora_A [r, in] (kaiming-uniform, a=sqrt(5), as the LoRA paper / PEFT) and lora_B [out, r]
+    (zeros, so a fresh layer equals the dequantized base) are the trainable parameters, kept in
+    `lora_dtype` (fp32 by default, as PEFT keeps adapters, for stable optimizer updates). The bias
+    trains only with train_bias=True (BitFit). x is cast to `compute_dtype`; the output is in
+    `compute_dtype`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_type: str = "nf4",
+        compute_dtype: torch.dtype = torch.bfloat16,
+        quant_storage: torch.dtype = torch.uint8,
+        device: Optional[Union[torch.device, str]] = None,
+        train_bias: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+        *,
+        _weight: Optional[torch.Tensor] = None,
+        _bias: Optional[torch.Tensor] = None,
+        _quantized: Optional[tuple[torch.Tensor, QuantState]] = None,
+    ):
+        super().__init__()
+        for what, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{what} must be a positive int, got {v!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        check_blocksize(blocksize)
+        check_quant_type(quant_type)
+        for what, dt in (("compute_dtype", compute_dtype), ("lora_dtype", lora_dtype)):
+            if dt not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"{what} must be float32, bfloat16 or float16, got {dt}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.blocksize = blocksize
+        self.double_quant = bool(double_quant)
+        self.quant_type = quant_type
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+        self.train_bias = bool(train_bias)
+
+        if _quantized is not None:
+            packed, state = _quantized
+            self.weight_dtype = state.dtype
+        else:
+            if _weight is None:
+                # The base an nn.Linear of this size would start from; only its quantized form is kept.
+                _weight = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
+                nn.init.kaiming_uniform_(_weight, a=math.sqrt(5))
+            elif tuple(_weight.shape) != (out_features, in_features):
+                raise ValueError(
+                    f"weight has shape {tuple(_weight.shape)}, expected ({out_features}, {in_features})"
+                )
+            w = _weight.detach()
+            if device is not None:
+                w = w.to(device)
+            self.weight_dtype = w.dtype  # the quant state's dtype (bitsandbytes records it too)
+            packed, state = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize,
+                                          double_quant=double_quant, quant_storage=quant_storage)
+        self._set_quantized(packed, state)
+        dev = packed.device
+
+        if bias:
+            if _bias is None:
+                bound = 1.0 / math.sqrt(in_features)
+                b = torch.empty(out_features, device=dev).uniform_(-bound, bound).to(compute_dtype)
+            else:
+                b = _bias.detach().to(dev).clone()
+            self.bias = nn.Parameter(b, requires_grad=self.train_bias)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
+        self.reset_lora_parameters()
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QLoRALinear":
+        """Quantize `linear`'s weight (on its device, from its dtype) into a new QLoRALinear.
+
+        kwargs: any constructor argument but in/out features and bias. The bias is copied as it is.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or tuple(w.shape) != (
+            linear.out_features, linear.in_features
+        ):
+            raise TypeError(
+                f"{type(linear).__name__} does not hold a plain float weight of shape "
+                f"({linear.out_features}, {linear.in_features}) (already quantized?)"
+            )
+        for k in ("in_features", "out_features", "bias", "_weight", "_bias"):
+            if k in kwargs:
+                raise TypeError(f"from_linear takes {k} from the linear layer, not as an argument")
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                   _weight=w.data, _bias=None if linear.bias is None else linear.bias.data, **kwargs)
+
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
+                       **kwargs) -> "QLoRALinear":
+        """A QLoRALinear around an already-quantized weight (e.g. from a bitsandbytes checkpoint).
+
+        The format settings (blocksize, quant_type, double quantization, storage dtype) come from
+        `state` and `packed`; kwargs: the other constructor arguments (r, lora_alpha, ...).
+        """
+        state.validate(packed)
+        if len(state.shape) != 2:
+            raise ValueError(f"a linear weight is 2-D; the quant state has shape {tuple(state.shape)}")
+        for k in ("blocksize", "quant_type", "double_quant", "quant_storage", "device"):
+            kwargs.pop(k, None)
+        out_f, in_f = (int(s) for s in state.shape)
+        return cls(in_f, out_f, bias=bias is not None, blocksize=state.blocksize, quant_type=state.quant_type,
+                   double_quant=state.nested, quant_storage=packed.dtype, device=packed.device,
+                   _bias=bias, _quantized=(packed, state), **kwargs)
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        self.register_buffer("packed_weight", packed)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("nested_absmax", state.nested_absmax if state.nested else None)
+        self.register_buffer("offset", state.offset.reshape(()) if state.nested else None)
+        self.blocksize = state.blocksize
+        self.quant_type = state.quant_type
+        self.double_quant = state.nested
+        self.quant_storage = packed.dtype
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform (a=sqrt(5)), B zeros: the adapter starts as the identity update."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    # --- the quantized weight ---------------------------------------------------------------
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The QuantState of W, rebuilt from the buffers (shares their storage)."""
+        dev = self.packed_weight.device
+        nested = self.nested_absmax is not None
+        return QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            code=get_code(self.quant_type, dev),
+            offset=self.offset if nested else None,
+            nested_absmax=self.nested_absmax if nested else None,
+            nested_code=get_code("dynamic", dev) if nested else None,
+        )
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        """A stand-in answering shape/dtype/device/requires_grad like nn.Linear.weight; see QuantizedWeight."""
+        return QuantizedWeight(self.packed_weight, self.quant_state, self.compute_dtype)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """dequant(W) [out, in] in `dtype` (default compute dtype): a new tensor, not kept."""
+        return dequantize_4bit(self.packed_weight, self.quant_state, dtype or self.compute_dtype)
+
+    def quantized_nbytes(self) -> int:
+        """Bytes of the quantized weight: packed nibbles + scales (the shared code tables excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed_weight, self.absmax, self.nested_absmax,
+                                                          self.offset) if t is not None)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) / .half() would cast fp32 scales (lossy) or a float quant_storage (which
+        # only reinterprets bytes). Let them move devices but keep their dtypes; the compute dtype
+        # follows a floating cast as nn.Linear's weight would.
+        before = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed_weight.device))
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return self
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(cd)
+        return qlora_linear(
+            x.to(cd), self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scale,
+            bias=bias, dropout=self.lora_dropout, training=self.training,
+        )
+
+    # --- merge --------------------------------------------------------------------------------
+
+    def _merged_weight_fp32(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def merge(self) -> nn.Linear:
+        """An nn.Linear with W + s * B @ A (summed in fp32, rounded once to the compute dtype)."""
+        dev = self.packed_weight.device
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev,
+                        dtype=self.compute_dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self._merged_weight_fp32())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def merge_and_requantize(self) -> "QLoRALinear":
+        """A new QLoRALinear whose base is W + s * B @ A re-quantized (fresh adapter, same settings).
+
+        The error re-quantization adds is on the result's `requantization_error`
+        (RequantizationError) and logged.
+        """
+        merged = self._merged_weight_fp32()
+        with torch.no_grad():
+            delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
+        new = QLoRALinear(
+            self.in_features, self.out_features, bias=self.bias is not None, r=self.r,
+            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, blocksize=self.blocksize,
+            double_quant=self.double_quant, quant_type=self.quant_type, compute_dtype=self.compute_dtype,
+            quant_storage=self.quant_storage, train_bias=self.train_bias, lora_dtype=self.lora_A.dtype,
+            _weight=merged, _bias=None if self.bias is None else self.bias.data,
+        )
+        new.weight_dtype = self.weight_dtype
+        err = new.dequantize(torch.float32) - merged
+        rms = err.pow(2).mean().sqrt().item()
+        new.requantization_error = RequantizationError(
+            max_abs=err.abs().max().item(), rms=rms,
+            rel_rms=rms / max(merged.pow(2).mean().sqrt().item(), 1e-30),
+            lora_delta_rms=delta.pow(2).mean().sqrt().item(),
+        )
+        logger.info("merge_and_requantize: %s", new.requantization_error)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, {self.quant_type}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+
+# --- replace_linear ---------------------------------------------------------------------------
+
+Targets = Union[None, str, Sequence[str]]
+
+
+def _matcher(spec: Targets, what: str):
+    """Name predicate: a str is a regex that must match the whole module name; a list matches a
+    name equal to an entry or ending in "." + entry (PEFT's target_modules rules)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{what} regex {spec!r} does not compile: {e}") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    entries = list(spec)
+    if not all(isinstance(e, str) and e for e in entries):
+        raise TypeError(f"{what} must be None, a regex string or a list of module names, got {spec!r}")
+    return lambda name: any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _tied_linear_names(model: nn.Module) -> set[str]:
+    """Linear modules whose weight another module shares (e.g. a tied lm_head)."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(mname)
+    tied = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and isinstance(getattr(mod, "weight", None), nn.Parameter):
+            if len(set(owners.get(id(mod.weight), []))) > 1:
+                tied.add(mname)
+    return tied
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """requires_grad only on QLoRALinear adapters (and their bias where train_bias)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for mod in model.modules():
+        if isinstance(mod, QLoRALinear):
+            mod.lora_A.requires_grad_(True)
+            mod.lora_B.requires_grad_(True)
+            if mod.bias is not None:
+                mod.bias.requires_grad_(mod.train_bias)
+
+
+@dataclass
+class ReplaceReport:
+    """What replace_linear did (also stored on the model as `qlora_replace_report`)."""
+
+    replaced: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+
+    def __str__(self) -> str:
+        lines = [f"replace_linear: {len(self.replaced)} Linear layer(s) -> QLoRALinear"]
+        lines += [f"  {n}" for n in self.replaced]
+        lines += [f"  skipped {n}: {why}" for n, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def replace_linear(
+    model: nn.Module,
+    target_modules: Targets = None,
+    exclude: Targets = None,
+    verbose: bool = False,
+    **layer_kwargs,
+) -> nn.Module:
+    """Swap matching nn.Linear modules of `model` for QLoRALinear in place; freeze everything else.
+
+    target_modules: None (every nn.Linear, except ones whose weight is tied to another module, such
+    as a tied lm_head), a list of names (a module matches when its full name equals an entry or ends
+    with "." + entry, as in PEFT), or a regex matched against the full name. exclude: same forms.
+    layer_kwargs go to QLoRALinear.from_linear (r, lora_alpha, compute_dtype, ...).
+
+    Every parameter of the model is frozen except the new layers' lora_A/lora_B (and their bias
+    with train_bias=True). What was replaced: the returned model's `qlora_replaced` (list of
+    names) and `qlora_replace_report`, logged at INFO (printed with verbose=True).
+    Raises ValueError when nothing matches, or when a targeted module is not an nn.Linear; the model
+    is untouched then.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_linear takes an nn.Module, got {type(model).__name__}")
+    want = _matcher(target_modules, "target_modules")
+    skip = _matcher(exclude, "exclude")
+    tied = _tied_linear_names(model) if target_modules is None else set()
+    report = ReplaceReport()
+    chosen: list[tuple[str, nn.Linear]] = []
+    not_linear: list[str] = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if want is not None and not want(name):
+            continue
+        if skip is not None and skip(name):
+            continue
+        if isinstance(mod, QLoRALinear):
+            report.skipped[name] = "already a QLoRALinear"
+            continue
+        replaceable = (isinstance(mod, nn.Linear) and isinstance(mod.weight, torch.Tensor)
+                       and mod.weight.is_floating_point()
+                       and tuple(mod.weight.shape) == (mod.out_features, mod.in_features))
+        if not replaceable:
+            if want is not None:  # named explicitly: say so rather than ignore it
+                not_linear.append(f"{name} ({type(mod).__name__})")
+            continue
+        if name in tied:
+            report.skipped[name] = "weight tied to another module"
+            continue
+        chosen.append((name, mod))
+    if not_linear:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched module(s) that are not nn.Linear: {not_linear}; "
+            "only nn.Linear layers can be replaced (narrow the names or the regex)"
+        )
+    if not chosen:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"replace_linear: target_modules={target_modules!r} (exclude={exclude!r}) matched no nn.Linear "
+            f"to replace; the model's Linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
+            + (f"; skipped: {report.skipped}" if report.skipped else "")
+        )
+    # Build every new layer before swapping any, so a failure (bad kwargs) leaves the model as it was.
+    new_layers = [(name, QLoRALinear.from_linear(mod, **layer_kwargs)) for name, mod in chosen]
+    for name, layer in new_layers:
+        _set_submodule(model, name, layer)
+        report.replaced.append(name)
+    freeze_all_but_adapters(model)
+    previous = list(getattr(model, "qlora_replaced", []))
+    model.qlora_replaced = previous + report.replaced
+    model.qlora_replace_report = report
+    logger.info("%s", report)
+    if verbose:
+        print(report)
+    return model
+
+
+# --- memory_report ----------------------------------------------------------------------------
+
+
+def _nbytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class MemoryRow:
+    name: str
+    kind: str
+    params: int  # weights the module represents (for a QLoRALinear: out*in of the base)
+    bytes: int  # base storage (quantized weight + scales, or the dense tensors)
+    lora_bytes: int = 0
+    bias_bytes: int = 0
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.bytes / self.params if self.params else float("nan")
+
+
+@dataclass
+class MemoryReport:
+    rows: list[MemoryRow]
+
+    @property
+    def quantized(self) -> list[MemoryRow]:
+        return [r for r in self.rows if r.kind == "QLoRALinear"]
+
+    def total(self, quantized_only: bool = False) -> MemoryRow:
+        rows = self.quantized if quantized_only else self.rows
+        return MemoryRow("total (QLoRALinear bases)" if quantized_only else "total", "",
+                         sum(r.params for r in rows), sum(r.bytes for r in rows),
+                         sum(r.lora_bytes for r in rows), sum(r.bias_bytes for r in rows))
+
+    def __str__(self) -> str:
+        head = f"{'module':48s} {'kind':14s} {'params':>11s} {'bytes':>11s} {'bits/param':>10s} {'lora bytes':>10s}"
+        lines = [head, "-" * len(head)]
+
+        def fmt(r: MemoryRow) -> str:
+            name = r.name if len(r.name) <= 48 else "..." + r.name[-45:]
+            return (f"{name:48s} {r.kind:14s} {r.params:11d} {r.bytes:11d} {r.bits_per_param:10.3f} "
+                    f"{r.lora_bytes:10d}")
+
+        lines += [fmt(r) for r in self.rows]
+        lines.append("-" * len(head))
+        if self.quantized:
+            lines.append(fmt(self.total(quantized_only=True)))
+        lines.append(fmt(self.total()))
+        lines.append("(bytes: base weights; QLoRALinear = packed 4-bit + absmax + nested scales; "
+                     "bias and LoRA counted apart; shared code tables excluded)")
+        return "\n".join(lines)
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Per-module storage of `model`: each QLoRALinear (quantized base, bits/param, LoRA bytes) and
+    each other module that owns parameters/buffers directly (dense bytes). Print it for a table."""
+    rows: list[MemoryRow] = []
+    seen: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLoRALinear):
+            rows.append(MemoryRow(name, "QLoRALinear", mod.in_features * mod.out_features, mod.quantized_nbytes(),
+                                  lora_bytes=_nbytes([mod.lora_A, mod.lora_B]),
+                                  bias_bytes=_nbytes([mod.bias])))
+            seen.update(id(t) for t in (mod.lora_A, mod.lora_B, mod.bias) if t is not None)
+            continue
+        tensors = [t for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+                   if id(t) not in seen]
+        if not tensors:
+            continue
+        seen.update(id(t) for t in tensors)
+        n = sum(t.numel() for t in tensors)
+        rows.append(MemoryRow(name or "(root)", type(mod).__name__, n, _nbytes(tensors)))
+    return MemoryReport(rows)
+
+
+__all__ = ["QLoRALinear", "freeze_all_but_adapters", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
+           "memory_report", "replace_linear"]
