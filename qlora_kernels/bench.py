@@ -160,7 +160,8 @@ def _bnb():
 
 # --- cases -----------------------------------------------------------------------------------
 
-def dequantize_cases(device, quick, shapes):
+def quantization_cases(device, quick, shapes):
+    """quantize_4bit and dequantize_4bit (NF4, blocksize 64, double quant) of [N, K] weights."""
     import qlora_kernels as qk
 
     F = _bnb()
@@ -172,10 +173,17 @@ def dequantize_cases(device, quick, shapes):
         nbytes = numel / 2 + numel / BLOCKSIZE + numel * 2  # 4-bit + uint8 absmax in, bf16 out
         yield ("dequantize", "qlora_kernels", shape_id(k, n), None, out_dtype,
                lambda: qk.dequantize_4bit(packed, state, dtype=out_dtype), nbytes, 0.0)
+        w16 = w.to(out_dtype)
+        quant_bytes = numel * 2 + numel / 2 + numel / BLOCKSIZE  # bf16 in, 4-bit + uint8 absmax out
+        yield ("quantize", "qlora_kernels", shape_id(k, n), None, out_dtype,
+               lambda: qk.quantize_4bit(w16, blocksize=BLOCKSIZE, check_finite=False), quant_bytes, 0.0)
         if F is not None:
-            bp, bs = F.quantize_4bit(w.to(out_dtype), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+            bp, bs = F.quantize_4bit(w16, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
             yield ("dequantize", "bitsandbytes", shape_id(k, n), None, out_dtype,
                    lambda: F.dequantize_4bit(bp, bs), nbytes, 0.0)
+            yield ("quantize", "bitsandbytes", shape_id(k, n), None, out_dtype,
+                   lambda: F.quantize_4bit(w16, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"),
+                   quant_bytes, 0.0)
         yield ("dequantize", "copy bf16 (ceiling)", shape_id(k, n), None, out_dtype,
                _copy_like(numel, device), 4 * numel, 0.0)
 
@@ -342,14 +350,14 @@ def collect(device: torch.device, ops, quick: bool):
         shapes = QUICK_SHAPES if quick else LLAMA_LINEAR_SHAPES
         ms = QUICK_M if quick else M_SWEEP
         if "dequantize" in ops:
-            yield from dequantize_cases(device, quick, [(n, k) for k, n in shapes])
+            yield from quantization_cases(device, quick, [(n, k) for k, n in shapes])
         if "linear" in ops:
             yield from linear_cases(device, quick, [(n, k) for k, n in shapes], ms)
         if "optimizer" in ops:
             yield from optimizer_cases(device, quick)
     else:
         if "dequantize" in ops:
-            yield from dequantize_cases(device, quick, [CPU_DEQUANT_SHAPE])
+            yield from quantization_cases(device, quick, [CPU_DEQUANT_SHAPE])
         if "linear" in ops:
             yield from linear_cases(device, quick, [(384, 384)], (1, 64) if quick else (1, 64, 512))
         if "optimizer" in ops:
@@ -401,7 +409,7 @@ def ratio_lines(results: list[Result]) -> list[str]:
     """Speed ratios measured in this run, for the goals of the issues (baseline time / ours)."""
     by = {(r.op, r.impl, r.shape, r.m): r for r in results if not r.error}
     lines = []
-    pairs = [("dequantize", "bitsandbytes", "qlora_kernels"),
+    pairs = [("dequantize", "bitsandbytes", "qlora_kernels"), ("quantize", "bitsandbytes", "qlora_kernels"),
              ("fwd", "unfused chain", "fused"), ("fwd", "dense bf16", "fused"),
              ("fwd+bwd", "bf16 lora", "fused"), ("fwd+bwd", "bitsandbytes+peft", "fused"),
              ("train step", "bitsandbytes+peft (CPU)", "qlora_kernels (reference backend)")]

@@ -43,7 +43,8 @@ def encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     lower level.
     """
     midpoints, order = sorted_levels(quant_type, scaled.device)
-    rank = (scaled.unsqueeze(-1) > midpoints).sum(-1)
+    # bucketize (right=False) counts the midpoints strictly below each value: the rank of its level.
+    rank = torch.bucketize(scaled, midpoints)
     return order[rank]
 
 
@@ -105,7 +106,7 @@ def dequantize_4bit(
     code = get_code(quant_type, packed.device)
     # Byte b decodes to the pair (code[b >> 4], code[b & 15]): one gather per byte.
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]
-    values = pairs[packed.reshape(-1).view(torch.uint8).long()].reshape(-1)[:n]
+    values = pairs.index_select(0, packed.reshape(-1).view(torch.uint8).int()).reshape(-1)[:n]
     nb = absmax.numel()
     values = torch.nn.functional.pad(values, (0, nb * blocksize - n)).reshape(nb, blocksize)
     values = values * absmax.float()[:, None]
