@@ -1,0 +1,355 @@
+"""Files (issue 4): adapters in PEFT's layout, 4-bit bases in bitsandbytes' Linear4bit layout, and
+bad files refused with the model left as it was.
+
+Interop is checked against the real libraries: peft 0.21 (PeftModel.from_pretrained /
+save_pretrained) and bitsandbytes 0.50.2 on the CPU (Linear4bit, Params4bit.from_prequantized).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter, save_quantized
+from qlora_kernels.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError
+
+os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is a runtime dependency")
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(seed: int = 0, hidden: int = 64) -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).float().eval()
+
+
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _qlora_llama(targets=("q_proj", "v_proj"), r=4, train=True) -> nn.Module:
+    model = replace_linear(_llama(), target_modules=list(targets), r=r, lora_alpha=2 * r, compute_dtype=torch.float32)
+    if train:  # stands in for training: every adapter different and non-zero
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _dequantized_base(qmodel: nn.Module) -> nn.Module:
+    """The original model with each replaced Linear's weight = dequant(W): the base PEFT sees."""
+    base = _llama()
+    with torch.no_grad():
+        for name, mod in qmodel.named_modules():
+            if isinstance(mod, QLoRALinear):
+                base.get_submodule(name).weight.copy_(mod.dequantize(torch.float32))
+    return base
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {n: (m.lora_alpha, m.lora_dropout) for n, m in model.named_modules() if isinstance(m, QLoRALinear)})
+
+
+def _assert_unchanged(model, snap):
+    types, flags, state, hyper = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert {n: (m.lora_alpha, m.lora_dropout) for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == hyper
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+def test_adapter_round_trip_with_mixed_ranks_and_head(tmp_path):
+    model = replace_linear(_llama(), target_modules=["q_proj"], r=4, lora_alpha=8, compute_dtype=torch.float32)
+    replace_linear(model, target_modules=["down_proj"], r=8, lora_alpha=32, compute_dtype=torch.float32, train_bias=False)
+    model.lm_head.weight.requires_grad_(True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    expected = _logits(model)
+    save_adapter(model, tmp_path, modules_to_save=["lm_head"])
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] in (4, 8) and cfg["bias"] == "none"
+    assert cfg["modules_to_save"] == ["lm_head"]
+    assert sorted(cfg["target_modules"]) == sorted(model.qlora_replaced)
+    keys = safetensors_torch.load_file(str(tmp_path / ADAPTER_WEIGHTS)).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.lm_head.weight" in keys
+
+    fresh = replace_linear(_llama(), target_modules=["q_proj"], r=4, compute_dtype=torch.float32)
+    replace_linear(fresh, target_modules=["down_proj"], r=8, compute_dtype=torch.float32)
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh), expected, rtol=0, atol=0)
+
+
+def test_our_adapter_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    model = replace_linear(_llama(), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, compute_dtype=torch.float32)
+    replace_linear(model, target_modules=["up_proj"], r=8, lora_alpha=8, compute_dtype=torch.float32)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ours = _logits(model)
+    save_adapter(model, tmp_path)
+
+    pm = peft.PeftModel.from_pretrained(_dequantized_base(model), str(tmp_path)).eval()
+    lora_layers = [m for m in pm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(lora_layers) == 3 * 2  # q, v (r=4) and up (r=8: rank_pattern) in both blocks
+    torch.testing.assert_close(_logits(pm), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_our_adapter_loads_in_peft_on_a_bitsandbytes_base(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
+    model = _qlora_llama()
+    ours = _logits(model)
+    save_adapter(model, tmp_path)
+    base = _bnb_model(_llama(), ["q_proj", "v_proj"], bnb)
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(pm), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_trained_adapter_loads_into_ours(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    qmodel = _qlora_llama(train=False, r=8)
+    base = _dequantized_base(qmodel)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                   lora_dropout=0.0))
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    pm.train()
+    for _ in range(3):
+        loss = pm(input_ids=IDS, labels=IDS).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    expected = _logits(pm)
+    pm.save_pretrained(str(tmp_path))
+    load_adapter(qmodel, tmp_path)
+    assert any(torch.count_nonzero(m.lora_B) for m in qmodel.modules() if isinstance(m, QLoRALinear))
+    torch.testing.assert_close(_logits(qmodel), expected, rtol=1e-5, atol=1e-5)
+
+
+def _write_adapter(tmp_path, model, edit):
+    save_adapter(model, tmp_path)
+    tensors = safetensors_torch.load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    edit(tensors)
+    safetensors_torch.save_file(tensors, str(tmp_path / ADAPTER_WEIGHTS))
+
+
+KEY_A = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+KEY_B = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("case", ["rank", "shape", "missing_B", "unknown_module", "truncated", "garbage",
+                                  "bad_json", "not_lora", "no_files"])
+def test_bad_adapter_files_leave_model_unchanged(tmp_path, case):
+    source = _qlora_llama()
+    target = _qlora_llama(train=False)
+    with torch.no_grad():  # distinct from the source, so a partial load would show
+        for m in target.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_B.fill_(0.01)
+    if case == "rank":
+        save_adapter(_qlora_llama(r=8), tmp_path)
+        match = "rank 8"
+    elif case == "shape":
+        _write_adapter(tmp_path, source, lambda t: t.__setitem__(KEY_A, torch.randn(4, 63)))
+        match = "do not fit the layer"
+    elif case == "missing_B":
+        _write_adapter(tmp_path, source, lambda t: t.pop(KEY_B))
+        match = "lora_B missing"
+    elif case == "unknown_module":
+        _write_adapter(tmp_path, source, lambda t: t.__setitem__(
+            "base_model.model.model.layers.0.mlp.nope.lora_A.weight", torch.randn(4, 64)) or t.__setitem__(
+            "base_model.model.model.layers.0.mlp.nope.lora_B.weight", torch.randn(64, 4)))
+        match = "not a QLoRALinear"
+    elif case == "truncated":
+        save_adapter(source, tmp_path)
+        data = (tmp_path / ADAPTER_WEIGHTS).read_bytes()
+        (tmp_path / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+        match = "truncated or corrupt"
+    elif case == "garbage":
+        save_adapter(source, tmp_path)
+        (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"\xff" * 64 + b"not safetensors")
+        match = "truncated or corrupt"
+    elif case == "bad_json":
+        save_adapter(source, tmp_path)
+        (tmp_path / ADAPTER_CONFIG).write_text("{r: 4,")
+        match = "not valid JSON"
+    elif case == "not_lora":
+        save_adapter(source, tmp_path)
+        cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+        cfg["peft_type"] = "IA3"
+        (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+        match = "only LORA"
+    else:
+        match = "no such file"
+    snap = _snapshot(target)
+    with pytest.raises((AdapterFileError, FileNotFoundError), match=match):
+        load_adapter(target, tmp_path)
+    _assert_unchanged(target, snap)
+
+
+def test_strict_adapter_must_cover_every_layer(tmp_path):
+    save_adapter(_qlora_llama(targets=("q_proj",)), tmp_path)
+    target = _qlora_llama(targets=("q_proj", "v_proj"), train=False)
+    snap = _snapshot(target)
+    with pytest.raises(AdapterFileError, match="no adapter weights for"):
+        load_adapter(target, tmp_path)
+    _assert_unchanged(target, snap)
+    load_adapter(target, tmp_path, strict=False)
+
+
+def test_save_adapter_needs_qlora_layers(tmp_path):
+    with pytest.raises(ValueError, match="no QLoRALinear"):
+        save_adapter(_llama(), tmp_path)
+
+
+# --- quantized bases (bitsandbytes Linear4bit) ----------------------------------------------------
+
+
+def _bnb_linear(lin: nn.Linear, bnb) -> nn.Module:
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True, blocksize=64)
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return _exact_cpu_path(q.to("cpu"))  # .to quantizes
+
+
+def _exact_cpu_path(layer):
+    # On CPUs with AVX512-BF16, bitsandbytes' eval forward repacks the weight and multiplies in
+    # bf16 (about 1e-3 off on these logits); its other CPU path dequantizes and multiplies in the
+    # compute dtype, which is what "identical base outputs" can be checked against.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def _bnb_model(model: nn.Module, targets, bnb) -> nn.Module:
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, _bnb_linear(mod, bnb))
+    return model.eval()
+
+
+def test_bitsandbytes_checkpoint_loads_into_qlora_linear(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
+    bmodel = _bnb_model(_llama(), PROJ, bnb)
+    expected = _logits(bmodel)
+    sd = bmodel.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in sd
+    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bnb.safetensors"))
+
+    # into a plain model: its Linears at those names become QLoRALinear
+    model = load_quantized(_llama(seed=5), tmp_path / "bnb.safetensors", r=4, compute_dtype=torch.float32)
+    assert len(model.qlora_replaced) == 2 * 7
+    q = model.model.layers[1].mlp.down_proj
+    assert isinstance(q, QLoRALinear)
+    assert torch.equal(q.packed_weight, sd["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(q.absmax, sd["model.layers.1.mlp.down_proj.weight.absmax"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.{w}" for n in model.qlora_replaced for w in ("lora_A", "lora_B")}
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+
+    # into a model already replaced: the adapters stay, the bases become bitsandbytes'
+    qmodel = replace_linear(_llama(seed=9), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    lora_before = {n: p.clone() for n, p in qmodel.named_parameters() if p.requires_grad}
+    load_quantized(qmodel, tmp_path / "bnb.safetensors")
+    assert all(torch.equal(p, lora_before[n]) for n, p in qmodel.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(_logits(qmodel), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_our_quantized_base_loads_into_bitsandbytes(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
+    model = _qlora_llama(targets=PROJ, train=False)
+    expected = _logits(model)
+    path = save_quantized(model, tmp_path / "base.safetensors")
+    sd = safetensors_torch.load_file(str(path))
+    assert not any("lora_" in k for k in sd)
+
+    bmodel = _llama(seed=3)
+    for name in list(model.qlora_replaced):
+        lin = bmodel.get_submodule(name)
+        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+        stats = {k[len(name) + len(".weight."):]: v for k, v in sd.items() if k.startswith(f"{name}.weight.")}
+        layer.weight = bnb.nn.Params4bit.from_prequantized(sd[f"{name}.weight"], stats, requires_grad=False,
+                                                           device="cpu", module=layer)
+        _exact_cpu_path(layer)
+        parent, _, child = name.rpartition(".")
+        setattr(bmodel.get_submodule(parent), child, layer)
+    rest = {k: v for k, v in sd.items() if not any(k.startswith(f"{n}.weight") for n in model.qlora_replaced)}
+    missing, unexpected = bmodel.load_state_dict(rest, strict=False)
+    assert not unexpected
+    assert all(any(m.startswith(f"{n}.weight") for n in model.qlora_replaced) for m in missing)
+    torch.testing.assert_close(_logits(bmodel.eval()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_round_trip_ours(tmp_path):
+    model = _qlora_llama(targets=PROJ)
+    save_quantized(model, tmp_path / "base.safetensors")
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_quantized(_llama(seed=4), tmp_path / "base.safetensors", r=4, lora_alpha=8,
+                           compute_dtype=torch.float32)
+    load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(fresh), _logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["truncated", "other_shape", "missing_key", "unexpected_key", "no_quantized"])
+def test_bad_quantized_files_leave_model_unchanged(tmp_path, case):
+    source = _qlora_llama(targets=PROJ, train=False)
+    path = tmp_path / "base.safetensors"
+    save_quantized(source, path)
+    if case == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 100])
+        match = "truncated or corrupt"
+    elif case == "other_shape":
+        other = replace_linear(_llama(hidden=128), target_modules=PROJ, r=4)
+        save_quantized(other, path)
+        match = "does not fit"
+    else:
+        sd = safetensors_torch.load_file(str(path))
+        if case == "missing_key":
+            sd.pop("model.norm.weight")
+            match = "missing from the file.*model.norm.weight"
+        elif case == "unexpected_key":
+            sd["model.extra.weight"] = torch.zeros(3)
+            match = "not in the model.*model.extra.weight"
+        else:
+            sd = {k: v for k, v in sd.items() if ".weight." not in k}
+            match = "no 4-bit quantized weights"
+        safetensors_torch.save_file(sd, str(path))
+    target = _llama(seed=1)
+    snap = _snapshot(target)
+    with pytest.raises(AdapterFileError, match=match):
+        load_quantized(target, path, r=4)
+    _assert_unchanged(target, snap)
