@@ -59,6 +59,7 @@ CASES = [
     Case((37,), 200, 320, 16, blocksize=128, xdt=torch.float32, ldt=torch.float32),  # blocks cross rows
     Case((16,), 96, 200, 8, nested=False),                               # small-M, K % bs != 0, no DQ
     Case((7,), 64, 321, 4, xdt=torch.float32, ldt=torch.float32),        # odd K: rows start mid-byte
+    Case((9,), 80, 200, 4, blocksize=32, xdt=torch.float32, ldt=torch.float32),  # per-element scales
     Case((65,), 130, 256, 32, blocksize=256, quant_type="fp4", bias=False),  # BK < blocksize, FP4
     Case((40,), 100, 128, 16, blocksize=32),                             # several blocks per tile row
     Case((37,), 72, 192, 128, xdt=torch.float16, ldt=torch.float16),     # fp16, r=128

@@ -26,7 +26,10 @@ the same trick, so the interpreter computes what the GPU computes up to summatio
 Where a weight tile's scales come from (flat element index i = n*K + k, block i // blocksize):
   ALIGNED (K % blocksize == 0): a tile row of BK elements spans NSB = max(1, BK // blocksize)
       whole blocks, so the scales are a [BN, NSB] load decoded once per tile, not per element.
-  otherwise (blocks cross rows): the scale is gathered per element; correct for every K, slower.
+  otherwise (blocks cross rows): with BK <= blocksize a tile row touches at most two blocks, both
+      decoded per row and selected per element; with BK > blocksize, or odd K, the scale is
+      gathered per element (correct for every K, slower: the register budget of the odd-K path
+      has no room for the select).
   PAIRED (K even): a tile row's bytes are contiguous and hold (high, low) nibble pairs, joined in
       registers; odd K (rows start mid-byte) gathers each nibble by its flat index.
 """
@@ -150,10 +153,22 @@ def dequant_tile(
             w = tl.reshape(tl.reshape(vals, (BN, NSB, BLOCKSIZE)) * scale[:, :, None], (BN, BK))
     else:
         offs_k = k0 + tl.arange(0, BK)
-        emask = n_ok[:, None] & (offs_k < K)[None, :]
+        k_ok = offs_k < K
         blk = (row[:, None] + offs_k[None, :]) // BLOCKSIZE
-        scale = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, emask, NESTED)
-        w = vals * scale
+        if NSB == 1 and PAIRED:
+            # BK <= blocksize: a tile row touches at most two blocks. Decode both scales per row
+            # and pick one per element (no per-element loads).
+            blk0 = (row + k0) // BLOCKSIZE
+            # The second block exists where it starts inside this row (so inside W).
+            has_next = n_ok & ((blk0 + 1) * BLOCKSIZE < row + K)
+            s0 = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk0, n_ok, NESTED)
+            s1 = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk0 + 1, has_next, NESTED)
+            scale = tl.where(blk == blk0[:, None], s0[:, None], s1[:, None])
+            w = tl.where(k_ok[None, :], vals * scale, 0.0)
+        else:
+            emask = n_ok[:, None] & k_ok[None, :]
+            scale = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, emask, NESTED)
+            w = vals * scale
     return w
 
 
@@ -323,7 +338,7 @@ DX_GPU_CONFIGS = {
     "large": GemmConfig(128, 32, 128, num_warps=8, num_stages=3),
     "medium": GemmConfig(64, 32, 64, num_warps=4, num_stages=3),
     "narrow_large": GemmConfig(128, 32, 64, num_warps=8, num_stages=3),
-    "narrow_medium": GemmConfig(64, 32, 64, num_warps=8, num_stages=3),
+    "narrow_medium": GemmConfig(128, 32, 64, num_warps=8, num_stages=3),  # 64-row variants spilled on sm_80
 }
 # Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
 INTERPRET_CONFIG = GemmConfig(64, 64, 64)
