@@ -13,7 +13,7 @@ each tensor; kernels: backends/triton/adamw.py), its backend chosen per device l
 per block): 2 + 8/256 bytes of state per element instead of 8. Tensors of fewer than 4096 elements
 keep fp32 states (reference.ADAMW_8BIT_MIN_NUMEL).
 
-Paging (CUDA only, paged=True): all states of one parameter are views into one byte buffer
+Paging (CUDA only, paged=True): the states of one parameter are views into one buffer per dtype,
 allocated from a torch.cuda.MemPool over a CUDAPluggableAllocator whose alloc/free are csrc's
 qk_managed_alloc / qk_managed_free (cudaMallocManaged / cudaFree). They are ordinary CUDA tensors
 to torch; when GPU memory runs short the driver pages them to host RAM instead of failing. Before
@@ -21,7 +21,8 @@ each step their buffers are prefetched to the GPU on the current stream (qk_pref
 the device reports concurrent managed access); page_out() sends them to host memory between steps.
 The pool is one per device for the process: a dead optimizer's state memory returns to it and the
 next optimizer reuses it. Where that is not possible (no libqlora_kernels.so, torch without
-MemPool / CUDAPluggableAllocator (feature-checked; torch >= 2.6 has both), a device without
+MemPool / use_mem_pool / CUDAPluggableAllocator (checked by feature, not version: torch 2.13 has
+them, so does the 2.11 of the lent GPU machines), a device without
 managed memory), states use ordinary CUDA memory and a warning says why, once. On the CPU states
 are ordinary memory.
 
