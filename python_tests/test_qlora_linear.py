@@ -452,3 +452,31 @@ def test_input_without_grad_skips_dx(backend, monkeypatch):
     assert not calls
     torch.testing.assert_close(A.grad, full[2], rtol=0, atol=0)
     torch.testing.assert_close(B.grad, full[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K,blocksize,cfg_name", [
+    (320, 64, None),      # aligned, one block per tile row
+    (256, 32, "large"),   # aligned, several blocks per tile row (dX BK=128: 4)
+    (200, 64, None),      # blocks cross rows: two scales per tile row (row starts at 8n mod 64)
+    (200, 64, "narrow_large"),  # the same with the GPU's BK (32 forward, 64 dX)
+    (321, 64, None),      # odd K: per-element nibbles and scales
+    (200, 32, None),      # blocks cross rows, BK > blocksize: per-element scales
+])
+def test_dequantized_tiles_bit_exact(K, blocksize, cfg_name):
+    """I @ W^T and I @ W through the two GEMM kernels (fp32, no LoRA, no bias) give dequant(W) bit for
+    bit: each output is one product by 1.0, so this isolates the in-register dequantization, which
+    must equal reference.dequantize_weight exactly in every weight layout."""
+    N = 72
+    w = torch.randn(N, K, device=DEVICE)
+    with use_backend("reference"):
+        packed, s = qk.quantize_4bit(w, blocksize=blocksize)
+    exact = ref.dequantize_weight(packed.reshape(-1), s.absmax, s.nested_absmax, s.nested_code, s.offset,
+                                  blocksize, "nf4", [N, K])
+    args = tql.weight_args(packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, "nf4")
+    lora = torch.zeros(N, 1, device=DEVICE)
+    fcfg = tql.GPU_CONFIGS[cfg_name] if cfg_name else None
+    dcfg = tql.DX_GPU_CONFIGS[cfg_name] if cfg_name else None
+    wt = tql.fwd_gemm(torch.eye(K, device=DEVICE), None, args, blocksize, [N, K], lora, 0.0, None, cfg=fcfg)
+    wd = tql.dx_gemm(torch.eye(N, device=DEVICE), None, args, blocksize, [N, K], lora.t(), 0.0, torch.float32, cfg=dcfg)
+    assert torch.equal(wt, exact.t())
+    assert torch.equal(wd, exact)
