@@ -189,8 +189,9 @@ def _states(p: torch.Tensor, eight_bit: bool) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("eight_bit", [False, True])
 def test_multi_tensor_ops_equal_single_tensor_reference(eight_bit):
-    """The Triton multi-tensor launch (mixed dtypes: two launches; a non-contiguous param: a
-    single-tensor launch) gives the reference's single-tensor results bit for bit."""
+    """The Triton multi-tensor launch (mixed dtypes: two launches; a non-contiguous or unaligned
+    param: a single-tensor launch; full and partial tiles) gives the reference's single-tensor
+    results bit for bit."""
     shapes_dtypes = [((70, 73), torch.float32), ((4100,), torch.bfloat16), ((300,), torch.float32),
                      ((1,), torch.float16), ((64, 65), torch.float32)]
     params0 = [torch.randn(s).to(d) for s, d in shapes_dtypes]
@@ -199,6 +200,7 @@ def test_multi_tensor_ops_equal_single_tensor_reference(eight_bit):
     for mode in ("single", "multi"):
         ps = [p.clone() for p in params0]
         ps[4] = ps[4].t().contiguous().t()  # same values, column-major: not contiguous
+        ps[2] = torch.cat([torch.zeros(1), ps[2]])[1:]  # 4-byte offset: not 16-byte aligned
         states = [_states(p, eight_bit) for p in ps]
         for step, gs in enumerate(grads, 1):
             hyper = (1e-2, 0.9, 0.999, 1e-8, 0.1, step)

@@ -47,16 +47,28 @@ def _adamw_math(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta
 def _adamw_32bit_body(
     p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    P_BF16: tl.constexpr, INTERPRET: tl.constexpr, FULL: tl.constexpr = False,
 ):
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    """FULL: every offset is in range, so loads and stores go unmasked (vectorised)."""
+    if FULL:
+        p = tl.load(p_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     p, m, v = _adamw_math(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    store_cast(p_ptr + offs, p, mask, P_BF16, INTERPRET)
+    if FULL:
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+        store_cast(p_ptr + offs, p, None, P_BF16, INTERPRET)
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        store_cast(p_ptr + offs, p, mask, P_BF16, INTERPRET)
 
 
 @triton.jit
@@ -94,30 +106,45 @@ def _adamw_8bit_body(
     p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr, n, block,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
     BLOCKSIZE: tl.constexpr, LUT_SIZE: tl.constexpr, P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    FULL: tl.constexpr = False,
 ):
-    """Blocks `block` (int64 [BLOCKS_PER_PROG]) of one tensor of n elements."""
+    """Blocks `block` (int64 [BLOCKS_PER_PROG]) of one tensor of n elements. FULL: all of them
+    lie wholly inside the tensor, so memory accesses go unmasked (vectorised)."""
     offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     mask = offs < n
     block_ok = block < (n + BLOCKSIZE - 1) // BLOCKSIZE
 
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(code_m_ptr + tl.load(mq_ptr + offs, mask=mask, other=0)) * tl.load(mabs_ptr + block, mask=block_ok, other=0.0)[:, None]
-    v = tl.load(code_v_ptr + tl.load(vq_ptr + offs, mask=mask, other=0)) * tl.load(vabs_ptr + block, mask=block_ok, other=0.0)[:, None]
-    # Past the end the reference pads a block with zeros before taking its absmax; zero lanes also
-    # stay zero through the update (code_m[0] is -1, which would make them -absmax / eps).
-    m = tl.where(mask, m, 0.0)
-    v = tl.where(mask, v, 0.0)
+    if FULL:
+        p = tl.load(p_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        m = tl.load(code_m_ptr + tl.load(mq_ptr + offs)) * tl.load(mabs_ptr + block)[:, None]
+        v = tl.load(code_v_ptr + tl.load(vq_ptr + offs)) * tl.load(vabs_ptr + block)[:, None]
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(code_m_ptr + tl.load(mq_ptr + offs, mask=mask, other=0)) * tl.load(mabs_ptr + block, mask=block_ok, other=0.0)[:, None]
+        v = tl.load(code_v_ptr + tl.load(vq_ptr + offs, mask=mask, other=0)) * tl.load(vabs_ptr + block, mask=block_ok, other=0.0)[:, None]
+        # Past the end the reference pads a block with zeros before taking its absmax; zero lanes
+        # also stay zero through the update (code_m[0] is -1, which would make them -absmax / eps).
+        m = tl.where(mask, m, 0.0)
+        v = tl.where(mask, v, 0.0)
 
     p, m, v = _adamw_math(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
     qm, am = _requantize_blocks(m, lut_m_ptr, LUT_SIZE)
     qv, av = _requantize_blocks(v, lut_v_ptr, LUT_SIZE)
 
-    tl.store(mq_ptr + offs, qm, mask=mask)
-    tl.store(mabs_ptr + block, am, mask=block_ok)
-    tl.store(vq_ptr + offs, qv, mask=mask)
-    tl.store(vabs_ptr + block, av, mask=block_ok)
-    store_cast(p_ptr + offs, p, mask, P_BF16, INTERPRET)
+    if FULL:
+        tl.store(mq_ptr + offs, qm)
+        tl.store(mabs_ptr + block, am)
+        tl.store(vq_ptr + offs, qv)
+        tl.store(vabs_ptr + block, av)
+        store_cast(p_ptr + offs, p, None, P_BF16, INTERPRET)
+    else:
+        tl.store(mq_ptr + offs, qm, mask=mask)
+        tl.store(mabs_ptr + block, am, mask=block_ok)
+        tl.store(vq_ptr + offs, qv, mask=mask)
+        tl.store(vabs_ptr + block, av, mask=block_ok)
+        store_cast(p_ptr + offs, p, mask, P_BF16, INTERPRET)
 
 
 @triton.jit
@@ -142,40 +169,34 @@ def _adamw_8bit_kernel(
 
 
 @triton.jit
-def _as_ptr(addr, KIND: tl.constexpr):
-    """An int64 address as a pointer to fp32 (KIND 0), bf16 (1), fp16 (2) or uint8 (3)."""
-    if KIND == 0:
-        ptr = addr.to(tl.pointer_type(tl.float32))
-    elif KIND == 1:
-        ptr = addr.to(tl.pointer_type(tl.bfloat16))
-    elif KIND == 2:
-        ptr = addr.to(tl.pointer_type(tl.float16))
-    else:
-        ptr = addr.to(tl.pointer_type(tl.uint8))
-    return ptr
-
-
-@triton.jit
 def _adamw_32bit_multi_kernel(
     table_ptr, chunk_tensor_ptr, ntensors,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-    BLOCK: tl.constexpr, CHUNK_ITERS: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK_ITERS: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+    P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # table: [p addr | g addr | m addr | v addr | numel | first chunk], ntensors int64 each.
+    # The launcher sends only 16-byte aligned tensors. The hints sit on the integer and on the
+    # pointer, in this body (not in a helper: a hint on a call's result is lost when it is
+    # inlined); checked on sm_90 PTX, only then do full tiles load and store as v4.
     c = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
-    p_ptr = _as_ptr(tl.load(table_ptr + t), P_KIND)
-    g_ptr = _as_ptr(tl.load(table_ptr + ntensors + t), G_KIND)
-    m_ptr = _as_ptr(tl.load(table_ptr + 2 * ntensors + t), 0)
-    v_ptr = _as_ptr(tl.load(table_ptr + 3 * ntensors + t), 0)
+    p_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + t), 16).to(tl.pointer_type(P_DTYPE)), 16)
+    g_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + ntensors + t), 16).to(tl.pointer_type(G_DTYPE)), 16)
+    m_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + 2 * ntensors + t), 16).to(tl.pointer_type(tl.float32)), 16)
+    v_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + 3 * ntensors + t), 16).to(tl.pointer_type(tl.float32)), 16)
     n = tl.load(table_ptr + 4 * ntensors + t)
     start = (c - tl.load(table_ptr + 5 * ntensors + t)) * (BLOCK * CHUNK_ITERS)
     for i in tl.static_range(CHUNK_ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        _adamw_32bit_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
-                          decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-                          P_KIND == 1, INTERPRET)
+        if start + (i + 1) * BLOCK <= n:
+            _adamw_32bit_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                              decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                              P_BF16, INTERPRET, True)
+        else:
+            _adamw_32bit_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n,
+                              decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                              P_BF16, INTERPRET, False)
 
 
 @triton.jit
@@ -183,24 +204,30 @@ def _adamw_8bit_multi_kernel(
     table_ptr, chunk_tensor_ptr, ntensors, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
     BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, CHUNK_ITERS: tl.constexpr, LUT_SIZE: tl.constexpr,
-    P_KIND: tl.constexpr, G_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, P_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # table: [p | g | m_q | m_absmax | v_q | v_absmax addr | numel | first chunk], ntensors each.
+    # Alignment hints as in _adamw_32bit_multi_kernel.
     c = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
-    p_ptr = _as_ptr(tl.load(table_ptr + t), P_KIND)
-    g_ptr = _as_ptr(tl.load(table_ptr + ntensors + t), G_KIND)
-    mq_ptr = _as_ptr(tl.load(table_ptr + 2 * ntensors + t), 3)
-    mabs_ptr = _as_ptr(tl.load(table_ptr + 3 * ntensors + t), 0)
-    vq_ptr = _as_ptr(tl.load(table_ptr + 4 * ntensors + t), 3)
-    vabs_ptr = _as_ptr(tl.load(table_ptr + 5 * ntensors + t), 0)
+    p_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + t), 16).to(tl.pointer_type(P_DTYPE)), 16)
+    g_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + ntensors + t), 16).to(tl.pointer_type(G_DTYPE)), 16)
+    mq_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + 2 * ntensors + t), 16).to(tl.pointer_type(tl.uint8)), 16)
+    mabs_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + 3 * ntensors + t), 16).to(tl.pointer_type(tl.float32)), 16)
+    vq_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + 4 * ntensors + t), 16).to(tl.pointer_type(tl.uint8)), 16)
+    vabs_ptr = tl.multiple_of(tl.multiple_of(tl.load(table_ptr + 5 * ntensors + t), 16).to(tl.pointer_type(tl.float32)), 16)
     n = tl.load(table_ptr + 6 * ntensors + t)
     first_block = (c - tl.load(table_ptr + 7 * ntensors + t)) * (BLOCKS_PER_PROG * CHUNK_ITERS)
     for i in tl.static_range(CHUNK_ITERS):
         block = first_block + i * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
-        _adamw_8bit_body(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr,
-                         lut_v_ptr, n, block, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                         bc2_sqrt, eps, BLOCKSIZE, LUT_SIZE, P_KIND == 1, INTERPRET)
+        if (first_block + (i + 1) * BLOCKS_PER_PROG) * BLOCKSIZE <= n:
+            _adamw_8bit_body(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr,
+                             lut_v_ptr, n, block, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                             bc2_sqrt, eps, BLOCKSIZE, LUT_SIZE, P_BF16, INTERPRET, True)
+        else:
+            _adamw_8bit_body(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr,
+                             lut_v_ptr, n, block, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                             bc2_sqrt, eps, BLOCKSIZE, LUT_SIZE, P_BF16, INTERPRET, False)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -286,7 +313,7 @@ def adamw_step_8bit(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, w
 # --- multi-tensor launchers ---
 
 MULTI_CHUNK_ITERS = 4
-_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _chunk_maps: dict[tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
 _CHUNK_MAP_CACHE = 32
 
@@ -310,8 +337,8 @@ def _chunk_map(device: torch.device, chunks: tuple[int, ...]) -> tuple[torch.Ten
 
 
 def _group(ps, gs, states, state_dtypes, blocksize=None):
-    """Check every tensor, then split the indices into single launches (a non-contiguous param)
-    and groups of equal (param dtype, grad dtype). states: lists parallel to ps; state_dtypes: the
+    """Check every tensor, then split the indices into single launches (a non-contiguous or
+    unaligned tensor) and groups of equal (param dtype, grad dtype). states: lists parallel to ps; state_dtypes: the
     dtype of each list; a list of dtype fp32 with blocksize set holds per-block absmax."""
     dev = ps[0].get_device()
     singles, groups = [], {}
@@ -332,7 +359,11 @@ def _group(ps, gs, states, state_dtypes, blocksize=None):
             raise ValueError(f"multi-tensor AdamW step: tensor {i} is on another device than tensor 0 ({ps[0].device})")
         if n == 0:
             continue
-        if not p.is_contiguous():
+        # The multi-tensor kernels promise the compiler 16-byte aligned tensors (vector access);
+        # anything else (a non-contiguous or oddly offset view) takes the single-tensor kernel.
+        aligned = (p.data_ptr() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in sts)
+                   and (not g.is_contiguous() or g.data_ptr() % 16 == 0))
+        if not p.is_contiguous() or not aligned:
             singles.append(i)
         else:
             groups.setdefault((p.dtype, g.dtype), []).append(i)
@@ -365,8 +396,8 @@ def adamw_step_32bit_multi(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, 
         ).to(device)
         _adamw_32bit_multi_kernel[(chunk_owner.numel(),)](
             table, chunk_owner, len(idx), *scalars,
-            BLOCK=BLOCK_32BIT, CHUNK_ITERS=MULTI_CHUNK_ITERS, P_KIND=_KIND[pdt], G_KIND=_KIND[gdt],
-            INTERPRET=interpreting(), num_warps=WARPS, enable_fp_fusion=False,
+            BLOCK=BLOCK_32BIT, CHUNK_ITERS=MULTI_CHUNK_ITERS, P_DTYPE=_TL_DTYPE[pdt], G_DTYPE=_TL_DTYPE[gdt],
+            P_BF16=pdt == torch.bfloat16, INTERPRET=interpreting(), num_warps=WARPS, enable_fp_fusion=False,
         )
 
 
@@ -402,7 +433,8 @@ def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, b
         _adamw_8bit_multi_kernel[(chunk_owner.numel(),)](
             table, chunk_owner, len(idx), code_m, code_v, _lut_for(code_m), _lut_for(code_v), *scalars,
             BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, CHUNK_ITERS=MULTI_CHUNK_ITERS, LUT_SIZE=DYNAMIC_LUT_SIZE,
-            P_KIND=_KIND[pdt], G_KIND=_KIND[gdt], INTERPRET=interpreting(), num_warps=WARPS, enable_fp_fusion=False,
+            P_DTYPE=_TL_DTYPE[pdt], G_DTYPE=_TL_DTYPE[gdt], P_BF16=pdt == torch.bfloat16, INTERPRET=interpreting(),
+            num_warps=WARPS, enable_fp_fusion=False,
         )
 
 
@@ -444,7 +476,7 @@ def compile_specs() -> list[KernelSpec]:
     for pdt in FLOAT_DTYPES:
         for gdt in FLOAT_DTYPES:
             table = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", "ntensors": "i32"}
-            kinds = {"P_KIND": _KIND[pdt], "G_KIND": _KIND[gdt]}
+            kinds = {"P_DTYPE": _TL_DTYPE[pdt], "G_DTYPE": _TL_DTYPE[gdt], "P_BF16": pdt == torch.bfloat16}
             specs.append(KernelSpec(
                 name="adamw_step_32bit_multi", fn=_adamw_32bit_multi_kernel,
                 signature={**table, **scalars},
