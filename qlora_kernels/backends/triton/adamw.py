@@ -370,6 +370,16 @@ def _group(ps, gs, states, state_dtypes, blocksize=None):
     return singles, groups
 
 
+def _upload_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of `values` on device. On CUDA through pinned memory, asynchronously: a
+    pageable copy would make every optimizer step wait for the GPU to drain (the pinned block is
+    kept by torch's host allocator until the copy has run)."""
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 def _check_lengths(*lists) -> None:
     if len({len(x) for x in lists}) != 1:
         raise ValueError(f"multi-tensor AdamW step: list lengths differ: {[len(x) for x in lists]}")
@@ -389,11 +399,11 @@ def adamw_step_32bit_multi(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, 
         grads = [gs[i].contiguous() for i in idx]  # kept alive until the launch is queued
         numels = [ps[i].numel() for i in idx]
         chunk_owner, firsts = _chunk_map(device, tuple(_cdiv(n, elems) for n in numels))
-        table = torch.tensor(
+        table = _upload_table(
             [ps[i].data_ptr() for i in idx] + [g.data_ptr() for g in grads] + [ms[i].data_ptr() for i in idx]
             + [vs[i].data_ptr() for i in idx] + numels + firsts,
-            dtype=torch.int64,
-        ).to(device)
+            device,
+        )
         _adamw_32bit_multi_kernel[(chunk_owner.numel(),)](
             table, chunk_owner, len(idx), *scalars,
             BLOCK=BLOCK_32BIT, CHUNK_ITERS=MULTI_CHUNK_ITERS, P_DTYPE=_TL_DTYPE[pdt], G_DTYPE=_TL_DTYPE[gdt],
@@ -424,12 +434,12 @@ def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, b
         numels = [ps[i].numel() for i in idx]
         chunks = tuple(_cdiv(num_blocks(n, blocksize), blocks_per_chunk) for n in numels)
         chunk_owner, firsts = _chunk_map(device, chunks)
-        table = torch.tensor(
+        table = _upload_table(
             [ps[i].data_ptr() for i in idx] + [g.data_ptr() for g in grads]
             + [m_qs[i].data_ptr() for i in idx] + [m_absmaxs[i].data_ptr() for i in idx]
             + [v_qs[i].data_ptr() for i in idx] + [v_absmaxs[i].data_ptr() for i in idx] + numels + firsts,
-            dtype=torch.int64,
-        ).to(device)
+            device,
+        )
         _adamw_8bit_multi_kernel[(chunk_owner.numel(),)](
             table, chunk_owner, len(idx), code_m, code_v, _lut_for(code_m), _lut_for(code_v), *scalars,
             BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, CHUNK_ITERS=MULTI_CHUNK_ITERS, LUT_SIZE=DYNAMIC_LUT_SIZE,
