@@ -17,6 +17,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 card=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo unknown)
 results="bench/results/$card"
 out=${OUT:-$results}
+# The CPU form (CI) writes only to $OUT: CPU numbers do not belong in bench/results/.
+[ "$CPU_FORM" = 1 ] && results=$out
 mkdir -p "$results" "$out"
 log="$out/device_check.log"
 : >"$log"
