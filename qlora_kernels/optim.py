@@ -165,7 +165,8 @@ def _managed_pool(index: int):
                 _allocator = torch.cuda.memory.CUDAPluggableAllocator(
                     str(_lib.library_path()), "qk_managed_alloc", "qk_managed_free"
                 )
-            _pools[index] = torch.cuda.MemPool(_allocator.allocator())
+            with torch.cuda.device(index):  # a MemPool belongs to the device current at creation
+                _pools[index] = torch.cuda.MemPool(_allocator.allocator())
         return _pools[index]
 
 
