@@ -237,6 +237,29 @@ def test_multi_ops_opcheck(backend):
                               (ps, gs, *[list(x) for x in zip(*s32)], *hyper))
 
 
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_backend_without_multi_tensor_ops_gets_single_tensor_calls(cls, monkeypatch):
+    from qlora_kernels.backends import reference as reference_backend
+
+    params0 = [torch.randn(70, 73), torch.randn(73)]
+    grads = [torch.randn_like(p) for p in params0]
+    results = []
+    for drop in (False, True):
+        if drop:
+            impls = {k: v for k, v in reference_backend.IMPLS.items() if not k.endswith("_multi")}
+            monkeypatch.setattr(reference_backend, "IMPLS", impls)
+        ps = [torch.nn.Parameter(p.clone()) for p in params0]
+        opt = cls(ps, lr=1e-2)
+        with use_backend("reference"):
+            for _ in range(2):
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                opt.step()
+        results.append(ps)
+    for a, b in zip(*results):
+        assert_same_bits(b.detach(), a.detach(), "param")
+
+
 def test_params_joining_late_keep_their_own_step_count():
     """A param whose first gradient comes at step 3 starts its bias correction at 1, as torch's."""
     a0, b0 = torch.randn(30), torch.randn(40)

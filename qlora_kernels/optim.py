@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.qlora.*)
+from .backends import BackendUnavailableError
 from .formats import num_blocks
 from .reference import ADAMW_8BIT_BLOCKSIZE, ADAMW_8BIT_MIN_NUMEL
 
@@ -467,16 +468,17 @@ class PagedAdamW(torch.optim.Optimizer):
                  float(_real(group["weight_decay"])), step)
         ps = [p for p, _, _ in items]
         gs = [g for _, g, _ in items]
-        if eight_bit:
-            torch.ops.qlora.adamw_step_8bit_multi(
-                ps, gs, *([st[k] for _, _, st in items]
-                          for k in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")),
-                *hyper, ADAMW_8BIT_BLOCKSIZE,
-            )
-        else:
-            torch.ops.qlora.adamw_step_32bit_multi(
-                ps, gs, [st["exp_avg"] for _, _, st in items], [st["exp_avg_sq"] for _, _, st in items], *hyper
-            )
+        keys = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax") if eight_bit else ("exp_avg", "exp_avg_sq")
+        states = [[st[k] for _, _, st in items] for k in keys]
+        extra = (ADAMW_8BIT_BLOCKSIZE,) if eight_bit else ()
+        multi = torch.ops.qlora.adamw_step_8bit_multi if eight_bit else torch.ops.qlora.adamw_step_32bit_multi
+        single = torch.ops.qlora.adamw_step_8bit if eight_bit else torch.ops.qlora.adamw_step_32bit
+        try:
+            multi(ps, gs, *states, *hyper, *extra)
+        except BackendUnavailableError:
+            # A backend with only the single-tensor ops (raised before any tensor is touched).
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                single(p, g, *(s[i] for s in states), *hyper, *extra)
 
     # --- checkpoints ---
 
