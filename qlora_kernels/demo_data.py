@@ -26,7 +26,7 @@ _TOPICS = {
     ),
     "technology": (
         ["the new phone", "the software update", "the startup", "the chip maker", "our laptop",
-         "the search engine", "the robot", "the cloud service", "the video game console",
+         "the search engine", "the robot", "the web browser", "the video game console",
          "the programming language", "the smart watch", "the operating system"],
         ["shipped a faster processor", "fixed a security bug", "crashed after the latest patch",
          "released a new version of its app", "doubled the battery life", "added support for wireless charging",
