@@ -162,10 +162,25 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     is_zero = absmax == 0
     inv = 1.0 / torch.where(is_zero, torch.ones_like(absmax), absmax)
     normed = padded * inv[:, None]
-    lut = dynamic_map_lut(code)
-    q = lut[lut_index(normed)]
+    q = cached_lut(code)[lut_index(normed)]
     q = torch.where(is_zero[:, None], torch.zeros_like(q), q)
     return q.reshape(-1)[:n].reshape(x.shape), absmax
+
+
+_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def cached_lut(code: torch.Tensor) -> torch.Tensor:
+    """dynamic_map_lut(code), built once per device for the shipped maps (recognised by identity:
+    get_code returns one tensor per device); any other code gets a fresh table. Building one costs
+    ~0.4 s on a CPU, and an 8-bit optimizer requantizes every step."""
+    for name in ("dynamic", "dynamic_unsigned"):
+        if code is get_code(name, code.device):
+            key = (name, code.device)
+            if key not in _LUTS:
+                _LUTS[key] = dynamic_map_lut(code)
+            return _LUTS[key]
+    return dynamic_map_lut(code)
 
 
 def dequantize_blockwise(
@@ -394,37 +409,11 @@ def adamw_step_8bit(
     v = dequantize_blockwise(v_q, v_absmax, code_v, blocksize)
     s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
     new_p, m, v = adamw_update(p, g, m, v, s)
-    q, absmax = _quantize_blockwise_lut(m, _state_lut("dynamic", p.device), blocksize)
+    q, absmax = quantize_blockwise(m, code_m, blocksize)
     m_q.copy_(q)
     m_absmax.copy_(absmax)
-    q, absmax = _quantize_blockwise_lut(v, _state_lut("dynamic_unsigned", p.device), blocksize)
+    q, absmax = quantize_blockwise(v, code_v, blocksize)
     v_q.copy_(q)
     v_absmax.copy_(absmax)
     p.copy_(new_p.to(p.dtype))
 
-
-# quantize_blockwise rebuilds its 65536-entry table on every call (0.4 s on a CPU); an optimizer
-# requantizes every step, so the two state maps' tables are built once per device. The encoder is
-# quantize_blockwise's, step for step; test_optim.py checks the two agree bit for bit.
-_STATE_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _state_lut(name: str, device: torch.device) -> torch.Tensor:
-    key = (name, torch.device(device))
-    if key not in _STATE_LUTS:
-        _STATE_LUTS[key] = dynamic_map_lut(get_code(name, device))
-    return _STATE_LUTS[key]
-
-
-def _quantize_blockwise_lut(x: torch.Tensor, lut: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_blockwise(x, code, blocksize) given lut = dynamic_map_lut(code)."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    nb = num_blocks(n, blocksize)
-    padded = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).reshape(nb, blocksize)
-    absmax = padded.abs().amax(dim=1)
-    is_zero = absmax == 0
-    inv = 1.0 / torch.where(is_zero, torch.ones_like(absmax), absmax)
-    q = lut[lut_index(padded * inv[:, None])]
-    q = torch.where(is_zero[:, None], torch.zeros_like(q), q)
-    return q.reshape(-1)[:n].reshape(x.shape), absmax

@@ -24,3 +24,22 @@ def store_cast(ptr, value, mask, OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr
         tl.store(ptr, round_to_bf16(value), mask=mask)
     else:
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lut_quantize_rows(x, lut_ptr, LUT_SIZE: tl.constexpr):
+    """(codes uint8, absmax fp32 per row) of x [blocks, BLOCKSIZE] (padding already zero):
+    reference.quantize_blockwise step for step. Callers launch with enable_fp_fusion=False: the
+    grid index (v + 1) * 0.5 * 65535 + 0.5 is four separately rounded operations in the spec."""
+    absmax = tl.max(tl.abs(x), axis=1)
+    is_zero = absmax == 0.0
+    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(is_zero, 1.0, absmax))
+    v = x * inv[:, None]
+    v = tl.where(v == v, v, -1.0)  # NaN -> index 0, as the reference (a NaN -> int cast is undefined)
+    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
+    t = (v + 1.0) * 0.5
+    t = t * (LUT_SIZE - 1.0)
+    t = t + 0.5
+    q = tl.load(lut_ptr + t.to(tl.int32))
+    q = tl.where(is_zero[:, None], 0, q)
+    return q, absmax

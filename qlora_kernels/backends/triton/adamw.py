@@ -21,10 +21,9 @@ import triton
 import triton.language as tl
 
 from ...formats import DYNAMIC_LUT_SIZE, get_code, num_blocks
-from ...reference import ADAMW_8BIT_BLOCKSIZE, adamw_scalars
-from ._common import store_cast
+from ...reference import ADAMW_8BIT_BLOCKSIZE, adamw_scalars, cached_lut
+from ._common import lut_quantize_rows, store_cast
 from ._utils import KernelSpec, interpreting
-from .blockwise_8bit import _lut_for
 
 BLOCK_32BIT = 1024
 ELEMS_PER_PROG_8BIT = 1024
@@ -84,24 +83,6 @@ def _adamw_32bit_kernel(
 
 
 @triton.jit
-def _requantize_blocks(x, lut_ptr, LUT_SIZE: tl.constexpr):
-    """(codes uint8, absmax fp32 per row) of x [blocks, BLOCKSIZE]: reference.quantize_blockwise,
-    with padding elements already zero."""
-    absmax = tl.max(tl.abs(x), axis=1)
-    is_zero = absmax == 0.0
-    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(is_zero, 1.0, absmax))
-    v = x * inv[:, None]
-    v = tl.where(v == v, v, -1.0)  # NaN -> index 0 as the reference (a NaN -> int cast is undefined)
-    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
-    t = (v + 1.0) * 0.5
-    t = t * (LUT_SIZE - 1.0)
-    t = t + 0.5
-    q = tl.load(lut_ptr + t.to(tl.int32))
-    q = tl.where(is_zero[:, None], 0, q)
-    return q, absmax
-
-
-@triton.jit
 def _adamw_8bit_body(
     p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr, n, block,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
@@ -130,8 +111,8 @@ def _adamw_8bit_body(
         v = tl.where(mask, v, 0.0)
 
     p, m, v = _adamw_math(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
-    qm, am = _requantize_blocks(m, lut_m_ptr, LUT_SIZE)
-    qv, av = _requantize_blocks(v, lut_v_ptr, LUT_SIZE)
+    qm, am = lut_quantize_rows(m, lut_m_ptr, LUT_SIZE)
+    qv, av = lut_quantize_rows(v, lut_v_ptr, LUT_SIZE)
 
     if FULL:
         tl.store(mq_ptr + offs, qm)
@@ -302,7 +283,7 @@ def adamw_step_8bit(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, w
     bpp = _blocks_per_program(blocksize)
     with _ContiguousParam(p) as pc:
         _adamw_8bit_kernel[(_cdiv(nb, bpp),)](
-            pc, g.contiguous(), m_q, m_absmax, v_q, v_absmax, code_m, code_v, _lut_for(code_m), _lut_for(code_v), n,
+            pc, g.contiguous(), m_q, m_absmax, v_q, v_absmax, code_m, code_v, cached_lut(code_m), cached_lut(code_v), n,
             *scalars,
             BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, LUT_SIZE=DYNAMIC_LUT_SIZE,
             P_BF16=p.dtype == torch.bfloat16, INTERPRET=interpreting(),
@@ -441,7 +422,7 @@ def adamw_step_8bit_multi(ps, gs, m_qs, m_absmaxs, v_qs, v_absmaxs, lr, beta1, b
             device,
         )
         _adamw_8bit_multi_kernel[(chunk_owner.numel(),)](
-            table, chunk_owner, len(idx), code_m, code_v, _lut_for(code_m), _lut_for(code_v), *scalars,
+            table, chunk_owner, len(idx), code_m, code_v, cached_lut(code_m), cached_lut(code_v), *scalars,
             BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, CHUNK_ITERS=MULTI_CHUNK_ITERS, LUT_SIZE=DYNAMIC_LUT_SIZE,
             P_DTYPE=_TL_DTYPE[pdt], G_DTYPE=_TL_DTYPE[gdt], P_BF16=pdt == torch.bfloat16, INTERPRET=interpreting(),
             num_warps=WARPS, enable_fp_fusion=False,

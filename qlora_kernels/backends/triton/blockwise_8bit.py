@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats import DYNAMIC_LUT_SIZE, get_code, num_blocks
-from ...reference import dynamic_map_lut
-from ._common import store_cast
+from ...formats import DYNAMIC_LUT_SIZE, num_blocks
+from ...reference import cached_lut
+from ._common import lut_quantize_rows, store_cast
 from ._utils import KernelSpec, interpreting
 
 ELEMS_PER_PROG = 2048
@@ -35,20 +35,9 @@ def _quantize_blockwise_kernel(
     in_range = offs < n
     x = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
 
-    absmax = tl.max(tl.abs(x), axis=1)
+    q, absmax = lut_quantize_rows(x, lut_ptr, LUT_SIZE)
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
     tl.store(absmax_ptr + block, absmax, mask=block < nblocks)
-
-    is_zero = absmax == 0.0
-    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(is_zero, 1.0, absmax))
-    v = x * inv[:, None]
-    v = tl.where(v == v, v, -1.0)  # NaN -> index 0, as the reference (a NaN -> int cast is undefined)
-    v = tl.minimum(tl.maximum(v, -1.0), 1.0)
-    t = (v + 1.0) * 0.5
-    t = t * (LUT_SIZE - 1.0)
-    t = t + 0.5
-    q = tl.load(lut_ptr + t.to(tl.int32))
-    q = tl.where(is_zero[:, None], 0, q)
     tl.store(q_ptr + offs, q, mask=in_range)
 
 
@@ -78,21 +67,6 @@ def _warps(blocksize: int) -> int:
     return WARPS if blocksize <= ELEMS_PER_PROG else 2 * WARPS
 
 
-_lut_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _lut_for(code: torch.Tensor) -> torch.Tensor:
-    # The shipped maps are cached by identity (get_code returns one tensor per device); any other
-    # code gets its table built per call: correct, and only custom maps pay for it.
-    for name in ("dynamic", "dynamic_unsigned"):
-        if code is get_code(name, code.device):
-            key = (name, code.device)
-            if key not in _lut_cache:
-                _lut_cache[key] = dynamic_map_lut(code)
-            return _lut_cache[key]
-    return dynamic_map_lut(code)
-
-
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = A.contiguous()
     n = x.numel()
@@ -101,7 +75,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
     bpp = _blocks_per_program(blocksize)
     _quantize_blockwise_kernel[(triton.cdiv(nb, bpp),)](
-        x.reshape(-1), _lut_for(code), q.reshape(-1), absmax, n,
+        x.reshape(-1), cached_lut(code), q.reshape(-1), absmax, n,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, LUT_SIZE=DYNAMIC_LUT_SIZE,
         num_warps=_warps(blocksize), enable_fp_fusion=False,
     )
