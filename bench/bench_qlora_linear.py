@@ -50,22 +50,18 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def _do_bench(fn: Callable[[], object]) -> float:
-    import triton.testing
+    from qlora_kernels.bench import time_fn
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(time_fn(fn, torch.device("cuda"))[0])
 
 
 @pytest.fixture(scope="module")
 def ceilings():
     """Achievable peaks on this GPU, this run: copy bandwidth (bytes read + written) and bf16 TFLOP/s."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = _do_bench(lambda: dst.copy_(src))
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_ms = _do_bench(lambda: a @ b)
-    del src, dst, a, b
-    return {"copy_GBps": 2 * (1 << 30) / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+    from qlora_kernels.bench import measure_ceilings
+
+    c = measure_ceilings(torch.device("cuda"), quick=False)
+    return {"copy_GBps": c["copy_gbps"], "bf16_TFLOPs": c["matmul_tflops"]}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,21 +1,9 @@
-"""Benchmark shapes shared by the bench suites (DESIGN.md section 7). Import, don't copy.
+"""Benchmark shapes shared by the bench suites (DESIGN.md section 7).
 
-Linear shapes are (in_features K, out_features N) of Llama projections: 4096x4096 (7B attention),
-4096x11008 and 11008x4096 (7B MLP up/gate and down), 8192x28672 (70B MLP up/gate).
+They live in qlora_kernels.bench (the `bench` command); this module re-exports them so the
+pytest-benchmark suites and the command use one list.
 """
 
-LLAMA_LINEAR_SHAPES = (
-    (4096, 4096),
-    (4096, 11008),
-    (11008, 4096),
-    (8192, 28672),
-)
-# Rows of activations (batch x sequence): decode (1, 16) through long training batches.
-M_SWEEP = (1, 16, 256, 4096, 16384)
-LORA_RANK = 16
-LORA_RANKS = (8, 16, 64)
-BLOCKSIZE = 64
+from qlora_kernels.bench import BLOCKSIZE, LLAMA_LINEAR_SHAPES, LORA_RANK, LORA_RANKS, M_SWEEP, shape_id
 
-
-def shape_id(k: int, n: int) -> str:
-    return f"{k}x{n}"
+__all__ = ["BLOCKSIZE", "LLAMA_LINEAR_SHAPES", "LORA_RANK", "LORA_RANKS", "M_SWEEP", "shape_id"]
