@@ -292,3 +292,81 @@ QK_HD float qk_normalize_8bit(float x, float inv) { return qk_fmul(x, inv); }
 QK_HD float qk_double_dequant(float code2_value, float absmax2, float offset) {
     return qk_fadd(qk_fmul(code2_value, absmax2), offset);
 }
+
+// ------------------------------------------------------------------------------------------
+// AdamW, one element (reference.adamw_update): fp32, one rounding per operation, this order
+// ------------------------------------------------------------------------------------------
+
+QK_HD float qk_fsub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+// Correctly rounded like the reference's float64 sqrt rounded once to fp32 (sqrtf is IEEE on
+// the host; __fsqrt_rn on the device stays exact even under -use_fast_math).
+QK_HD float qk_fsqrt(float a) {
+#if defined(__CUDA_ARCH__)
+    return __fsqrt_rn(a);
+#else
+    return sqrtf(a);
+#endif
+}
+
+// The eight fp32 constants of reference.adamw_scalars, exactly as Python rounded them.
+struct QkAdamwScalars {
+    float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
+};
+
+QK_HD void qk_adamw_update(float& p, float g, float& m, float& v, const QkAdamwScalars& s) {
+    p = qk_fmul(p, s.decay);
+    m = qk_fadd(qk_fmul(m, s.beta1), qk_fmul(g, s.one_minus_beta1));
+    v = qk_fadd(qk_fmul(v, s.beta2), qk_fmul(qk_fmul(g, g), s.one_minus_beta2));
+    const float denom = qk_fadd(qk_fdiv(qk_fsqrt(v), s.bc2_sqrt), s.eps);
+    p = qk_fsub(p, qk_fdiv(qk_fmul(s.step_size, m), denom));
+}
+
+// Requantization of an 8-bit state element given its block's fresh absmax (quantize_blockwise:
+// an all-zero block stores index 0). `lut` is the code's dynamic_map_lut table.
+QK_HD uint8_t qk_encode_8bit(float x, float absmax, float inv, const uint8_t* lut) {
+    return absmax == 0.0f ? (uint8_t)0 : lut[qk_lut_index(qk_normalize_8bit(x, inv))];
+}
+
+// ------------------------------------------------------------------------------------------
+// Small-M 4-bit GEMV: Y[m, n] = sum_k X[m, k] * W[n, k], W decoded from its FLAT index n*K + k
+// ------------------------------------------------------------------------------------------
+//
+// The kernel walks W in 16-byte chunks of 32 nibbles aligned in the flat index, so a chunk lies
+// in one quant block (blocksize >= 32) and may start before or end after its row (K % 32 != 0);
+// its out-of-row elements are skipped. Chunks of row n: [qk_gemv_chunk_lo, qk_gemv_chunk_hi).
+// Split s of S takes a contiguous run of a row's chunks; lane l of the row's warp takes every
+// 32nd chunk of that run starting at l, accumulating one element at a time in flat order with
+// an FMA (the result is a sum, held to a tolerance, so the FMA is allowed and is more accurate);
+// the 32 lanes are then summed by an xor butterfly, the splits in order s = 0, 1, ... The host
+// test program (csrc/tests/host_tests.cpp, host_gemv) runs this same order against a float64 sum.
+
+#define QK_GEMV_CHUNK 32
+#define QK_GEMV_LANES 32
+#define QK_GEMV_MAX_M 16
+
+QK_HD float qk_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#else
+    return fmaf(a, b, c);
+#endif
+}
+
+QK_HD int64_t qk_gemv_chunk_lo(int64_t n, int64_t K) { return (n * K) >> 5; }
+QK_HD int64_t qk_gemv_chunk_hi(int64_t n, int64_t K) { return ((n + 1) * K + 31) >> 5; }
+// Chunks per split, the same for every row: a row spans at most ceil(K/32) + 1 chunks.
+QK_HD int64_t qk_gemv_chunks_per_split(int64_t K, int64_t splits) {
+    return ((K + 31) / 32 + 1 + splits - 1) / splits;
+}
+
+// One element: acc + x * (code[q] * scale); the weight is exactly the reference's fp32 decode.
+QK_HD float qk_gemv_step(float acc, float x, float code_value, float scale) {
+    return qk_fma(x, qk_decode_scale(code_value, scale), acc);
+}

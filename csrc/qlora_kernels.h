@@ -109,6 +109,44 @@ QK_API int qk_quantize_blockwise(const void* input, int input_dtype, int64_t n, 
 QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                    int64_t blocksize, void* out, int out_dtype, cudaStream_t stream);
 
+/* Small-M 4-bit GEMV/GEMM for decode (reference.qlora_linear_forward without the LoRA matmuls):
+ *   y[m, n] = sum_k x[m, k] * dequant(W)[n, k]  (+ addend[m, n])  (+ bias[n])
+ * accumulated in fp32 (FMA), the additions in this order, rounded once to x_dtype.
+ *   x        [m, k] of x_dtype, row-major contiguous, any alignment (16-byte aligned with k % 8 == 0
+ *            is faster); 1 <= m <= 16
+ *   packed, absmax, nested_absmax, nested_code, offset: the 4-bit weight W [n, k] exactly as
+ *            qk_dequantize_4bit takes it (blocks of the flat index n*k: a block may cross rows);
+ *            packed must be 16-byte aligned
+ *   addend   [m, n] fp32 or NULL (the caller's LoRA term s * (X_lora A^T) B^T)
+ *   bias     [n] fp32 or NULL
+ *   splits   1..65535: each row's K range is cut into this many parts run by separate CTAs
+ *            (parallelism when n is small); splits > 1 needs workspace fp32 [splits * m * n],
+ *            whose partial sums are added in split order (deterministic for a given splits)
+ *   y        [m, n] of x_dtype, row-major contiguous
+ * blocksize: power of two in 32..4096. quant_type: QK_QUANT_NF4 or QK_QUANT_FP4. */
+QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
+                        const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
+                        int64_t k, int64_t blocksize, int quant_type, const float* addend, const float* bias,
+                        int64_t splits, float* workspace, void* y, cudaStream_t stream);
+
+/* One AdamW step in place (reference.adamw_step_32bit): p [n] of p_dtype, g [n] of g_dtype, m, v
+ * fp32 [n]; any alignment (16-byte aligned is faster). The eight floats are the float32 constants
+ * of reference.adamw_scalars, in that order. */
+QK_API int qk_adamw_step_32bit(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, int64_t n,
+                               float decay, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+                               float step_size, float bc2_sqrt, float eps, cudaStream_t stream);
+
+/* One AdamW step in place with blockwise 8-bit states (reference.adamw_step_8bit):
+ *   m_q, v_q [n] uint8 codes of code_m (signed dynamic map) and code_v (unsigned), fp32 [256] each;
+ *   m_absmax, v_absmax fp32 [ceil(n/blocksize)]; lut_m, lut_v [65536] uint8 from
+ *   qk_dynamic_map_lut of code_m / code_v (the encoder of qk_quantize_blockwise).
+ * blocksize: power of two in 8..4096. Scalars as for qk_adamw_step_32bit. */
+QK_API int qk_adamw_step_8bit(void* p, int p_dtype, const void* g, int g_dtype, uint8_t* m_q, float* m_absmax,
+                              uint8_t* v_q, float* v_absmax, int64_t n, int64_t blocksize, const float* code_m,
+                              const float* code_v, const uint8_t* lut_m, const uint8_t* lut_v, float decay,
+                              float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+                              float step_size, float bc2_sqrt, float eps, cudaStream_t stream);
+
 /* Unified memory with the signatures torch.cuda.memory.CUDAPluggableAllocator calls:
  * cudaMallocManaged on `device` (the current device is restored), NULL on failure (torch then
  * raises OutOfMemoryError). qk_managed_free is cudaFree, which waits for pending work on the

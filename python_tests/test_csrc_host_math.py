@@ -3,8 +3,10 @@
 Builds csrc/tests/host_tests.cpp (host compiler only: no nvcc, no GPU) with CMake in a temporary
 directory, writes the reference cases with csrc/tests/gen_host_cases.py (every NF4/FP4 code, every
 midpoint and its fp32 neighbours, the dynamic-map grid index and lookup tables, all 256 dynamic-map
-entries, bf16/fp16 rounding, whole-tensor quantize/dequantize at every blocksize and dtype) and
-runs the program on them.
+entries, bf16/fp16 rounding, whole-tensor quantize/dequantize at every blocksize and dtype, the
+AdamW element update at many random hyperparameters, whole 8-bit AdamW blocks, and the small-M
+GEMV's summation order against a float64 product within that order's error bound) and runs the
+program on them.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def test_qk_math_equals_reference(host_tests, case_lines, tmp_path):
     assert r.returncode == 0 and mismatches == 0, r.stderr[-4000:]
     assert records == len(case_lines)
     kinds = {line.split(" ", 1)[0] for line in case_lines}
-    assert kinds == {"code4", "enc4", "lutidx", "lut", "bf16", "f16", "bf16in", "f16in", "ddq", "q4", "dq4", "q8", "dq8"}
+    assert kinds == {"code4", "enc4", "lutidx", "lut", "bf16", "f16", "bf16in", "f16in", "ddq", "q4", "dq4", "q8", "dq8",
+                     "adamw", "adamw8", "gemv"}
     assert values > 1_000_000
 
 
@@ -93,7 +96,7 @@ def _corrupt(lines: list[str], kind: str) -> list[str]:
     raise AssertionError(f"no {kind} record")
 
 
-@pytest.mark.parametrize("kind", ["enc4", "lut", "bf16", "q4", "dq4", "q8"])
+@pytest.mark.parametrize("kind", ["enc4", "lut", "bf16", "q4", "dq4", "q8", "adamw", "adamw8"])
 def test_a_wrong_expectation_fails(host_tests, case_lines, tmp_path, kind):
     # The program must be able to fail: one flipped bit in one expected value of one record.
     lines = [line for line in case_lines if line.startswith(kind + " ")][:2]
@@ -103,6 +106,21 @@ def test_a_wrong_expectation_fails(host_tests, case_lines, tmp_path, kind):
     assert r.returncode == 1
     assert _summary(r.stdout)[2] == 1
     assert "MISMATCH" in r.stderr
+
+
+def test_gemv_bound_is_tight_enough_to_fail(host_tests, case_lines, tmp_path):
+    # With every sum-of-|x w| scale set to 0 the bound is 0: the fp32 sums' real rounding errors
+    # must then show up as mismatches (the float64 expectation is not just echoed back).
+    line = next(line for line in case_lines if line.startswith("gemv "))
+    toks = line.split(" ")
+    m, n = int(toks[1]), int(toks[2])
+    toks[len(toks) - m * n:] = ["0x0"] * (m * n)
+    path = tmp_path / "gemv.txt"
+    path.write_text(" ".join(toks) + "\n")
+    r = _run(host_tests, path)
+    assert r.returncode == 1
+    assert _summary(r.stdout)[2] > m * n // 2
+    assert "gemv y[" in r.stderr
 
 
 def test_a_malformed_file_is_an_error(host_tests, tmp_path):

@@ -242,3 +242,180 @@ def test_managed_alloc_and_prefetch():
         torch.cuda.synchronize()
     finally:
         lib.qk_managed_free(ptr, nbytes, dev, stream)
+
+
+# --- small-M GEMV (qlora_linear_fwd for M <= 16) ---
+#
+# Held to DESIGN.md section 6's rule against a float64 product of the reference's fp32 weight: max
+# error <= 2x that of PyTorch in the activation dtype (W dequantized to it, then x @ W^T) plus
+# ATOL_REL of the output's magnitude.
+
+GEMV_ATOL_REL = 2.0**-20
+GEMV_SHAPES = [  # (N, K, blocksize, quant_type): ragged N and K, K % blocksize != 0, odd K
+    (200, 320, 64, "nf4"),
+    (96, 200, 64, "nf4"),
+    (64, 321, 32, "fp4"),
+    (130, 256, 256, "nf4"),
+    (512, 4096, 64, "nf4"),
+]
+
+
+def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
+    w = torch.randn(n, k, generator=gen) * 0.05
+    packed, absmax = ref.quantize_4bit(w, blocksize, quant_type)
+    if nested:
+        qa, a2, off = ref.double_quantize(absmax)
+        dyn = get_code("dynamic")
+        scale = ref.double_dequantize(qa, a2, dyn, off)
+        wargs = (qa.cuda(), a2.cuda(), dyn.cuda(), off.cuda())
+    else:
+        scale = absmax
+        wargs = (absmax.cuda(), None, None, None)
+    w32 = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n, k), torch.float32)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    return x, packed, wargs, w32
+
+
+def _assert_within_rule(got, x, w32, addend, bias, what):
+    exact = x.double() @ w32.double().t()
+    low = (x.cuda() @ w32.to(x.dtype).cuda().t()).cpu().double()
+    if addend is not None:
+        exact = exact + addend.double()
+        low = low + addend.double()
+    if bias is not None:
+        exact = exact + bias.double()
+        low = low + bias.double()
+    assert torch.isfinite(got).all(), what
+    err = (got.cpu().double() - exact).abs().max().item()
+    err_torch = (low.to(x.dtype).double() - exact).abs().max().item()
+    atol = GEMV_ATOL_REL * exact.abs().max().item()
+    assert err <= 2 * err_torch + atol, f"{what}: max error {err:.3e} > 2 x PyTorch's {err_torch:.3e} + {atol:.1e}"
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-bs{s[2]}-{s[3]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
+    n, k, blocksize, quant_type = shape
+    gen = torch.Generator().manual_seed(m * 1000 + n + DTYPES.index(dtype))
+    for nested in (False, True):
+        x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
+        addend = torch.randn(m, n, generator=gen) * 0.1
+        bias = torch.randn(n, generator=gen) * 0.1
+        for splits in (None, 1, 3):
+            for xin in (x.cuda(), torch.stack([x, x], 2).reshape(m, 2 * k).cuda()[:, ::2]):  # contiguous, strided
+                poison(m * n * x.element_size())
+                y = C.gemv_4bit(xin, packed.cuda(), *wargs, blocksize, quant_type, (n, k),
+                                addend=addend.cuda(), bias=bias.cuda(), splits=splits)
+                torch.cuda.synchronize()
+                assert y.dtype == dtype and y.shape == (m, n)
+                _assert_within_rule(y, x, w32, addend, bias, f"m={m} nested={nested} splits={splits}")
+        # Deterministic: the same call gives the same bits.
+        y1 = C.gemv_4bit(x.cuda(), packed.cuda(), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y2 = C.gemv_4bit(x.cuda(), packed.cuda(), *wargs, blocksize, quant_type, (n, k), splits=3)
+        assert_bits_equal(y1, y2, "repeat")
+
+
+def test_gemv_misaligned_packed_and_x():
+    # packed at an odd address (the launcher realigns it), x at an odd element offset (scalar loads).
+    gen = torch.Generator().manual_seed(3)
+    x, packed, wargs, w32 = _gemv_inputs(4, 72, 264, 64, "nf4", torch.bfloat16, False, gen)
+    raw = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
+    raw[1:] = packed.reshape(-1).cuda()
+    xs = torch.empty(4 * 264 + 1, dtype=torch.bfloat16, device="cuda")
+    xs[1:] = x.reshape(-1).cuda()
+    y = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
+    ref_y = C.gemv_4bit(x.cuda(), packed.cuda(), *wargs, 64, "nf4", (72, 264))
+    torch.cuda.synchronize()
+    assert_bits_equal(y, ref_y, "misaligned inputs")
+    _assert_within_rule(y, x, w32, None, None, "misaligned")
+
+
+def test_qlora_linear_fwd_op_small_m_and_delegation():
+    # Through the op with the cuda backend forced: M <= 16 runs csrc (Y by the rule, T as the
+    # reference computes it in fp32); M = 17 is handed to Triton (bit-identical to forcing it).
+    import math
+
+    gen = torch.Generator().manual_seed(11)
+    n, k, r = 200, 320, 16
+    w = torch.randn(n, k, generator=gen) * 0.05
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    qa, a2, off = ref.double_quantize(absmax)
+    dyn = get_code("dynamic")
+    w32 = ref.dequantize_4bit(packed, ref.double_dequantize(qa, a2, dyn, off), 64, "nf4", (n, k), torch.float32)
+    A = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(torch.bfloat16)
+    B = (torch.randn(n, r, generator=gen) * 0.1).to(torch.bfloat16)
+    bias = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+    s = 2.0 / math.sqrt(r)
+    wargs = (packed.cuda(), qa.cuda(), a2.cuda(), dyn.cuda(), off.cuda(), 64, "nf4", [n, k])
+    for m in (1, 16, 17):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        with use_backend("cuda"):
+            y, t = torch.ops.qlora.qlora_linear_fwd(x.cuda(), None, *wargs, A.cuda(), B.cuda(), s, bias.cuda())
+        torch.cuda.synchronize()
+        t_exact = x.double() @ A.double().t()
+        assert t.dtype == torch.float32 and t.shape == (m, r)
+        assert (t.cpu().double() - t_exact).abs().max().item() <= 1e-5 * t_exact.abs().max().item()
+        if m > C.GEMV_MAX_M:
+            with use_backend("triton"):
+                y_tri, t_tri = torch.ops.qlora.qlora_linear_fwd(x.cuda(), None, *wargs, A.cuda(), B.cuda(), s, bias.cuda())
+            assert_bits_equal(y, y_tri, "M=17 delegated to Triton")
+            continue
+        lora = s * (t_exact @ B.double().t())
+        _assert_within_rule(y, x, w32, lora, bias.float(), f"op m={m}")
+
+
+# --- AdamW steps: bit-identical to reference.adamw_step_* (run on the CPU) ---
+
+HYPER = [(1e-3, 0.9, 0.999, 1e-8, 0.01, 1), (3e-2, 0.8, 0.95, 1e-6, 0.1, 7), (1e-4, 0.0, 0.99999, 1e-12, 0.0, 12345)]
+
+
+@pytest.mark.parametrize("p_dtype", DTYPES)
+@pytest.mark.parametrize("g_dtype", DTYPES)
+def test_adamw_32bit_bit_identical(p_dtype, g_dtype):
+    gen = torch.Generator().manual_seed(DTYPES.index(p_dtype) * 3 + DTYPES.index(g_dtype))
+    for n in (1, 5, 1000, 4099):
+        for offset in (0, 1):  # 1: every tensor at an odd element offset (the scalar path)
+            p = (torch.randn(n, generator=gen)).to(p_dtype)
+            g = (torch.randn(n, generator=gen) * 0.1).to(g_dtype)
+            m = torch.randn(n, generator=gen) * 0.01
+            v = torch.rand(n, generator=gen) * 1e-3
+            gp, gg, gm, gv = (torch.cat([t[:1], t]).cuda()[offset : offset + n] if offset else t.cuda()
+                              for t in (p, g, m, v))
+            for hyper in HYPER:
+                ref.adamw_step_32bit(p, g, m, v, *hyper)
+                C.adamw_step_32bit(gp, gg, gm, gv, *hyper)
+            torch.cuda.synchronize()
+            for name, got, exp in (("p", gp, p), ("m", gm, m), ("v", gv, v)):
+                assert_bits_equal(got, exp, f"{name} n={n} offset={offset}")
+
+
+@pytest.mark.parametrize("p_dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 256, 2048])
+def test_adamw_8bit_bit_identical(p_dtype, blocksize):
+    gen = torch.Generator().manual_seed(blocksize + DTYPES.index(p_dtype))
+    for n in (5, 3 * blocksize + 17, 40_000):
+        nb = -(-n // blocksize)
+        p = torch.randn(n, generator=gen).to(p_dtype)
+        states = [torch.zeros(n, dtype=torch.uint8), torch.zeros(nb), torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)]
+        gpu = [t.cuda() for t in [p] + states]
+        for step, hyper in enumerate(HYPER, 1):
+            g = (torch.randn(n, generator=gen) * 0.1).to(p_dtype)
+            if nb > 2:
+                g[blocksize : 2 * blocksize] = 0.0  # a block whose states stay all zero
+            ref.adamw_step_8bit(p, g, *states, *hyper[:5], step, blocksize)
+            C.adamw_step_8bit(gpu[0], g.cuda(), *gpu[1:], *hyper[:5], step, blocksize)
+        torch.cuda.synchronize()
+        for name, got, exp in zip(("p", "m_q", "m_absmax", "v_q", "v_absmax"), gpu, [p] + states):
+            assert_bits_equal(got, exp, f"{name} n={n}")
+
+
+def test_adamw_ops_pick_the_cuda_backend():
+    # Automatic choice on CUDA tensors: the single-tensor AdamW ops and qlora_linear_fwd come from
+    # csrc; the multi-tensor ones are Triton's (not claimed by the cuda backend).
+    from qlora_kernels.backends import get_impl
+
+    dev = torch.device("cuda")
+    for op in ("adamw_step_32bit", "adamw_step_8bit", "qlora_linear_fwd"):
+        assert get_impl(op, dev)[0] == "cuda", op
+    assert "adamw_step_32bit_multi" not in C.IMPLS and "qlora_linear_bwd" not in C.IMPLS

@@ -209,6 +209,105 @@ def _cases(seed: int) -> list[str]:
                     lines.append(fmt("q8", B, DT[dtype], n, bits(x), bits(code), ints(q), bits(absmax)))
                     deq = ref.dequantize_blockwise(q, absmax, code, B, dtype)
                     lines.append(fmt("dq8", B, DT[dtype], n, ints(q), bits(absmax), bits(code), bits(deq)))
+
+    lines += adamw_cases(g)
+    lines += gemv_cases(g)
+    return lines
+
+
+ADAMW_KEYS = ("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps")
+
+
+def bits64(t: torch.Tensor) -> list[int]:
+    return [v & 0xFFFFFFFFFFFFFFFF for v in t.double().contiguous().reshape(-1).view(torch.int64).tolist()]
+
+
+def random_hyper(g: torch.Generator, i: int) -> tuple:
+    """(lr, beta1, beta2, eps, weight_decay, step): the usual settings first, then random ones."""
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=g))]
+
+    def u(lo, hi):
+        return lo + (hi - lo) * float(torch.rand(1, generator=g))
+
+    if i == 0:
+        return 1e-3, 0.9, 0.999, 1e-8, 0.01, 1
+    lr = 10.0 ** u(-6, -0.5)
+    beta1 = pick([0.9, 0.0, u(0.5, 0.999)])
+    beta2 = pick([0.999, 0.95, u(0.8, 0.99999)])
+    eps = pick([1e-8, 1e-6, 10.0 ** u(-12, -3)])
+    wd = pick([0.0, 0.01, 0.1, u(0.0, 0.5)])
+    step = pick([1, 2, 10, 1000, int(torch.randint(1, 100_000, (1,), generator=g))])
+    return lr, beta1, beta2, eps, wd, step
+
+
+def adamw_values(g: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+    """(p, grad, m, v) fp32 of many magnitudes, with zeros, tiny and huge gradients mixed in."""
+    scale = lambda: 10.0 ** torch.randint(-6, 3, (n,), generator=g).float()  # noqa: E731
+    p = torch.randn(n, generator=g) * scale()
+    grad = torch.randn(n, generator=g) * scale()
+    m = torch.randn(n, generator=g) * scale() * 0.1
+    v = torch.rand(n, generator=g) * scale() * 0.01
+    k = min(n, 8)
+    grad[:k] = torch.tensor([0.0, -0.0, 1e-30, -1e30, 3e38, 1e-45, 65504.0, -1.0])[:k]
+    v[: k // 2] = 0.0
+    return p, grad, m, v
+
+
+def adamw_cases(g: torch.Generator) -> list[str]:
+    """AdamW element updates against reference.adamw_update (fp32 states) and whole 8-bit blocks
+    against reference.adamw_step_8bit (dequantize, update, requantize)."""
+    lines = []
+    dts = list(DT)
+    for i in range(40):
+        hyper = random_hyper(g, i)
+        s = ref.adamw_scalars(*hyper)
+        pdt, gdt = dts[i % 3], dts[(i // 3) % 3]
+        p, grad, m, v = adamw_values(g, 300)
+        p, grad = p.to(pdt), grad.to(gdt)
+        new_p, new_m, new_v = ref.adamw_update(p, grad, m, v, s)
+        lines.append(fmt("adamw", DT[pdt], DT[gdt], bits(f32([s[k] for k in ADAMW_KEYS])), p.numel(), bits(p),
+                         bits(grad), bits(m), bits(v), bits(new_p.to(pdt)), bits(new_m), bits(new_v)))
+
+    code_m, code_v = get_code("dynamic"), get_code("dynamic_unsigned")
+    for i, (B, n, pdt) in enumerate([(256, 3 * 256 + 17, torch.float32), (64, 5 * 64, torch.bfloat16),
+                                     (256, 256, torch.float16), (4096, 4096 + 100, torch.float32)]):
+        p = torch.randn(n, generator=g).to(pdt)
+        nb = -(-n // B)
+        m_q, v_q = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+        m_abs, v_abs = torch.zeros(nb), torch.zeros(nb)
+        # A few steps first, so the recorded step starts from real (nonzero) states; block 1 keeps a
+        # zero gradient throughout, so its states stay zero (the all-zero block encoding).
+        for step in range(1, 4):
+            hyper = random_hyper(g, i + step)[:5] + (step,)
+            grad = (torch.randn(n, generator=g) * 0.1).to(pdt)
+            if nb > 1:
+                grad[B : 2 * B] = 0.0
+            before = [t.clone() for t in (p, grad, m_q, m_abs, v_q, v_abs)]
+            ref.adamw_step_8bit(p, grad, m_q, m_abs, v_q, v_abs, *hyper, blocksize=B)
+        s = ref.adamw_scalars(*hyper)
+        bp, bg, bmq, bma, bvq, bva = before
+        lines.append(fmt("adamw8", DT[pdt], DT[pdt], B, bits(f32([s[k] for k in ADAMW_KEYS])), n, bits(code_m),
+                         bits(code_v), bits(bp), bits(bg), ints(bmq), bits(bma), ints(bvq), bits(bva),
+                         bits(p), ints(m_q), bits(m_abs), ints(v_q), bits(v_abs)))
+    return lines
+
+
+def gemv_cases(g: torch.Generator) -> list[str]:
+    """Small-M GEMV: x fp32 [M, K], W quantized by the reference; expected Y in float64 from the
+    reference's fp32 weight, and sum |x| |w| per output (the error bound's scale)."""
+    lines = []
+    for M, N, K, B, qt, splits in [(1, 40, 4096, 64, "nf4", 1), (3, 33, 320, 64, "nf4", 2), (16, 17, 200, 64, "fp4", 1),
+                                   (7, 29, 321, 32, "nf4", 3), (2, 50, 1000, 256, "nf4", 4), (1, 9, 31, 32, "fp4", 1),
+                                   (5, 12, 2080, 128, "nf4", 5)]:
+        w = torch.randn(N, K, generator=g) * 0.05
+        packed, absmax = ref.quantize_4bit(w, B, qt)
+        wq = ref.dequantize_4bit(packed, absmax, B, qt, (N, K), torch.float32).double()
+        x = torch.randn(M, K, generator=g)
+        y64 = x.double() @ wq.t()
+        absdot = x.double().abs() @ wq.abs().t()
+        lines.append(fmt("gemv", M, N, K, B, QT[qt], splits, bits(x), ints(packed), bits(absmax), bits64(y64),
+                         bits64(absdot)))
     return lines
 
 

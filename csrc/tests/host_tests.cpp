@@ -8,6 +8,9 @@
 // with the same qk_math.h calls in the same order, so every rounding step is checked; only the
 // thread layout differs on the GPU (tests/test_cuda_backend.py covers that).
 //
+// The AdamW cases (adamw, adamw8) are bit for bit too; the GEMV case runs gemv_4bit_kernel's
+// summation order and holds it to the standard error bound of that order against a float64 sum.
+//
 // Exit status: 0 all equal, 1 a mismatch, 2 an unreadable case file.
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +18,7 @@
 
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qk_math.h"
@@ -131,6 +135,61 @@ void host_quantize_4bit(const std::vector<float>& x, long long B, int qt, std::v
     }
     packed.assign((n + 1) / 2, 0);
     for (long long j = 0; j < (n + 1) / 2; ++j) packed[j] = qk_pack_4bit(q[2 * j], q[2 * j + 1]);
+}
+
+QkAdamwScalars read_scalars(Reader& r) {
+    auto b = r.vec(8);
+    return QkAdamwScalars{qk_bits_f32((uint32_t)b[0]), qk_bits_f32((uint32_t)b[1]), qk_bits_f32((uint32_t)b[2]),
+                          qk_bits_f32((uint32_t)b[3]), qk_bits_f32((uint32_t)b[4]), qk_bits_f32((uint32_t)b[5]),
+                          qk_bits_f32((uint32_t)b[6]), qk_bits_f32((uint32_t)b[7])};
+}
+
+// build_lut is 16M compares; the 8-bit AdamW records share two codes.
+const std::vector<uint8_t>& cached_lut(const std::vector<float>& code) {
+    static std::vector<std::pair<std::vector<float>, std::vector<uint8_t>>> cache;
+    for (auto& e : cache)
+        if (e.first.size() == code.size() && memcmp(e.first.data(), code.data(), code.size() * sizeof(float)) == 0)
+            return e.second;
+    cache.emplace_back(code, build_lut(code));
+    return cache.back().second;
+}
+
+// gemv_4bit_kernel's summation order for one output row n of every X row: per split, per lane,
+// chunks c = begin + lane, +32, ... and their elements in flat order (FMA), then the lanes' xor
+// butterfly, then the splits in order. Returns y[m] (fp32, before the epilogue).
+std::vector<float> host_gemv_row(const std::vector<float>& x, int M, int64_t K, int64_t n, const std::vector<uint8_t>& packed,
+                                 const std::vector<float>& scale, int log2B, int qt, int64_t splits) {
+    const int64_t lo = qk_gemv_chunk_lo(n, K), hi = qk_gemv_chunk_hi(n, K), cps = qk_gemv_chunks_per_split(K, splits);
+    std::vector<float> y(M, 0.0f);
+    for (int64_t s = 0; s < splits; ++s) {
+        const int64_t begin = lo + s * cps, end = begin + cps < hi ? begin + cps : hi;
+        std::vector<float> lane(QK_GEMV_LANES * M, 0.0f);
+        for (int l = 0; l < QK_GEMV_LANES; ++l)
+            for (int64_t c = begin + l; c < end; c += QK_GEMV_LANES) {
+                const float sc = scale[(c * QK_GEMV_CHUNK) >> log2B];
+                for (int j = 0; j < QK_GEMV_CHUNK; ++j) {
+                    const int64_t i = c * QK_GEMV_CHUNK + j, k = i - n * K;
+                    if (k < 0 || k >= K) continue;
+                    const unsigned byte = packed[i >> 1];
+                    const float w = qk_decode_scale(qk_code_4bit(qt, (i & 1) ? (byte & 15) : (byte >> 4)), sc);
+                    for (int m = 0; m < M; ++m) lane[l * M + m] = qk_fma(x[m * K + k], w, lane[l * M + m]);
+                }
+            }
+        for (int o = QK_GEMV_LANES / 2; o > 0; o >>= 1) {
+            std::vector<float> next(lane.size());
+            for (int l = 0; l < QK_GEMV_LANES; ++l)
+                for (int m = 0; m < M; ++m) next[l * M + m] = qk_fadd(lane[l * M + m], lane[(l ^ o) * M + m]);
+            lane.swap(next);
+        }
+        for (int m = 0; m < M; ++m) y[m] = s == 0 ? lane[m] : qk_fadd(y[m], lane[m]);
+    }
+    return y;
+}
+
+double bits_f64(uint64_t u) {
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
 }
 
 void run_case_file(const char* path) {
@@ -260,6 +319,97 @@ void run_case_file(const char* path) {
             auto exp = r.vec(n);
             for (long long i = 0; i < n; ++i)
                 check_float(rec + " dq8", i, dt, f32_to_out(dt, qk_decode_scale(code[q[i]], absmax[i / B])), exp[i]);
+        } else if (kind == "adamw") {
+            int pdt = (int)r.u(), gdt = (int)r.u();
+            const QkAdamwScalars sc = read_scalars(r);
+            long long n = (long long)r.u();
+            auto p = r.vec(n), g = r.vec(n), m = r.vec(n), v = r.vec(n);
+            auto ep = r.vec(n), em = r.vec(n), ev = r.vec(n);
+            for (long long i = 0; i < n && r.ok; ++i) {
+                float pf = in_to_f32(pdt, p[i]), mf = qk_bits_f32((uint32_t)m[i]), vf = qk_bits_f32((uint32_t)v[i]);
+                qk_adamw_update(pf, in_to_f32(gdt, g[i]), mf, vf, sc);
+                const std::string in = "p " + hex32(qk_f32_bits(in_to_f32(pdt, p[i]))) + " g " + hex32(qk_f32_bits(in_to_f32(gdt, g[i])));
+                check_float(rec + " adamw p", i, pdt, f32_to_out(pdt, pf), ep[i], in);
+                check_float(rec + " adamw m", i, QK_DTYPE_FLOAT32, qk_f32_bits(mf), em[i], in);
+                check_float(rec + " adamw v", i, QK_DTYPE_FLOAT32, qk_f32_bits(vf), ev[i], in);
+            }
+        } else if (kind == "adamw8") {
+            // adamw_8bit_kernel's algorithm, one quant block at a time.
+            int pdt = (int)r.u(), gdt = (int)r.u();
+            long long B = (long long)r.u();
+            const QkAdamwScalars sc = read_scalars(r);
+            long long n = (long long)r.u();
+            const long long nb = nblocks(n, B);
+            auto code_m = floats(r.vec(256)), code_v = floats(r.vec(256));
+            auto p = r.vec(n), g = r.vec(n), mq = r.vec(n);
+            auto ma = floats(r.vec(nb));
+            auto vq = r.vec(n);
+            auto va = floats(r.vec(nb));
+            auto ep = r.vec(n), emq = r.vec(n), ema = r.vec(nb), evq = r.vec(n), eva = r.vec(nb);
+            if (!r.ok) {
+                fprintf(stderr, "malformed record %lld (%s) in %s\n", g_records, kind.c_str(), path);
+                exit(2);
+            }
+            const auto& lut_m = cached_lut(code_m);
+            const auto& lut_v = cached_lut(code_v);
+            for (long long b = 0; b < nb; ++b) {
+                const long long i0 = b * B, i1 = (b + 1) * B < n ? (b + 1) * B : n;
+                std::vector<float> pf(B), mf(B), vf(B);
+                float mmax = 0.0f, vmax = 0.0f;
+                for (long long i = i0; i < i1; ++i) {
+                    float& pp = pf[i - i0];
+                    float& mm = mf[i - i0];
+                    float& vv = vf[i - i0];
+                    pp = in_to_f32(pdt, p[i]);
+                    mm = qk_decode_scale(code_m[mq[i]], ma[b]);
+                    vv = qk_decode_scale(code_v[vq[i]], va[b]);
+                    qk_adamw_update(pp, in_to_f32(gdt, g[i]), mm, vv, sc);
+                    mmax = qk_nanmax(mmax, fabsf(mm));
+                    vmax = qk_nanmax(vmax, fabsf(vv));
+                }
+                check_float(rec + " adamw8 m_absmax", b, QK_DTYPE_FLOAT32, qk_f32_bits(mmax), ema[b]);
+                check_float(rec + " adamw8 v_absmax", b, QK_DTYPE_FLOAT32, qk_f32_bits(vmax), eva[b]);
+                const float inv_m = qk_inv_absmax_8bit(mmax), inv_v = qk_inv_absmax_8bit(vmax);
+                for (long long i = i0; i < i1; ++i) {
+                    check_float(rec + " adamw8 p", i, pdt, f32_to_out(pdt, pf[i - i0]), ep[i]);
+                    check(rec + " adamw8 m_q", i, qk_encode_8bit(mf[i - i0], mmax, inv_m, lut_m.data()), emq[i]);
+                    check(rec + " adamw8 v_q", i, qk_encode_8bit(vf[i - i0], vmax, inv_v, lut_v.data()), evq[i]);
+                }
+            }
+        } else if (kind == "gemv") {
+            int M = (int)r.u();
+            long long N = (long long)r.u(), K = (long long)r.u(), B = (long long)r.u();
+            int qt = (int)r.u();
+            long long splits = (long long)r.u();
+            auto x = floats(r.vec(M * K));
+            auto pk = r.vec((N * K + 1) / 2);
+            auto scale = floats(r.vec(nblocks(N * K, B)));
+            auto y64 = r.vec(M * N), absdot = r.vec(M * N);
+            if (!r.ok) {
+                fprintf(stderr, "malformed record %lld (%s) in %s\n", g_records, kind.c_str(), path);
+                exit(2);
+            }
+            std::vector<uint8_t> packed(pk.begin(), pk.end());
+            int log2B = 0;
+            while ((1LL << log2B) < B) ++log2B;
+            // Longest chain of roundings to one output: a lane's FMAs, the butterfly, the splits.
+            const long long cps = qk_gemv_chunks_per_split(K, splits);
+            const double depth = (double)((cps + QK_GEMV_LANES - 1) / QK_GEMV_LANES * QK_GEMV_CHUNK + 5 + splits);
+            const double u = ldexp(1.0, -24), gamma = depth * u / (1.0 - depth * u);
+            for (long long nn = 0; nn < N; ++nn) {
+                auto y = host_gemv_row(x, M, K, nn, packed, scale, log2B, qt, splits);
+                for (int m = 0; m < M; ++m) {
+                    ++g_values;
+                    const double exact = bits_f64(y64[m * N + nn]), bound = gamma * bits_f64(absdot[m * N + nn]) + 1e-300;
+                    const double err = fabs((double)y[m] - exact);
+                    if (!(err <= bound)) {
+                        ++g_mismatches;
+                        if (g_reported++ < 40)
+                            fprintf(stderr, "MISMATCH %s gemv y[%d, %lld] = %.9g, float64 %.17g: error %.3g > bound %.3g\n",
+                                    rec.c_str(), m, nn, (double)y[m], exact, err, bound);
+                    }
+                }
+            }
         } else {
             fprintf(stderr, "unknown record kind '%s' (record %lld)\n", kind.c_str(), g_records);
             exit(2);
@@ -294,6 +444,16 @@ void run_builtin() {
     check("builtin f16 min subnormal", 0, qk_f32_to_f16(qk_bits_f32(0x33800000u)), 0x0001);
     check("builtin f16 in", 0, qk_f32_bits(qk_f16_to_f32(0x3C00)), 0x3F800000u);
     check("builtin dq", 0, qk_f32_bits(qk_double_dequant(0.5f, 2.0f, 0.25f)), qk_f32_bits(1.25f));
+    {
+        // A step from zero states with g = 1: m = 0.1, v = 0.001, p = 1 - lr * m_hat / (sqrt(v_hat) + eps).
+        QkAdamwScalars s = {1.0f, 0.9f, 0.1f, 0.999f, 0.001f, 0.01f, 1.0f, 0.0f};
+        float p = 1.0f, m = 0.0f, v = 0.0f;
+        qk_adamw_update(p, 1.0f, m, v, s);
+        check("builtin adamw m", 0, qk_f32_bits(m), qk_f32_bits(0.1f));
+        check("builtin adamw v", 0, qk_f32_bits(v), qk_f32_bits(0.001f));
+        check("builtin adamw p finite", 0, p > 0.9f && p < 1.0f, 1);
+    }
+    check("builtin gemv chunks", 0, (uint64_t)(qk_gemv_chunk_hi(2, 40) - qk_gemv_chunk_lo(2, 40)), 2);
 }
 
 }  // namespace

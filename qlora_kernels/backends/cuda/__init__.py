@@ -6,6 +6,11 @@ it (`torch.cuda.current_stream(device).cuda_stream`), so the kernels order with 
 work and never run on an implicit default stream.
 
 Importing this module never needs a GPU or the library; available() says why it cannot run.
+
+Ops claimed per shape: qlora_linear_fwd runs csrc's small-M kernel for M <= GEMV_MAX_M (decode)
+and hands larger M to the Triton implementation (backends.get_impl picks a backend per op, not per
+shape; csrc has no large-M GEMM). The _multi AdamW ops and qlora_linear_bwd are not claimed, so
+the automatic choice takes Triton's for them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...formats import check_blocksize, check_quant_type
+from ... import reference as ref
+from ...formats import check_blocksize, check_quant_type, get_code, num_blocks
 from . import _lib
 
 DTYPE_CODES = {
@@ -223,9 +229,257 @@ def prefetch(t: torch.Tensor, device: Optional[int] = None) -> None:
         _lib.check(lib.qk_prefetch(t.data_ptr(), t.numel() * t.element_size(), dev, _stream(t.device)), "qk_prefetch")
 
 
+# --- small-M QLoRA linear forward (decode) ---
+
+GEMV_MAX_M = 16
+# Below this many chunks (32 weights) per split per row, splitting K costs more than it gains.
+_GEMV_MIN_CHUNKS_PER_SPLIT = 64
+_GEMV_MAX_SPLITS = 32
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def gemv_splits(n: int, k: int, device: torch.device) -> int:
+    """How many parts each row's K range is cut into: enough warps (one per row and part) for
+    about four 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks."""
+    want = -(-(_sm_count(device) * 32) // max(n, 1))
+    most = max(1, -(-k // 32) // _GEMV_MIN_CHUNKS_PER_SPLIT)
+    return max(1, min(want, most, _GEMV_MAX_SPLITS))
+
+
+def _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n_weights: int, blocksize: int, device):
+    """(packed bytes 16-byte aligned, absmax, (nested_absmax, nested_code, offset) pointers or
+    Nones, tensors to keep alive) checked against the weight's size."""
+    nb = -(-n_weights // blocksize)
+    raw = packed.reshape(-1).view(torch.uint8)
+    if raw.numel() < (n_weights + 1) // 2:
+        raise ValueError(f"packed holds {raw.numel()} bytes, the weight needs {(n_weights + 1) // 2}")
+    if not raw.is_contiguous() or raw.data_ptr() % 16:
+        raw = raw.clone()  # a fresh allocation is aligned; the kernel reads W 16 bytes at a time
+    _on(device, raw, "packed")
+    _on(device, absmax, "absmax")
+    if nested_absmax is not None:
+        if nested_code is None or offset is None:
+            raise ValueError("double-quantized absmax needs nested_code and offset")
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"double-quantized absmax must be uint8, got {absmax.dtype}")
+        a = absmax.contiguous()
+        a2 = nested_absmax.float().contiguous()
+        code2 = nested_code.float().contiguous()
+        off = offset.to(device=device, dtype=torch.float32).reshape(1).contiguous()
+        _on(device, a2, "nested_absmax")
+        _on(device, code2, "nested_code")
+        if code2.numel() != 256:
+            raise ValueError(f"nested_code must have 256 entries, got {code2.numel()}")
+        if a2.numel() < -(-nb // NESTED_BLOCKSIZE):
+            raise ValueError(f"nested_absmax has {a2.numel()} entries, {-(-nb // NESTED_BLOCKSIZE)} needed")
+        ptrs = (a2.data_ptr(), code2.data_ptr(), off.data_ptr())
+        keep = (raw, a, a2, code2, off)
+    else:
+        a = absmax.float().contiguous()
+        ptrs = (None, None, None)
+        keep = (raw, a)
+    if a.numel() < nb:
+        raise ValueError(f"absmax has {a.numel()} entries, {nb} needed at blocksize {blocksize}")
+    return raw, a, ptrs, keep
+
+
+def gemv_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    addend: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    splits: Optional[int] = None,
+) -> torch.Tensor:
+    """Y [M, N] of x.dtype = x [M <= 16, K] @ dequant(W [N, K])^T (+ addend fp32 [M, N]) (+ bias),
+    accumulated in fp32 and rounded once (csrc/gemv_4bit.cu). splits None: gemv_splits()."""
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    x_code = _dtype_code(x.dtype, "x")
+    n, k = int(shape[0]), int(shape[1])
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    m = x.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"the csrc GEMV takes M <= {GEMV_MAX_M}, got {m}")
+    device = x.device
+    y = torch.empty((m, n), dtype=x.dtype, device=device)
+    if m == 0 or n == 0:
+        return y
+    add = bias_f = None
+    if addend is not None:
+        add = addend.to(device=device, dtype=torch.float32).contiguous()
+        if tuple(add.shape) != (m, n):
+            raise ValueError(f"addend must be [{m}, {n}], got {tuple(add.shape)}")
+    if bias is not None:
+        bias_f = bias.to(device=device, dtype=torch.float32).contiguous()
+        if bias_f.numel() != n:
+            raise ValueError(f"bias must have {n} entries, got {bias_f.numel()}")
+    if k == 0:  # nothing to stream: the epilogue alone
+        acc = torch.zeros((m, n), dtype=torch.float32, device=device)
+        if add is not None:
+            acc = acc + add
+        if bias_f is not None:
+            acc = acc + bias_f
+        return acc.to(x.dtype)
+    xc = x.contiguous()
+    raw, a, ptrs, _keep = _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n * k, blocksize, device)
+    splits = gemv_splits(n, k, device) if splits is None else int(splits)
+    workspace = torch.empty(splits * m * n, dtype=torch.float32, device=device) if splits > 1 else None
+    lib = _lib.get_lib()
+    with torch.cuda.device(device):
+        _lib.check(
+            lib.qk_gemv_4bit(xc.data_ptr(), x_code, m, raw.data_ptr(), a.data_ptr(), *ptrs, n, k, blocksize,
+                             QUANT_CODES[quant_type], add.data_ptr() if add is not None else None,
+                             bias_f.data_ptr() if bias_f is not None else None, splits,
+                             workspace.data_ptr() if workspace is not None else None, y.data_ptr(), _stream(device)),
+            "qk_gemv_4bit",
+        )
+    return y
+
+
+def _triton_qlora_linear_fwd(device: torch.device):
+    from .. import BackendUnavailableError, availability
+
+    ok, why = availability("triton", device)
+    if not ok:
+        raise BackendUnavailableError(
+            f"the cuda backend runs qlora_linear_fwd only for M <= {GEMV_MAX_M} and hands larger M to "
+            f"Triton, which cannot run here: {why}"
+        )
+    from ..triton.qlora_linear import qlora_linear_fwd as fwd
+
+    return fwd
+
+
+def qlora_linear_fwd(
+    x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+    lora_A, lora_B, scale, bias,
+):
+    """The op qlora_linear_fwd: csrc's GEMV for M <= 16; the LoRA term is two small torch matmuls
+    in fp32 (T = X_lora A^T is what the op returns; s * T B^T enters the kernel's fp32 accumulator
+    before the one rounding), so Y rounds once, as the Triton kernels'. Larger M: Triton's."""
+    if x.dim() == 2 and x.shape[0] > GEMV_MAX_M:
+        return _triton_qlora_linear_fwd(x.device)(
+            x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+            lora_A, lora_B, scale, bias)
+    n, k = int(shape[0]), int(shape[1])
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n \
+            or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit W {n}x{k}")
+    xl = x if x_lora is None else x_lora
+    if xl.shape != x.shape:
+        raise ValueError(f"x_lora {tuple(xl.shape)} must have x's shape {tuple(x.shape)}")
+    t = xl.float() @ lora_A.float().t()
+    addend = (t @ lora_B.float().t()) * float(scale)
+    y = gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+                  addend=addend, bias=bias)
+    return y, t
+
+
+# --- AdamW steps ---
+
+_ADAMW_ORDER = ("decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bc2_sqrt", "eps")
+_state_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+
+def _adamw_scalars(lr, beta1, beta2, eps, weight_decay, step) -> list[float]:
+    s = ref.adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    return [s[k] for k in _ADAMW_ORDER]
+
+
+def _check_adamw(p: torch.Tensor, g: torch.Tensor, states: dict) -> None:
+    if p.device.type != "cuda":
+        raise ValueError(f"the cuda backend updates CUDA tensors only, got a parameter on {p.device}")
+    _dtype_code(p.dtype, "the parameter")
+    _dtype_code(g.dtype, "the gradient")
+    if g.shape != p.shape:
+        raise ValueError(f"grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+    _on(p.device, g, "the gradient")
+    for name, (t, dtype, numel) in states.items():
+        if t.dtype != dtype or t.numel() != numel or not t.is_contiguous() or t.device != p.device:
+            raise ValueError(
+                f"AdamW state {name} must be a contiguous {dtype} tensor of {numel} elements on {p.device}, "
+                f"got {t.dtype} with {t.numel()} elements on {t.device}"
+            )
+
+
+def adamw_step_32bit(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    n = p.numel()
+    _check_adamw(p, g, {"m": (m, torch.float32, n), "v": (v, torch.float32, n)})
+    scalars = _adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    if n == 0:
+        return
+    pc = p if p.is_contiguous() else p.contiguous()
+    gc = g.contiguous()
+    lib = _lib.get_lib()
+    with torch.cuda.device(p.device):
+        _lib.check(
+            lib.qk_adamw_step_32bit(pc.data_ptr(), DTYPE_CODES[p.dtype], gc.data_ptr(), DTYPE_CODES[g.dtype],
+                                    m.data_ptr(), v.data_ptr(), n, *scalars, _stream(p.device)),
+            "qk_adamw_step_32bit",
+        )
+    if pc is not p:
+        p.copy_(pc)
+
+
+def _adamw_8bit_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(code_m, code_v, lut_m, lut_v) of the state maps on `device`, built once per device."""
+    if device not in _state_tables:
+        code_m = get_code("dynamic", device).float().contiguous()
+        code_v = get_code("dynamic_unsigned", device).float().contiguous()
+        _state_tables[device] = (code_m, code_v, dynamic_map_lut(code_m), dynamic_map_lut(code_v))
+    return _state_tables[device]
+
+
+def adamw_step_8bit(p, g, m_q, m_absmax, v_q, v_absmax, lr, beta1, beta2, eps, weight_decay, step, blocksize) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 8 <= blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"the cuda 8-bit AdamW step needs a power-of-two blocksize in 8..4096, got {blocksize!r}")
+    n = p.numel()
+    nb = num_blocks(n, blocksize)
+    _check_adamw(p, g, {"m_q": (m_q, torch.uint8, n), "m_absmax": (m_absmax, torch.float32, nb),
+                        "v_q": (v_q, torch.uint8, n), "v_absmax": (v_absmax, torch.float32, nb)})
+    scalars = _adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    if n == 0:
+        return
+    code_m, code_v, lut_m, lut_v = _adamw_8bit_tables(p.device)
+    pc = p if p.is_contiguous() else p.contiguous()
+    gc = g.contiguous()
+    lib = _lib.get_lib()
+    with torch.cuda.device(p.device):
+        _lib.check(
+            lib.qk_adamw_step_8bit(pc.data_ptr(), DTYPE_CODES[p.dtype], gc.data_ptr(), DTYPE_CODES[g.dtype],
+                                   m_q.data_ptr(), m_absmax.data_ptr(), v_q.data_ptr(), v_absmax.data_ptr(), n,
+                                   blocksize, code_m.data_ptr(), code_v.data_ptr(), lut_m.data_ptr(),
+                                   lut_v.data_ptr(), *scalars, _stream(p.device)),
+            "qk_adamw_step_8bit",
+        )
+    if pc is not p:
+        p.copy_(pc)
+
+
 IMPLS = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
     "quantize_blockwise": quantize_blockwise,
     "dequantize_blockwise": dequantize_blockwise,
+    "qlora_linear_fwd": qlora_linear_fwd,
+    "adamw_step_32bit": adamw_step_32bit,
+    "adamw_step_8bit": adamw_step_8bit,
 }

@@ -25,6 +25,7 @@ DEFAULT_LIB_PATH = Path(__file__).resolve().parents[2] / "lib" / "libqlora_kerne
 C_TYPES = {
     "void": None,
     "int": ctypes.c_int,
+    "float": ctypes.c_float,
     "int64_t": ctypes.c_int64,
     "size_t": ctypes.c_size_t,
     "const char*": ctypes.c_char_p,
@@ -59,6 +60,21 @@ SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "qk_dequantize_blockwise": (
         "int",
         ("const uint8_t*", "const float*", "const float*", "int64_t", "int64_t", "void*", "int", "cudaStream_t"),
+    ),
+    "qk_gemv_4bit": (
+        "int",
+        ("const void*", "int", "int64_t", "const uint8_t*", "const void*", "const float*", "const float*",
+         "const float*", "int64_t", "int64_t", "int64_t", "int", "const float*", "const float*", "int64_t", "float*",
+         "void*", "cudaStream_t"),
+    ),
+    "qk_adamw_step_32bit": (
+        "int",
+        ("void*", "int", "const void*", "int", "float*", "float*", "int64_t") + ("float",) * 8 + ("cudaStream_t",),
+    ),
+    "qk_adamw_step_8bit": (
+        "int",
+        ("void*", "int", "const void*", "int", "uint8_t*", "float*", "uint8_t*", "float*", "int64_t", "int64_t",
+         "const float*", "const float*", "const uint8_t*", "const uint8_t*") + ("float",) * 8 + ("cudaStream_t",),
     ),
     "qk_managed_alloc": ("void*", ("size_t", "int", "cudaStream_t")),
     "qk_managed_free": ("void", ("void*", "size_t", "int", "cudaStream_t")),
