@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import demo_data
 from .io import save_adapter
-from .nn import QLoRALinear, _matcher, _set_submodule, memory_report, replace_linear
+from .nn import _matcher, _set_submodule, memory_report, replace_linear
 
 BERT_TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 LLAMA_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"

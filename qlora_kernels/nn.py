@@ -21,10 +21,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from .formats import QuantState, check_blocksize, check_quant_type, get_code, num_blocks
+from .formats import QuantState, check_blocksize, check_quant_type, get_code
 from .functional import dequantize_4bit, qlora_linear, quantize_4bit
 
 logger = logging.getLogger("qlora_kernels")
