@@ -152,3 +152,92 @@ def test_built_library_exports_the_table():
     assert lib.qk_abi_version() == _lib.ABI_VERSION
     assert lib.qk_quantize_4bit(None, 0, 10, 33, 0, None, None, None) == _lib.CONSTANTS["QK_ERR_INVALID_ARGUMENT"]
     assert "blocksize" in _lib.last_error()
+
+
+class _FakeLib:
+    """Stands in for the loaded library: every call is checked against SIGNATURES (argument count,
+    and each argument accepted by its ctypes type, as the real binding would convert it)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name):
+        if name not in _lib.SIGNATURES:
+            raise AttributeError(name)
+        _, argtypes = _lib.SIGNATURES[name]
+
+        def call(*args):
+            assert len(args) == len(argtypes), f"{name}: {len(args)} arguments, the table has {len(argtypes)}"
+            for i, (a, t) in enumerate(zip(args, argtypes)):
+                _lib.C_TYPES[t].from_param(a)  # raises TypeError / ArgumentError on a mismatch
+                if t == "float":
+                    assert isinstance(a, float), f"{name} argument {i} ({t}): {a!r}"
+            self.calls.append((name, args))
+            return 0
+
+        return call
+
+
+@pytest.fixture
+def fake_lib(monkeypatch):
+    import contextlib
+
+    import torch
+
+    from qlora_kernels.backends import cuda as C
+
+    lib = _FakeLib()
+    monkeypatch.setattr(_lib, "get_lib", lambda: lib)
+    monkeypatch.setattr(C, "_stream", lambda device: 0)
+    monkeypatch.setattr(C, "_require_cuda", lambda t, what: None)
+    monkeypatch.setattr(C, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(C, "_state_tables", {})
+    return lib
+
+
+def test_launchers_call_the_library_as_the_table_says(fake_lib):
+    # The launchers' argument plumbing, without a GPU: CPU tensors, a fake library that checks
+    # every call against SIGNATURES. (The GPU tests run the real thing.)
+    import torch
+
+    from qlora_kernels import reference as ref
+    from qlora_kernels.backends import cuda as C
+    from qlora_kernels.formats import get_code
+
+    w = torch.randn(40, 96)
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    qa, a2, off = ref.double_quantize(absmax)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    A, B = torch.randn(4, 96), torch.randn(40, 4)
+    y, t = C.qlora_linear_fwd(x, None, packed, qa, a2, get_code("dynamic"), off, 64, "nf4", [40, 96], A, B, 0.5,
+                              torch.randn(40))
+    assert y.shape == (3, 40) and y.dtype == torch.bfloat16 and t.shape == (3, 4) and t.dtype == torch.float32
+    C.gemv_4bit(x, packed, absmax, None, None, None, 64, "nf4", [40, 96], splits=3)
+    p = torch.randn(1000, dtype=torch.float16)
+    C.adamw_step_32bit(p, torch.randn(1000), torch.zeros(1000), torch.zeros(1000), 1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
+    C.adamw_step_8bit(p, torch.randn(1000), torch.zeros(1000, dtype=torch.uint8), torch.zeros(4),
+                      torch.zeros(1000, dtype=torch.uint8), torch.zeros(4), 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, 256)
+    names = [c[0] for c in fake_lib.calls]
+    assert names == ["qk_gemv_4bit", "qk_gemv_4bit", "qk_adamw_step_32bit", "qk_dynamic_map_lut",
+                     "qk_dynamic_map_lut", "qk_adamw_step_8bit"], names
+    gemv_nested, gemv_plain = fake_lib.calls[0][1], fake_lib.calls[1][1]
+    assert gemv_nested[2] == 3 and gemv_nested[8:12] == (40, 96, 64, 0) and gemv_nested[5] is not None
+    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[14] == 3 and gemv_plain[15] is not None
+    s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
+    assert list(fake_lib.calls[2][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
+                                                               "one_minus_beta2", "step_size", "bc2_sqrt", "eps")]
+    assert fake_lib.calls[5][1][9] == 256
+
+
+def test_qlora_linear_fwd_hands_large_m_to_triton(fake_lib, monkeypatch):
+    import torch
+
+    from qlora_kernels.backends import cuda as C
+
+    seen = []
+    monkeypatch.setattr(C, "_triton_qlora_linear_fwd", lambda device: lambda *args: seen.append(args) or "triton")
+    x = torch.randn(C.GEMV_MAX_M + 1, 64)
+    out = C.qlora_linear_fwd(x, None, None, None, None, None, None, 64, "nf4", [8, 64], torch.randn(2, 64),
+                             torch.randn(8, 2), 1.0, None)
+    assert out == "triton" and seen and seen[0][0] is x and not fake_lib.calls

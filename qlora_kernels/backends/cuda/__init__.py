@@ -247,8 +247,9 @@ def _sm_count(device: torch.device) -> int:
 
 def gemv_splits(n: int, k: int, device: torch.device) -> int:
     """How many parts each row's K range is cut into: enough warps (one per row and part) for
-    about four 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks."""
-    want = -(-(_sm_count(device) * 32) // max(n, 1))
+    about two 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks. Splits cost
+    an fp32 workspace and a second launch, so a 4096-row decode GEMV runs unsplit."""
+    want = -(-(_sm_count(device) * 16) // max(n, 1))
     most = max(1, -(-k // 32) // _GEMV_MIN_CHUNKS_PER_SPLIT)
     return max(1, min(want, most, _GEMV_MAX_SPLITS))
 
@@ -316,6 +317,7 @@ def gemv_4bit(
     if m > GEMV_MAX_M:
         raise ValueError(f"the csrc GEMV takes M <= {GEMV_MAX_M}, got {m}")
     device = x.device
+    _require_cuda(x, "x")
     y = torch.empty((m, n), dtype=x.dtype, device=device)
     if m == 0 or n == 0:
         return y
@@ -403,9 +405,13 @@ def _adamw_scalars(lr, beta1, beta2, eps, weight_decay, step) -> list[float]:
     return [s[k] for k in _ADAMW_ORDER]
 
 
+def _require_cuda(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"the cuda backend takes CUDA tensors only, got {what} on {t.device}")
+
+
 def _check_adamw(p: torch.Tensor, g: torch.Tensor, states: dict) -> None:
-    if p.device.type != "cuda":
-        raise ValueError(f"the cuda backend updates CUDA tensors only, got a parameter on {p.device}")
+    _require_cuda(p, "a parameter")
     _dtype_code(p.dtype, "the parameter")
     _dtype_code(g.dtype, "the gradient")
     if g.shape != p.shape:
