@@ -531,21 +531,21 @@ class MemoryReport:
                          sum(r.lora_bytes for r in rows), sum(r.bias_bytes for r in rows))
 
     def __str__(self) -> str:
-        head = f"{'module':48s} {'kind':14s} {'params':>11s} {'bytes':>11s} {'bits/param':>10s} {'lora bytes':>10s}"
+        head = f"{'module':48s} {'kind':14s} {'params':>11s} {'bytes':>11s} {'bits/param':>10s} {'lora+bias':>10s}"
         lines = [head, "-" * len(head)]
 
         def fmt(r: MemoryRow) -> str:
             name = r.name if len(r.name) <= 48 else "..." + r.name[-45:]
             return (f"{name:48s} {r.kind:14s} {r.params:11d} {r.bytes:11d} {r.bits_per_param:10.3f} "
-                    f"{r.lora_bytes:10d}")
+                    f"{r.lora_bytes + r.bias_bytes:10d}")
 
         lines += [fmt(r) for r in self.rows]
         lines.append("-" * len(head))
         if self.quantized:
             lines.append(fmt(self.total(quantized_only=True)))
         lines.append(fmt(self.total()))
-        lines.append("(bytes: base weights; QLoRALinear = packed 4-bit + absmax + nested scales; "
-                     "bias and LoRA counted apart; shared code tables excluded)")
+        lines.append("(bytes: base weights; for a QLoRALinear packed 4-bit + absmax + nested scales, its LoRA "
+                     "and bias in 'lora+bias'; the code tables, constants shared by all layers, excluded)")
         return "\n".join(lines)
 
 
