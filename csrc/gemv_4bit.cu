@@ -52,6 +52,8 @@ __device__ __forceinline__ float out_value(const GemvArgs& a, int m, int64_t n, 
     return v;
 }
 
+// minBlocks 1: without it ptxas held the M > 1 variants to 64-128 registers and spilled; the
+// M = 1 variant still fits three CTAs per SM.
 template <int DT, int MB>
 __global__ void __launch_bounds__(kThreads, 1) gemv_4bit_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
     using T = typename Dtype<DT>::T;

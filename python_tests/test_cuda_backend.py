@@ -382,12 +382,15 @@ def test_adamw_32bit_bit_identical(p_dtype, g_dtype):
             v = torch.rand(n, generator=gen) * 1e-3
             gp, gg, gm, gv = (torch.cat([t[:1], t]).cuda()[offset : offset + n] if offset else t.cuda()
                               for t in (p, g, m, v))
+            rp, rg, rm, rv = (t.cuda() for t in (p, g, m, v))  # the reference backend on the GPU too
             for hyper in HYPER:
                 ref.adamw_step_32bit(p, g, m, v, *hyper)
+                ref.adamw_step_32bit(rp, rg, rm, rv, *hyper)
                 C.adamw_step_32bit(gp, gg, gm, gv, *hyper)
             torch.cuda.synchronize()
-            for name, got, exp in (("p", gp, p), ("m", gm, m), ("v", gv, v)):
+            for name, got, exp, exp_gpu in (("p", gp, p, rp), ("m", gm, m, rm), ("v", gv, v, rv)):
                 assert_bits_equal(got, exp, f"{name} n={n} offset={offset}")
+                assert_bits_equal(got, exp_gpu, f"{name} n={n} offset={offset} (reference on the GPU)")
 
 
 @pytest.mark.parametrize("p_dtype", DTYPES)
@@ -399,15 +402,19 @@ def test_adamw_8bit_bit_identical(p_dtype, blocksize):
         p = torch.randn(n, generator=gen).to(p_dtype)
         states = [torch.zeros(n, dtype=torch.uint8), torch.zeros(nb), torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)]
         gpu = [t.cuda() for t in [p] + states]
+        ref_gpu = [t.cuda() for t in [p] + states]  # the reference backend on the GPU too
         for step, hyper in enumerate(HYPER, 1):
             g = (torch.randn(n, generator=gen) * 0.1).to(p_dtype)
             if nb > 2:
                 g[blocksize : 2 * blocksize] = 0.0  # a block whose states stay all zero
             ref.adamw_step_8bit(p, g, *states, *hyper[:5], step, blocksize)
+            ref.adamw_step_8bit(ref_gpu[0], g.cuda(), *ref_gpu[1:], *hyper[:5], step, blocksize)
             C.adamw_step_8bit(gpu[0], g.cuda(), *gpu[1:], *hyper[:5], step, blocksize)
         torch.cuda.synchronize()
-        for name, got, exp in zip(("p", "m_q", "m_absmax", "v_q", "v_absmax"), gpu, [p] + states):
+        names = ("p", "m_q", "m_absmax", "v_q", "v_absmax")
+        for name, got, exp, exp_gpu in zip(names, gpu, [p] + states, ref_gpu):
             assert_bits_equal(got, exp, f"{name} n={n}")
+            assert_bits_equal(got, exp_gpu, f"{name} n={n} (reference on the GPU)")
 
 
 def test_adamw_ops_pick_the_cuda_backend():
