@@ -168,6 +168,8 @@ def test_to_dtype_moves_but_keeps_quantized_buffers_exact():
         assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
     y16 = layer(x)
     assert y16.dtype == torch.bfloat16
+    # Not an accuracy test (test_layer_parity_on_minilm_weights is): only that the bf16 layer computes the same
+    # function. bf16 keeps 8 mantissa bits (0.4% per operand) over K=128 terms: 2e-2 covers that.
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
 
 
