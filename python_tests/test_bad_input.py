@@ -92,3 +92,19 @@ def test_corrupt_state_dict_blob():
     del sd["absmax"]
     with pytest.raises(ValueError, match="lacks"):
         qk.QuantState.from_dict(sd)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_non_finite_weights_quantize_the_same_on_every_backend(double_quant):
+    """check_finite=False: NaN/Inf give garbage, but the same garbage on every backend (NaN absmax
+    as torch.amax gives; NaN encodes level 0)."""
+    w = torch.randn(6, 64)
+    w[1, 3] = float("nan")
+    w[2, 5] = float("inf")
+    out = {}
+    for backend in ("reference", "triton"):
+        with qk.use_backend(backend):
+            packed, state = qk.quantize_4bit(w, double_quant=double_quant, check_finite=False)
+            out[backend] = (packed, state.absmax)
+    assert torch.equal(out["reference"][0], out["triton"][0])
+    assert torch.equal(out["reference"][1].view(torch.uint8), out["triton"][1].view(torch.uint8))

@@ -45,6 +45,8 @@ def encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     midpoints, order = sorted_levels(quant_type, scaled.device)
     # bucketize (right=False) counts the midpoints strictly below each value: the rank of its level.
     rank = torch.bucketize(scaled, midpoints)
+    # NaN (reachable only with check_finite=False) is below no midpoint: rank 0, as in the kernels.
+    rank = torch.where(torch.isnan(scaled), 0, rank)
     return order[rank]
 
 

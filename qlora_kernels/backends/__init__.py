@@ -127,5 +127,6 @@ def _select(op: str, device: torch.device) -> tuple[str, Callable]:
                     _warned.add(key)
                     warnings.warn(f"qlora_kernels: {prev} backend unavailable ({prev_why}); using {name}", stacklevel=3)
             return name, fn
-        skipped.append((name, why if not ok else f"no implementation of {op}"))
+        if not ok:  # a backend that runs here but lacks this op is passed over silently
+            skipped.append((name, why))
     raise BackendUnavailableError(f"no backend can run {op} on {device}: {skipped}")

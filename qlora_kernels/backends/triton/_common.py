@@ -27,6 +27,15 @@ def store_cast(ptr, value, mask, OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr
 
 
 @triton.jit
+def row_absmax(x):
+    """max |x| per row of a [rows, cols] tile, NaN when the row holds a NaN (as torch.amax, the
+    reference; Triton's max drops NaN). Only reachable with check_finite=False."""
+    absmax = tl.max(tl.abs(x), axis=1)
+    has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
+    return tl.where(has_nan, float("nan"), absmax)
+
+
+@triton.jit
 def lut_quantize_rows(x, lut_ptr, LUT_SIZE: tl.constexpr):
     """(codes uint8, absmax fp32 per row) of x [blocks, BLOCKSIZE] (padding already zero):
     reference.quantize_blockwise step for step. Callers launch with enable_fp_fusion=False: the

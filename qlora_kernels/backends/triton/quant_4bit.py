@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ...formats import get_code, num_blocks
 from ...reference import sorted_levels
-from ._common import store_cast
+from ._common import row_absmax, store_cast
 from ._utils import KernelSpec, interpreting
 
 # Elements per program: quantize keeps whole blocks (absmax needs the full block) in one program.
@@ -45,7 +45,7 @@ def _quantize_4bit_kernel(
     in_range = offs < n
     x = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
 
-    absmax = tl.max(tl.abs(x), axis=1)  # [BPP]
+    absmax = row_absmax(x)  # [BPP]
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
     tl.store(absmax_ptr + block, absmax, mask=block < nblocks)
 
