@@ -41,10 +41,11 @@ arch=90
 step "build csrc (sm_$arch)" 240 bash -c "cmake -S . -B build/device -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA_ARCHS='$arch' >/dev/null && cmake --build build/device -j \"\$(nproc)\""
 
 gpu_tests=()
-for f in python_tests/test_triton_gpu.py python_tests/test_cuda_backend.py python_tests/test_optim_cuda.py; do
+for f in python_tests/test_triton_gpu.py python_tests/test_qlora_linear.py python_tests/test_cuda_backend.py \
+  python_tests/test_optim_cuda.py; do
   [ -f "$f" ] && gpu_tests+=("$f")
 done
-step "GPU tests" 240 "$PY" -m pytest -q -p no:cacheprovider "${gpu_tests[@]}"
+step "GPU tests" 300 "$PY" -m pytest -q -p no:cacheprovider -x "${gpu_tests[@]}"
 
 if [ "$CPU_FORM" != 1 ] && command -v compute-sanitizer >/dev/null; then
   step "memcheck (csrc)" 120 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitizer_case.py
@@ -54,7 +55,7 @@ if [ "$CPU_FORM" = 1 ]; then
   step "validate --quick" 300 "$PY" -m qlora_kernels validate --quick
   step "bench --quick" 300 "$PY" -m qlora_kernels bench --quick --ops dequantize linear --out "$out"
 else
-  step "validate" 150 "$PY" -m qlora_kernels validate
+  step "validate --quick" 150 "$PY" -m qlora_kernels validate --quick
   step "bench --quick" 240 "$PY" -m qlora_kernels bench --quick --out "$out"
 fi
 

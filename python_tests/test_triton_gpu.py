@@ -15,7 +15,9 @@ pytestmark = requires_cuda
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+# Each blocksize x dtype is a fresh Triton compile on the GPU machine (~1 s): the ends and the
+# default keep the device check inside its budget; the interpreter tests cover every blocksize.
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
 @pytest.mark.parametrize("shape", [(37, 101), (4097,), (1024, 1000)])
 def test_quantize_dequantize_bit_identical_on_gpu(quant_type, double_quant, dtype, blocksize, shape):
     w = torch.randn(shape, device="cuda").to(dtype)
