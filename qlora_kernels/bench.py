@@ -299,14 +299,7 @@ def cpu_training_step_cases(quick):
     def make_ours():
         model = AutoModel.from_pretrained(path)
         qk.replace_linear(model, compute_dtype=torch.float32)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-
-        def step():
-            opt.zero_grad()
-            model(input_ids=tokens).last_hidden_state.float().pow(2).mean().backward()
-            opt.step()
-        return step
+        return _training_step(model, tokens)
 
     yield ("train step", "qlora_kernels (reference backend)", "MiniLM-L6 8x64", 8, torch.float32, make_ours(), 0.0, 0.0)
     try:
@@ -319,19 +312,24 @@ def cpu_training_step_cases(quick):
                                      bnb_4bit_compute_dtype=torch.float32)
             model = AutoModel.from_pretrained(path, quantization_config=cfg, device_map="cpu")
             model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]))
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-4)
-
-            def step():
-                opt.zero_grad()
-                model(input_ids=tokens).last_hidden_state.float().pow(2).mean().backward()
-                opt.step()
-            return step
+            return _training_step(model, tokens)
 
         yield ("train step", "bitsandbytes+peft (CPU)", "MiniLM-L6 8x64", 8, torch.float32, make_bnb(), 0.0, 0.0)
     except Exception as e:  # bitsandbytes' CPU 4-bit training path may be missing: report it
         yield ("train step", "bitsandbytes+peft (CPU)", "MiniLM-L6 8x64", 8, torch.float32,
                _raiser(f"{type(e).__name__}: {e}"), 0.0, 0.0)
+
+
+def _training_step(model, tokens):
+    """One AdamW step on the trainable parameters of `model` (a stand-in loss on its hidden states)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        opt.zero_grad()
+        model(input_ids=tokens).last_hidden_state.float().pow(2).mean().backward()
+        opt.step()
+    return step
 
 
 def _raiser(msg):

@@ -107,35 +107,10 @@ def dequantize_4bit(
     out_code = _dtype_code(dtype, "dtype")
     device = packed.device
     n = math.prod(shape)
-    nb = -(-n // blocksize)
-    raw = packed.contiguous().reshape(-1).view(torch.uint8)
-    if raw.numel() < (n + 1) // 2:
-        raise ValueError(f"packed holds {raw.numel()} bytes, shape {tuple(shape)} needs {(n + 1) // 2}")
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     if n == 0:
         return out
-    _on(device, absmax, "absmax")
-    if nested_absmax is not None:
-        if nested_code is None or offset is None:
-            raise ValueError("double-quantized absmax needs nested_code and offset")
-        if absmax.dtype != torch.uint8:
-            raise TypeError(f"double-quantized absmax must be uint8, got {absmax.dtype}")
-        a = absmax.contiguous()
-        a2 = nested_absmax.float().contiguous()
-        code2 = nested_code.float().contiguous()
-        off = offset.to(device=device, dtype=torch.float32).reshape(1).contiguous()
-        _on(device, a2, "nested_absmax")
-        _on(device, code2, "nested_code")
-        if code2.numel() != 256:
-            raise ValueError(f"nested_code must have 256 entries, got {code2.numel()}")
-        if a2.numel() < -(-nb // NESTED_BLOCKSIZE):
-            raise ValueError(f"nested_absmax has {a2.numel()} entries, {-(-nb // NESTED_BLOCKSIZE)} needed")
-        ptrs = (a2.data_ptr(), code2.data_ptr(), off.data_ptr())
-    else:
-        a = absmax.float().contiguous()
-        ptrs = (None, None, None)
-    if a.numel() < nb:
-        raise ValueError(f"absmax has {a.numel()} entries, {nb} needed for shape {tuple(shape)} at blocksize {blocksize}")
+    raw, a, ptrs, _keep = _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n, blocksize, device)
     lib = _lib.get_lib()
     with torch.cuda.device(device):
         _lib.check(
