@@ -218,6 +218,18 @@ def _lora_down_kernel(
 
 
 @triton.jit
+def grouped_tile(pid, num_m, num_cols, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped launch order: GROUP_M row tiles walk
+    each column of W tiles together, so that column stays in L2 while they use it."""
+    group = pid // (GROUP_M * num_cols)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_cols)) % size_m
+    pid_col = (pid % (GROUP_M * num_cols)) // size_m
+    return pid_m, pid_col
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
     t_ptr, b_ptr, bias_ptr, y_ptr,
@@ -230,15 +242,7 @@ def _fwd_kernel(
     X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Y [M, N] = X @ dequant(W)^T (+ s * T @ B^T) (+ bias)."""
-    # Grouped launch order: GROUP_M row-tiles share each column of W tiles while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -275,14 +279,7 @@ def _dx_kernel(
     X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dX [M, K] = dY @ dequant(W) (+ s * U @ A): W read packed, tiles [BN, BK] down its columns."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_k = tl.cdiv(K, BK)
-    group = pid // (GROUP_M * num_k)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
-    pid_k = (pid % (GROUP_M * num_k)) // size_m
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_k = pid_k * BK + tl.arange(0, BK)
