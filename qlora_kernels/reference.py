@@ -108,10 +108,12 @@ def dequantize_4bit(
     code = get_code(quant_type, packed.device)
     # Byte b decodes to the pair (code[b >> 4], code[b & 15]): one gather per byte.
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]
-    values = pairs.index_select(0, packed.reshape(-1).view(torch.uint8).int()).reshape(-1)[:n]
+    values = pairs.index_select(0, packed.reshape(-1).view(torch.uint8).int()).reshape(-1)
     nb = absmax.numel()
-    values = torch.nn.functional.pad(values, (0, nb * blocksize - n)).reshape(nb, blocksize)
-    values = values * absmax.float()[:, None]
+    # One block per row; a partial last block (or an odd count's padding nibble) padded to full width.
+    if values.numel() != nb * blocksize:
+        values = torch.nn.functional.pad(values, (0, nb * blocksize - values.numel()))
+    values = values.reshape(nb, blocksize).mul_(absmax.float()[:, None])  # values is our own buffer
     return values.reshape(-1)[:n].to(dtype).reshape(shape)
 
 
