@@ -218,6 +218,19 @@ def _lora_down_kernel(
 
 
 @triton.jit
+def lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
+                  RP: tl.constexpr, L_KIND: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """The forward epilogue: acc (+ s * T @ B^T) (+ bias), before the single store."""
+    if HAS_LORA:
+        acc = lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
+                      RP, L_KIND, INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def grouped_tile(pid, num_m, num_cols, GROUP_M: tl.constexpr):
     """(row tile, column tile) of program `pid` in grouped launch order: GROUP_M row tiles walk
     each column of W tiles together, so that column stays in L2 while they use it."""
@@ -258,11 +271,8 @@ def _fwd_kernel(
         w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
                          BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
         acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
-    if HAS_LORA:
-        acc = lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
-                      RP, L_KIND, INTERPRET)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
+                        scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     store_out(y, acc, m_ok[:, None] & (offs_n < N)[None, :], Y_BF16, INTERPRET)
 

@@ -33,8 +33,8 @@ from .qlora_linear import (
     as_operand,
     dequant_tile,
     dot_acc,
+    lora_and_bias,
     lora_rank_pad,
-    lora_up,
     store_out,
     weight_layout,
 )
@@ -74,19 +74,13 @@ def _small_m_kernel(
     mask = m_ok[:, None] & (offs_n < N)[None, :]
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
-        if HAS_LORA:
-            acc = lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
-                          RP, L_KIND, INTERPRET)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
+                            scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
         store_out(y, acc, mask, Y_BF16, INTERPRET)
     else:
-        if pid_k == 0:
-            if HAS_LORA:
-                acc = lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
-                              RP, L_KIND, INTERPRET)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if pid_k == 0:  # the split-K partials are summed by atomics: the epilogue is added once
+            acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn,
+                                stride_br, scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
         tl.atomic_add(y, acc, mask=mask)
 
 
