@@ -24,11 +24,19 @@ TOY_SPECS = "_toy_kernels:toy_specs"
 TOY_NAMES = ["ok_matmul", "ok_axpy_exact", *EXPECTED_FAILURE]
 
 
-def run_gate(tmp_path: Path, *args: str, interpret: bool = False, timeout: int = 600):
+def extra_tritons() -> list[str]:
+    """Versions in requirements-extra-tritons.txt (scripts/setup.sh installs each beside the venv)."""
+    lines = (REPO / "requirements-extra-tritons.txt").read_text().splitlines()
+    return [ln.split("==", 1)[1].strip() for ln in lines if ln.startswith("triton==")]
+
+
+def run_gate(tmp_path: Path, *args: str, interpret: bool = False, timeout: int = 600,
+             triton_dir: Path | None = None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(REPO), env.get("PYTHONPATH")) if p)
+    first = [str(triton_dir)] if triton_dir is not None else []
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*first, str(HERE), str(REPO), env.get("PYTHONPATH")) if p)
     out = tmp_path / "gate.json"
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_kernels.compile_check", *args, "--json", str(out)],
@@ -142,11 +150,20 @@ def test_fma_detection(line, fused):
     assert bool(compile_check._FMA_RE.search(code)) is fused
 
 
-def test_package_kernels_pass_the_gate(tmp_path):
+@pytest.mark.parametrize("triton_version", ["pinned", *extra_tritons()])
+def test_package_kernels_pass_the_gate(tmp_path, triton_version):
     """Every (kernel, config) the package ships compiles for sm_80 and sm_90 without spills, within
-    shared memory, on tensor cores where required, and without fma where exact."""
-    proc, doc = run_gate(tmp_path, timeout=3600)
+    shared memory, on tensor cores where required, and without fma where exact: under the pinned
+    Triton and under each release of requirements-extra-tritons.txt (the GPU machine's among them)."""
+    triton_dir = None
+    if triton_version != "pinned":
+        triton_dir = REPO / ".venv" / "extra-tritons" / triton_version
+        if not (triton_dir / "triton" / "__init__.py").is_file():
+            pytest.skip(f"triton {triton_version} is not installed in {triton_dir}: run scripts/setup.sh")
+    proc, doc = run_gate(tmp_path, timeout=3600, triton_dir=triton_dir)
     failed = [f"{r['kernel']} [{r['config']}] sm_{r['arch']}: {r['status']}"
               for r in (doc or {}).get("rows", []) if not r["ok"]]
     assert proc.returncode == 0, "\n".join(failed) or (proc.stdout + proc.stderr)[-4000:]
     assert doc["ok"] and doc["rows"]
+    if triton_dir is not None:
+        assert doc["triton"] == triton_version, f"the gate ran under triton {doc['triton']}"

