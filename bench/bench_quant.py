@@ -15,7 +15,7 @@ from qlora_kernels import bench as qb
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (N, K) weights: the Llama projections on a GPU; the CPU side-by-side shape on a CPU.
 SHAPES = [(n, k) for k, n in qb.LLAMA_LINEAR_SHAPES] if DEVICE.type == "cuda" else [qb.CPU_DEQUANT_SHAPE]
-IMPLS = ["qlora_kernels", "bitsandbytes", "copy bf16 (ceiling)"]
+IMPLS = [label for label, _ in qb.our_impls(DEVICE)] + ["bitsandbytes", "copy bf16 (ceiling)"]
 
 
 def _synced(fn):

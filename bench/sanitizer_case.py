@@ -1,4 +1,5 @@
-"""One small case of every csrc (cuda backend) op, for `compute-sanitizer --tool memcheck` in
+"""One small case of every csrc (cuda backend) op (quantize/dequantize 4-bit and 8-bit, the decode
+GEMV, both AdamW steps), for `compute-sanitizer --tool memcheck` in
 bench/device_check.sh: ragged sizes so the tail paths run. Exits 1 when the backend is missing."""
 
 import sys
@@ -7,6 +8,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels.backends import availability
+from qlora_kernels.optim import PagedAdamW, PagedAdamW8bit
 
 
 def main() -> int:
@@ -22,6 +24,18 @@ def main() -> int:
             qk.dequantize_4bit(packed, state)
             q, absmax = qk.quantize_blockwise(w.reshape(-1)[:1001])
             qk.dequantize_blockwise(q, absmax)
+            # The decode GEMV (M <= 16) with odd K = 101: rows start mid-byte.
+            x = torch.randn(3, 101, device="cuda", dtype=dtype)
+            lora_a = torch.randn(4, 101, device="cuda", dtype=dtype)
+            lora_b = torch.randn(37, 4, device="cuda", dtype=dtype)
+            qk.qlora_linear(x, packed, state, lora_a, lora_b, 2.0, bias=torch.randn(37, device="cuda", dtype=dtype))
+        # Both AdamW steps; 8-bit states need >= 4096 elements, 5037 leaves a partial block.
+        for make in (PagedAdamW, PagedAdamW8bit):
+            p = torch.nn.Parameter(torch.randn(5037, device="cuda"))
+            p.grad = torch.randn_like(p)
+            opt = make([p], paged=False)
+            opt.step()
+            opt.step()
     torch.cuda.synchronize()
     print("sanitizer case done")
     return 0

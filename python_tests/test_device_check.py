@@ -49,3 +49,17 @@ def test_cpu_form_runs_every_step_and_bench_writes_json_and_png(tmp_path):
     assert len(pngs) == 1
     image = matplotlib.image.imread(pngs[0])
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_spent_budget_skips_steps_but_still_prints_the_summary(tmp_path):
+    """A lease cannot be overrun: once QK_DEVICE_CHECK_BUDGET_S is spent, steps are skipped (and
+    counted as failures), and the summary and log still come back."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(QK_DEVICE_CHECK_CPU="1", OUT=str(tmp_path), PYTHON=sys.executable, QK_DEVICE_CHECK_BUDGET_S="5")
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = proc.stdout[proc.stdout.rindex("summary"):]
+    for step in ("environment", "build csrc", "GPU tests", "bench --quick", "validate --quick"):
+        line = next(ln for ln in summary.splitlines() if ln.startswith(step))
+        assert line.split()[-2:] == ["skipped", "0"], line
+    assert "skipped, the time budget is spent" in (tmp_path / "device_check.log").read_text()

@@ -4,10 +4,13 @@ First the two ceilings of this device, measured in the same run: a large device-
 (GB/s, bytes read + written) and a large BF16 matmul (TFLOP/s). Then every case reports its median
 time, p20/p80, the bytes it must move and flops it must do, and achieved GB/s and TFLOP/s as % of
 those ceilings. Baselines run side by side: dense BF16 F.linear, BF16 LoRA on a dense base, the
-unfused chain (dequantize + matmul + LoRA matmuls), bitsandbytes (+PEFT-style LoRA) when
-importable, torch's fused AdamW.
+unfused chain (dequantize + matmul + LoRA matmuls), bitsandbytes (+PEFT-style LoRA, paged
+optimizers) when importable, torch's fused AdamW.
 
-On a GPU times come from triton.testing.do_bench (CUDA events). On the CPU the command runs and
+On a GPU times come from triton.testing.do_bench (CUDA events). There each kernel backend of ours
+(cuda, triton) is timed on its own and our op runs under both linear strategies (fused,
+dequant+cuBLAS), and dispatch_suggestions() turns the rows into the entries of the two measured
+dispatch tables (backends.MEASURED_BACKEND_ORDER, linear_strategy.MEASURED_DEQUANT_MATMUL_MIN_M). On the CPU the command runs and
 labels its numbers as CPU numbers: our CPU path (the reference backend) against bitsandbytes' CPU
 path, as ratios measured in one run. Shapes and baselines live here; bench/*.py import them.
 """
@@ -15,6 +18,7 @@ path, as ratios measured in one run. Shapes and baselines live here; bench/*.py 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -158,6 +162,34 @@ def _bnb():
         return None
 
 
+def kernel_backends(device: torch.device) -> list[str]:
+    """The kernel backends that can run on `device`, each benched on its own so the measured
+    dispatch (backends.MEASURED_BACKEND_ORDER) can pick per op; none on a CPU (reference only)."""
+    if device.type != "cuda":
+        return []
+    from .backends import availability
+
+    return [b for b in ("cuda", "triton") if availability(b, device)[0]]
+
+
+def our_impls(device: torch.device, name: str = "qlora_kernels") -> list[tuple[str, Optional[str]]]:
+    """(impl label, backend to force) for each of our implementations on `device`."""
+    return [(f"{name} ({b})", b) for b in kernel_backends(device)] or [(name, None)]
+
+
+def _under(backend: Optional[str], fn: Callable[[], object], strategy: Optional[str] = None) -> Callable[[], object]:
+    """fn run with `backend` forced (None: automatic) and, if given, the linear strategy forced."""
+    if backend is None and strategy is None:
+        return fn
+    from .backends import use_backend
+    from .backends.linear_strategy import use_linear_strategy
+
+    def run():
+        with use_backend(backend), (use_linear_strategy(strategy) if strategy else contextlib.nullcontext()):
+            return fn()
+    return run
+
+
 # --- cases -----------------------------------------------------------------------------------
 
 def quantization_cases(device, quick, shapes):
@@ -171,12 +203,14 @@ def quantization_cases(device, quick, shapes):
         numel = n * k
         out_dtype = torch.bfloat16
         nbytes = numel / 2 + numel / BLOCKSIZE + numel * 2  # 4-bit + uint8 absmax in, bf16 out
-        yield ("dequantize", "qlora_kernels", shape_id(k, n), None, out_dtype,
-               lambda: qk.dequantize_4bit(packed, state, dtype=out_dtype), nbytes, 0.0)
         w16 = w.to(out_dtype)
         quant_bytes = numel * 2 + numel / 2 + numel / BLOCKSIZE  # bf16 in, 4-bit + uint8 absmax out
-        yield ("quantize", "qlora_kernels", shape_id(k, n), None, out_dtype,
-               lambda: qk.quantize_4bit(w16, blocksize=BLOCKSIZE, check_finite=False), quant_bytes, 0.0)
+        for impl, backend in our_impls(device):
+            yield ("dequantize", impl, shape_id(k, n), None, out_dtype,
+                   _under(backend, lambda: qk.dequantize_4bit(packed, state, dtype=out_dtype)), nbytes, 0.0)
+            yield ("quantize", impl, shape_id(k, n), None, out_dtype,
+                   _under(backend, lambda: qk.quantize_4bit(w16, blocksize=BLOCKSIZE, check_finite=False)),
+                   quant_bytes, 0.0)
         if F is not None:
             bp, bs = F.quantize_4bit(w16, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
             yield ("dequantize", "bitsandbytes", shape_id(k, n), None, out_dtype,
@@ -222,7 +256,7 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
             bytes_dense = 2 * (n * k + m * k + m * n + r * (n + k))
             sid = shape_id(k, n)
 
-            def fused():
+            def ours():
                 return qk.qlora_linear(x, packed, state, a, b, s)
 
             def dense_linear():
@@ -235,8 +269,19 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
                 wd = qk.dequantize_4bit(packed, state, dtype=dtype)
                 return torch.nn.functional.linear(x, wd) + s * ((x @ a.T) @ b.T)
 
-            impls = {"fused": (fused, bytes_q), "dense bf16": (dense_linear, bytes_dense),
-                     "bf16 lora": (bf16_lora, bytes_dense), "unfused chain": (unfused, bytes_q)}
+            # (fn, bytes, also backward): "fused" and "dequant+cuBLAS" are the two linear strategies
+            # of our op (linear_strategy.py), the pair whose crossover M the dispatch table records.
+            impls = {"dense bf16": (dense_linear, bytes_dense, True), "bf16 lora": (bf16_lora, bytes_dense, True),
+                     "unfused chain": (unfused, bytes_q, True)}
+            backends = kernel_backends(device)
+            if not backends:
+                impls["fused"] = (ours, bytes_q, True)
+            if "triton" in backends:
+                impls["fused (triton)"] = (_under("triton", ours, "fused"), bytes_q, True)
+            if "cuda" in backends and m <= _cuda_gemv_max_m():  # csrc has the decode GEMV forward only
+                impls["fused (cuda)"] = (_under("cuda", ours, "fused"), bytes_q, False)
+            if backends:
+                impls["dequant+cuBLAS"] = (_under(None, ours, "dequant_matmul"), bytes_q, True)
             if F is not None and device.type == "cuda":
                 import bitsandbytes as bnb
 
@@ -245,10 +290,18 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
                 def bnb_peft():
                     return bnb.matmul_4bit(x, bp.t(), quant_state=bs) + s * ((x @ a.T) @ b.T)
 
-                impls["bitsandbytes+peft"] = (bnb_peft, bytes_q)
-            for impl, (fn, nbytes) in impls.items():
+                impls["bitsandbytes+peft"] = (bnb_peft, bytes_q, True)
+            for impl, (fn, nbytes, differentiable) in impls.items():
                 yield ("fwd", impl, sid, m, dtype, _no_grad(fn), nbytes, flops)
-                yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a, b), 3 * nbytes, 3 * flops)
+                if differentiable:
+                    yield ("bwd", impl, sid, m, dtype, _bwd_only(fn, x, a, b), 2 * nbytes, 2 * flops)
+                    yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a, b), 3 * nbytes, 3 * flops)
+
+
+def _cuda_gemv_max_m() -> int:
+    from .backends.cuda import GEMV_MAX_M
+
+    return GEMV_MAX_M
 
 
 def _no_grad(fn):
@@ -267,19 +320,49 @@ def _fwd_bwd(fn, x, a, b):
     return run
 
 
+def _bwd_only(fn, x, a, b):
+    """The backward alone: one forward (on the first call, so no graph is held before the case
+    runs), then backward through the retained graph on every call."""
+    x.requires_grad_(True)
+    graph = {}
+
+    def run():
+        if "y" not in graph:
+            graph["y"] = fn()
+            graph["dy"] = torch.ones_like(graph["y"])
+        a.grad = b.grad = x.grad = None
+        graph["y"].backward(graph["dy"], retain_graph=True)
+    return run
+
+
 def optimizer_cases(device, quick):
     try:
         from qlora_kernels.optim import PagedAdamW
     except ImportError:
         return
+    from qlora_kernels.optim import PagedAdamW8bit
+
     numel = (1 << 24) if device.type == "cuda" else (1 << 20)
-    for name, make in (("PagedAdamW", lambda p: PagedAdamW(p, lr=1e-3)),
-                       ("torch fused AdamW" if device.type == "cuda" else "torch AdamW",
-                        lambda p: torch.optim.AdamW(p, lr=1e-3, fused=device.type == "cuda"))):
+    # Bytes per element of one step: param + grad read, param written (12) plus the states read
+    # and written: 2 x 8 for fp32 m, v; 2 x (2 + 8/256) for 8-bit m, v with fp32 absmax per block.
+    bytes32, bytes8 = numel * (12 + 16), numel * (12 + 2 * (2 + 8 / 256))
+    makers = []
+    for impl, backend in our_impls(device, "PagedAdamW"):
+        makers.append((impl, backend, lambda p: PagedAdamW(p, lr=1e-3), bytes32))
+    for impl, backend in our_impls(device, "PagedAdamW8bit"):
+        makers.append((impl, backend, lambda p: PagedAdamW8bit(p, lr=1e-3), bytes8))
+    makers.append(("torch fused AdamW" if device.type == "cuda" else "torch AdamW", None,
+                   lambda p: torch.optim.AdamW(p, lr=1e-3, fused=device.type == "cuda"), bytes32))
+    if device.type == "cuda" and _bnb() is not None:
+        import bitsandbytes as bnb
+
+        makers.append(("bitsandbytes PagedAdamW", None, lambda p: bnb.optim.PagedAdamW(p, lr=1e-3), bytes32))
+        makers.append(("bitsandbytes PagedAdamW8bit", None, lambda p: bnb.optim.PagedAdamW8bit(p, lr=1e-3), bytes8))
+    for impl, backend, make, nbytes in makers:
         p = torch.nn.Parameter(torch.randn(numel, device=device))
         p.grad = torch.randn_like(p)
         opt = make([p])
-        yield ("adamw step", name, f"{numel}", None, torch.float32, opt.step, 4 * numel * 7, 0.0)
+        yield ("adamw step", impl, f"{numel}", None, torch.float32, _under(backend, opt.step), nbytes, 0.0)
 
 
 def cpu_training_step_cases(quick):
@@ -344,15 +427,18 @@ ALL_OPS = ("dequantize", "linear", "optimizer", "train")
 
 
 def collect(device: torch.device, ops, quick: bool):
+    """The cases, lazily (each builds its tensors when reached). On a GPU the few quick ones
+    (dequantize, optimizer) come before the long linear sweep, so a run cut short by --budget-s
+    loses only the largest linear shapes."""
     if device.type == "cuda":
         shapes = QUICK_SHAPES if quick else LLAMA_LINEAR_SHAPES
         ms = QUICK_M if quick else M_SWEEP
         if "dequantize" in ops:
             yield from quantization_cases(device, quick, [(n, k) for k, n in shapes])
-        if "linear" in ops:
-            yield from linear_cases(device, quick, [(n, k) for k, n in shapes], ms)
         if "optimizer" in ops:
             yield from optimizer_cases(device, quick)
+        if "linear" in ops:
+            yield from linear_cases(device, quick, [(n, k) for k, n in shapes], ms)
     else:
         if "dequantize" in ops:
             yield from quantization_cases(device, quick, [CPU_DEQUANT_SHAPE])
@@ -364,7 +450,10 @@ def collect(device: torch.device, ops, quick: bool):
             yield from cpu_training_step_cases(quick)
 
 
-def run(ops=ALL_OPS, quick: bool = False, out_dir: Optional[Path] = None, stream=None) -> tuple[dict, list[Result]]:
+def run(ops=ALL_OPS, quick: bool = False, out_dir: Optional[Path] = None, stream=None,
+        budget_s: Optional[float] = None) -> tuple[dict, list[Result]]:
+    """Runs the cases; with budget_s, starts no new case once that many seconds have passed (and
+    says how many it left), so a bounded device lease still ends with its JSON written."""
     from tqdm import tqdm
 
     stream = sys.stdout if stream is None else stream
@@ -377,11 +466,24 @@ def run(ops=ALL_OPS, quick: bool = False, out_dir: Optional[Path] = None, stream
     print(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul "
           f"{ceilings['matmul_tflops']:.2f} TFLOP/s", file=stream)
     results = []
-    cases = list(collect(device, ops, quick))
-    for op, impl, shape, m, dtype, fn, nbytes, flops in tqdm(cases, desc="bench", file=sys.stderr, disable=None):
-        results.append(_run_case(op, impl, shape, m, dtype, fn, nbytes, flops, device, quick, ceilings))
+    start = time.monotonic()
+    left_out = 0
+    for case in tqdm(collect(device, ops, quick), desc="bench", file=sys.stderr, disable=None):
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            left_out += 1
+            continue
+        results.append(_run_case(*case, device, quick, ceilings))
+        del case  # drop the case's tensors (and any retained graph) before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print_table(results, stream)
-    report = {"env": env, "ceilings": ceilings, "quick": quick, "results": [asdict(r) for r in results]}
+    if left_out:
+        print(f"budget of {budget_s:.0f} s reached: {left_out} case(s) not run", file=stream)
+    suggestions = dispatch_suggestions(results, env["device"]) if device.type == "cuda" else {}
+    for line in suggestion_lines(suggestions, env["device"]):
+        print(line, file=stream)
+    report = {"env": env, "ceilings": ceilings, "quick": quick, "budget_s": budget_s, "cases_left_out": left_out,
+              "dispatch_suggestions": suggestions, "results": [asdict(r) for r in results]}
     if out_dir is not None:
         write_outputs(report, results, Path(out_dir), stream)
     return report, results
@@ -403,20 +505,96 @@ def print_table(results: list[Result], stream) -> None:
         print(line, file=stream)
 
 
+def _is_ours(impl: str, ours: str) -> bool:
+    """`impl` is `ours` or one backend's run of it ("fused (triton)" for "fused")."""
+    return impl == ours or impl.startswith(ours + " (")
+
+
 def ratio_lines(results: list[Result]) -> list[str]:
     """Speed ratios measured in this run, for the goals of the issues (baseline time / ours)."""
     by = {(r.op, r.impl, r.shape, r.m): r for r in results if not r.error}
     lines = []
     pairs = [("dequantize", "bitsandbytes", "qlora_kernels"), ("quantize", "bitsandbytes", "qlora_kernels"),
-             ("fwd", "unfused chain", "fused"), ("fwd", "dense bf16", "fused"),
-             ("fwd+bwd", "bf16 lora", "fused"), ("fwd+bwd", "bitsandbytes+peft", "fused"),
+             ("fwd", "unfused chain", "fused"), ("fwd", "dense bf16", "fused"), ("fwd", "dequant+cuBLAS", "fused"),
+             ("bwd", "bf16 lora", "fused"), ("fwd+bwd", "bf16 lora", "fused"),
+             ("fwd+bwd", "bitsandbytes+peft", "fused"),
+             ("adamw step", "torch fused AdamW", "PagedAdamW"),
+             ("adamw step", "bitsandbytes PagedAdamW8bit", "PagedAdamW8bit"),
              ("train step", "bitsandbytes+peft (CPU)", "qlora_kernels (reference backend)")]
     for op, base, ours in pairs:
         for (rop, impl, shape, m), r in by.items():
-            if rop == op and impl == ours and (op, base, shape, m) in by:
+            if rop == op and _is_ours(impl, ours) and (op, base, shape, m) in by:
                 b = by[(op, base, shape, m)]
                 mtxt = "" if m is None else f" M={m}"
-                lines.append(f"ratio {op} {shape}{mtxt}: {base} / {ours} = {b.median_ms / r.median_ms:.2f}x")
+                lines.append(f"ratio {op} {shape}{mtxt}: {base} / {impl} = {b.median_ms / r.median_ms:.2f}x")
+    return lines
+
+
+# (op of torch.ops.qlora, bench op, impl prefix, M limit): which bench rows decide each op's order
+# of kernel backends in backends.MEASURED_BACKEND_ORDER.
+_BACKEND_EVIDENCE = (
+    ("dequantize_4bit", "dequantize", "qlora_kernels", None),
+    ("quantize_4bit", "quantize", "qlora_kernels", None),
+    ("qlora_linear_fwd", "fwd", "fused", 16),
+    ("adamw_step_32bit", "adamw step", "PagedAdamW", None),
+    ("adamw_step_8bit", "adamw step", "PagedAdamW8bit", None),
+)
+
+
+def dispatch_suggestions(results: list[Result], device_name: str) -> dict:
+    """What this run says the automatic dispatch should do on this GPU, with the evidence:
+
+    * backend_order: per op, the kernel backends fastest first, by the sum of their medians over
+      the cases both ran (the op's cuda impl of qlora_linear_fwd covers M <= 16 only);
+    * dequant_matmul_min_m: the smallest measured M from which "dequant+cuBLAS" beats the fused
+      kernels in fwd+bwd time summed over shapes, at that M and every larger one (None: never).
+    """
+    ok = [r for r in results if not r.error]
+    order: dict[str, list[str]] = {}
+    evidence: dict[str, dict[str, float]] = {}
+    for op, bench_op, prefix, m_max in _BACKEND_EVIDENCE:
+        rows: dict[str, dict[tuple, float]] = {}
+        for r in ok:
+            if r.op == bench_op and r.impl.startswith(prefix + " (") and (m_max is None or (r.m or 0) <= m_max):
+                rows.setdefault(r.impl[len(prefix) + 2:-1], {})[(r.shape, r.m)] = r.median_ms
+        if len(rows) < 2:
+            continue
+        common = set.intersection(*(set(v) for v in rows.values()))
+        if not common:
+            continue
+        totals = {b: sum(v[c] for c in common) for b, v in rows.items()}
+        order[op] = sorted(totals, key=totals.get)
+        evidence[op] = {b: round(t, 4) for b, t in totals.items()}
+    per_m: dict[int, dict[str, float]] = {}
+    for r in ok:
+        if r.op == "fwd+bwd" and r.m is not None and (r.impl == "dequant+cuBLAS" or _is_ours(r.impl, "fused")):
+            key = "dequant" if r.impl == "dequant+cuBLAS" else "fused"
+            per_m.setdefault(r.m, {}).setdefault(key, 0.0)
+            per_m[r.m][key] += r.median_ms
+    min_m = None
+    for m in sorted(per_m, reverse=True):
+        t = per_m[m]
+        if "dequant" in t and "fused" in t and t["dequant"] < t["fused"]:
+            min_m = m
+        else:
+            break
+    return {"device": device_name, "backend_order": order, "backend_evidence_ms": evidence,
+            "dequant_matmul_min_m": min_m,
+            "linear_evidence_ms": {str(m): {k: round(v, 4) for k, v in t.items()} for m, t in sorted(per_m.items())}}
+
+
+def suggestion_lines(suggestions: dict, device_name: str) -> list[str]:
+    """The dispatch tables' entries for this GPU, as lines to paste (see the two tables' docs)."""
+    if not suggestions:
+        return []
+    lines = [f"dispatch for {device_name!r} (paste into the tables if this run is to count):"]
+    order = {op: tuple(b) for op, b in suggestions["backend_order"].items()}
+    lines.append(f"  backends.MEASURED_BACKEND_ORDER[{device_name!r}] = {order!r}")
+    m = suggestions["dequant_matmul_min_m"]
+    if m is None:
+        lines.append("  linear_strategy.MEASURED_DEQUANT_MATMUL_MIN_M: no entry (fused won at every measured M)")
+    else:
+        lines.append(f"  linear_strategy.MEASURED_DEQUANT_MATMUL_MIN_M[{device_name!r}] = {m}")
     return lines
 
 
@@ -441,7 +619,7 @@ def plot(report: dict, results: list[Result], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ceil = report["ceilings"]
     bw, fl = ceil["copy_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
-    fused = [r for r in results if r.op == "fwd" and r.impl == "fused" and not r.error]
+    fused = [r for r in results if r.op == "fwd" and r.impl in ("fused", "fused (triton)") and not r.error]
     dense = {(r.shape, r.m): r for r in results if r.op == "fwd" and r.impl == "dense bf16" and not r.error}
     shapes = sorted({r.shape for r in fused})
     for shape in shapes:
@@ -476,8 +654,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=list(ALL_OPS))
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for JSON + PNG")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (the rest are listed as left out)")
     args = parser.parse_args(argv)
-    _, results = run(args.ops, args.quick, args.out)
+    _, results = run(args.ops, args.quick, args.out, budget_s=args.budget_s)
     if not results:
         print("no benchmark case ran", file=sys.stderr)
         return 1

@@ -7,8 +7,9 @@ available(device) -> (bool, reason).
 Choice, per call of a torch.ops.qlora op (see _ops.py):
   * forced: `with use_backend("triton"):` or env QLORA_KERNELS_BACKEND=triton. A forced backend that
     cannot run on the tensors' device (or lacks the op) raises BackendUnavailableError.
-  * automatic: CUDA tensors try cuda, then triton, then reference; CPU tensors use reference. A
-    fallback past a preferred backend is announced once per (backend, reason) with a warning.
+  * automatic: CUDA tensors try cuda, then triton, then reference, unless MEASURED_BACKEND_ORDER
+    has a bench-measured order for that op on that GPU; CPU tensors use reference. A fallback past
+    a preferred backend is announced once per (backend, reason) with a warning.
 
 Triton on CPU tensors runs only under TRITON_INTERPRET=1 (set before triton kernels are defined):
 that is how CI proves the GPU kernels without a GPU.
@@ -85,10 +86,22 @@ def _impl_of(name: str, op: str):
     return getattr(_module(name), "IMPLS", {}).get(op)
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        return ("cuda", "triton", "reference")
-    return ("reference",)
+# GPU name substring -> {op: kernel backends, fastest first}, as `python -m qlora_kernels bench`
+# measured them on that GPU (it prints the entry to paste: bench.dispatch_suggestions). Ops and
+# GPUs without an entry keep DEFAULT_CUDA_ORDER. No entry yet: no GPU has been measured.
+MEASURED_BACKEND_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
+DEFAULT_CUDA_ORDER = ("cuda", "triton")
+
+
+def _auto_order(device: torch.device, op: str) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return ("reference",)
+    name = torch.cuda.get_device_name(device)
+    for gpu, per_op in MEASURED_BACKEND_ORDER.items():
+        if gpu in name and op in per_op:
+            preferred = tuple(per_op[op])
+            return preferred + tuple(b for b in DEFAULT_CUDA_ORDER if b not in preferred) + ("reference",)
+    return DEFAULT_CUDA_ORDER + ("reference",)
 
 
 def get_impl(op: str, device: torch.device) -> tuple[str, Callable]:
@@ -117,7 +130,7 @@ def _select(op: str, device: torch.device) -> tuple[str, Callable]:
             raise BackendUnavailableError(f"backend {forced!r} was forced but has no implementation of {op}")
         return forced, fn
     skipped = []
-    for name in _auto_order(device):
+    for name in _auto_order(device, op):
         ok, why = availability(name, device)
         fn = _impl_of(name, op) if ok else None
         if fn is not None:
