@@ -191,7 +191,7 @@ QK_API int qk_adamw_step_32bit(void* p, int p_dtype, const void* g, int g_dtype,
     const bool vec = qk::aligned(p, 16) && qk::aligned(g, 16) && qk::aligned(m, 16) && qk::aligned(v, 16);
     const int grid = qk::grid_for(qk::ceil_div(n, 4), 256);
     QK_DISPATCH_PG(p_dtype, g_dtype, PDT, GDT,
-                   adamw_32bit_kernel<PDT, GDT><<<grid, 256, 0, stream>>>(
+                   QK_LAUNCH(grid, 256, 0, stream, adamw_32bit_kernel<PDT, GDT>)(
                        static_cast<typename Dtype<PDT>::T*>(p), static_cast<const typename Dtype<GDT>::T*>(g), m, v,
                        n, s, vec));
     return qk::check_launch("qk_adamw_step_32bit");
@@ -219,7 +219,7 @@ QK_API int qk_adamw_step_8bit(void* p, int p_dtype, const void* g, int g_dtype, 
     const bool vec_g = qk::aligned(g, 16);
     const bool vec_q = qk::aligned(m_q, 8) && qk::aligned(v_q, 8);
     QK_DISPATCH_PG(p_dtype, g_dtype, PDT, GDT,
-                   adamw_8bit_kernel<PDT, GDT><<<grid, threads, 0, stream>>>(
+                   QK_LAUNCH(grid, threads, 0, stream, adamw_8bit_kernel<PDT, GDT>)(
                        static_cast<typename Dtype<PDT>::T*>(p), static_cast<const typename Dtype<GDT>::T*>(g), m_q,
                        m_absmax, v_q, v_absmax, n, log2B, code_m, code_v, lut_m, lut_v, s, vec_p, vec_g, vec_q));
     return qk::check_launch("qk_adamw_step_8bit");

@@ -184,7 +184,7 @@ QK_API int qk_dynamic_map_lut(const float* code, int64_t ncode, uint8_t* lut, cu
     if (!code || !lut) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_dynamic_map_lut: null pointer");
     if (ncode < 2 || ncode > 256)
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_dynamic_map_lut: ncode must be in 2..256, got %lld", (long long)ncode);
-    dynamic_map_lut_kernel<<<QK_DYNAMIC_LUT_SIZE / 256, 256, 0, stream>>>(code, (int)ncode, lut);
+    QK_LAUNCH(QK_DYNAMIC_LUT_SIZE / 256, 256, 0, stream, dynamic_map_lut_kernel)(code, (int)ncode, lut);
     return qk::check_launch("qk_dynamic_map_lut");
 }
 
@@ -203,18 +203,18 @@ QK_API int qk_quantize_blockwise(const void* input, int input_dtype, int64_t n, 
         QK_DISPATCH_DTYPE(input_dtype, DT, {
             const auto* in = static_cast<const typename Dtype<DT>::T*>(input);
             if (log2B == 1)
-                quantize_blockwise_kernel<DT, 1><<<grid, threads, 0, stream>>>(in, n, log2B, lut, q, absmax, vec);
+                QK_LAUNCH(grid, threads, 0, stream, quantize_blockwise_kernel<DT, 1>)(in, n, log2B, lut, q, absmax, vec);
             else if (log2B == 2)
-                quantize_blockwise_kernel<DT, 2><<<grid, threads, 0, stream>>>(in, n, log2B, lut, q, absmax, vec);
+                QK_LAUNCH(grid, threads, 0, stream, quantize_blockwise_kernel<DT, 2>)(in, n, log2B, lut, q, absmax, vec);
             else
-                quantize_blockwise_kernel<DT, 0><<<grid, threads, 0, stream>>>(in, n, log2B, lut, q, absmax, vec);
+                QK_LAUNCH(grid, threads, 0, stream, quantize_blockwise_kernel<DT, 0>)(in, n, log2B, lut, q, absmax, vec);
         });
     } else {
         const int64_t nb = qk::ceil_div(n, blocksize);
         const int cap = qk::sm_count() * 8;
         const int grid = (int)(nb < cap ? nb : cap);
         QK_DISPATCH_DTYPE(input_dtype, DT,
-                          quantize_blockwise_large_kernel<DT><<<grid, 256, 0, stream>>>(
+                          QK_LAUNCH(grid, 256, 0, stream, quantize_blockwise_large_kernel<DT>)(
                               static_cast<const typename Dtype<DT>::T*>(input), n, log2B, lut, q, absmax, vec));
     }
     return qk::check_launch("qk_quantize_blockwise");
@@ -232,7 +232,7 @@ QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const 
         const int64_t vec_units = qk::aligned(q, E) ? n / E : 0;
         const int64_t work = vec_units > 0 ? qk::ceil_div(vec_units, kUnroll) : n;
         const int grid = qk::grid_for(work, 256);
-        dequantize_blockwise_kernel<DT><<<grid, 256, 0, stream>>>(q, absmax, code, n, log2B,
+        QK_LAUNCH(grid, 256, 0, stream, dequantize_blockwise_kernel<DT>)(q, absmax, code, n, log2B,
                                                                   static_cast<typename Dtype<DT>::T*>(out), vec_units);
     });
     return qk::check_launch("qk_dequantize_blockwise");

@@ -168,7 +168,7 @@ void launch_gemv(const void* x, const GemvArgs& a, cudaStream_t stream) {
     const int64_t row_ctas = qk::ceil_div(a.N, kWarps);
     const int64_t cap = (int64_t)qk::sm_count() * 16;
     const dim3 grid((unsigned)(row_ctas < cap ? row_ctas : cap), (unsigned)a.splits);
-    gemv_4bit_kernel<DT, MB><<<grid, kThreads, 0, stream>>>(static_cast<const typename Dtype<DT>::T*>(x), a);
+    QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_kernel<DT, MB>)(static_cast<const typename Dtype<DT>::T*>(x), a);
 }
 
 }  // namespace
@@ -227,7 +227,7 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
         else launch_gemv<DT, 16>(x, a, stream);
         if (splits > 1) {
             if (int st = qk::check_launch("qk_gemv_4bit")) return st;
-            gemv_reduce_kernel<DT><<<qk::grid_for(m * n, 256), 256, 0, stream>>>(a);
+            QK_LAUNCH(qk::grid_for(m * n, 256), 256, 0, stream, gemv_reduce_kernel<DT>)(a);
         }
     });
     return qk::check_launch("qk_gemv_4bit");

@@ -2,7 +2,11 @@
 // vectorized loads/stores. Not part of the C API.
 #pragma once
 
+#if defined(QK_CUDA_EMULATION)
+#include "emu/qk_cuda_emu.h"  // the kernels on the CPU, for tests (CMake target qlora_kernels_emu)
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 #include <stdio.h>
 
@@ -126,6 +130,15 @@ __device__ __forceinline__ float group_max(float m, int G, float* smem) {
 }
 
 }  // namespace qk
+
+// Every kernel launch: QK_LAUNCH(grid, block, smem, stream, kernel)(args...). The kernel comes last
+// so a template argument list's commas need no parentheses; under the CPU emulation the launch
+// runs the kernel's threads as fibers (emu/qk_cuda_emu.h).
+#if defined(QK_CUDA_EMULATION)
+#define QK_LAUNCH(grid, block, smem, stream, ...) ((void)(smem), (void)(stream), QK_EMU_LAUNCH(grid, block, __VA_ARGS__))
+#else
+#define QK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 // Dispatch a runtime dtype code to a template argument; unknown codes return an error.
 #define QK_DISPATCH_DTYPE(dt, DT, ...)                                                   \

@@ -21,7 +21,7 @@
 #include <stdint.h>
 /* The CUDA headers when they are around; otherwise the one CUDA type the API names, declared
  * exactly as driver_types.h does, so the host test program and C users build without CUDA. */
-#if defined(__has_include)
+#if defined(__has_include) && !defined(QK_CUDA_EMULATION)
 #if __has_include(<cuda_runtime_api.h>)
 #include <cuda_runtime_api.h>
 #define QK_HAVE_CUDA_HEADERS 1

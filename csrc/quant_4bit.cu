@@ -67,7 +67,6 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel(
     const uint8_t* __restrict__ packed, const float* __restrict__ absmax_f32, const uint8_t* __restrict__ absmax_q,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset_ptr, int64_t n,
     int log2B, int quant_type, typename Dtype<DT>::T* __restrict__ out, int64_t vec_units) {
-    using T = typename Dtype<DT>::T;
     constexpr int E = qk::vec_elems<DT>();
     constexpr int W = E / 2;
     __shared__ float s_code[16];
@@ -147,7 +146,7 @@ QK_API int qk_quantize_4bit(const void* input, int input_dtype, int64_t n, int64
     const int grid = qk::grid_for(qk::ceil_div(n, 8), threads, 2048 / threads);
     const bool vec = qk::aligned(input, 16);
     QK_DISPATCH_DTYPE(input_dtype, DT,
-                      quantize_4bit_kernel<DT><<<grid, threads, 0, stream>>>(
+                      QK_LAUNCH(grid, threads, 0, stream, quantize_4bit_kernel<DT>)(
                           static_cast<const typename Dtype<DT>::T*>(input), n, log2B, quant_type, packed, absmax, vec));
     return qk::check_launch("qk_quantize_4bit");
 }
@@ -171,11 +170,11 @@ QK_API int qk_dequantize_4bit(const uint8_t* packed, const void* absmax, const f
         const int grid = qk::grid_for(work, threads);
         auto* o = static_cast<typename Dtype<DT>::T*>(out);
         if (nested)
-            dequantize_4bit_kernel<DT, true><<<grid, threads, 0, stream>>>(
+            QK_LAUNCH(grid, threads, 0, stream, dequantize_4bit_kernel<DT, true>)(
                 packed, nullptr, static_cast<const uint8_t*>(absmax), nested_absmax, nested_code, offset, n, log2B,
                 quant_type, o, vec_units);
         else
-            dequantize_4bit_kernel<DT, false><<<grid, threads, 0, stream>>>(
+            QK_LAUNCH(grid, threads, 0, stream, dequantize_4bit_kernel<DT, false>)(
                 packed, static_cast<const float*>(absmax), nullptr, nullptr, nullptr, nullptr, n, log2B, quant_type, o,
                 vec_units);
     });

@@ -124,3 +124,27 @@ def toy_specs() -> list[KernelSpec]:
             constexprs={"BLOCK": 16}, num_warps=4, num_stages=1,
         ),
     ]
+
+
+def crashing_specs() -> list[KernelSpec]:
+    """Three ok specs and one whose compile kills its process, as Triton 3.2's LLVM abort did
+    (os.abort() stands in for the compiler: the gate must name that spec and keep going)."""
+    import os
+    import sys
+
+    from qlora_kernels import compile_check
+
+    # The gate runs as `python -m qlora_kernels.compile_check`: its functions live in __main__.
+    gate = sys.modules["__main__"] if hasattr(sys.modules["__main__"], "_compile_and_inspect") else compile_check
+    real = gate._compile_and_inspect
+
+    def compile_or_abort(spec, arch, row):
+        if spec.name == "crash_compiler":
+            os.abort()
+        real(spec, arch, row)
+
+    # Loaded in the gate's main process before it forks its workers, so they inherit the patch.
+    gate._compile_and_inspect = compile_or_abort
+    axpy = dict(fn=toy_axpy_kernel, signature=dict(_AXPY_SIG), num_warps=4, num_stages=1)
+    return [KernelSpec(name=name, constexprs={"BLOCK": block}, **axpy)
+            for name, block in (("ok_axpy_a", 256), ("crash_compiler", 512), ("ok_axpy_b", 1024), ("ok_axpy_c", 2048))]

@@ -1,5 +1,8 @@
-"""The CUDA C++ backend (csrc via ctypes) against reference.py, bit for bit. Needs a CUDA GPU and
-the built library; skipped with the reason otherwise (bench/device_check.sh runs it on a lent GPU).
+"""The CUDA C++ backend (csrc via ctypes) against reference.py, bit for bit. With a CUDA GPU and the
+built library the kernels run there (bench/device_check.sh on a lent GPU); without one the same
+tests run the same launchers, C API and kernel sources on the CPU under the csrc emulation
+(csrc_emulation.py: libqlora_kernels_emu.so, every CUDA thread a fiber). The few tests of what only
+a GPU has (streams, managed memory, the automatic backend choice) are skipped there, saying so.
 
 The reference runs on the CPU (the spec's arithmetic), the kernels on the GPU; inputs are fresh
 random data per case, with crafted blocks (exact midpoints, all-zero blocks), ragged sizes, and
@@ -18,8 +21,32 @@ from qlora_kernels.backends import use_backend
 from qlora_kernels.backends.cuda import _lib
 from qlora_kernels.formats import BLOCKSIZES_4BIT, get_code
 
-_OK, _WHY = C.available(torch.device("cuda"))
-pytestmark = pytest.mark.skipif(not _OK, reason=f"cuda backend unavailable: {_WHY}")
+from csrc_emulation import emulated_cuda_backend
+
+_GPU_OK, _GPU_WHY = C.available(torch.device("cuda"))
+EMULATED = not _GPU_OK
+DEV = "cpu" if EMULATED else "cuda"
+gpu_only = pytest.mark.skipif(EMULATED, reason=f"needs the library on a GPU ({_GPU_WHY}); the CPU emulation has "
+                                                "no streams, managed memory or CUDA device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_here(tmp_path_factory):
+    """The real library on the GPU, or the emulated one patched into the backend on the CPU."""
+    if not EMULATED:
+        yield
+        return
+    with emulated_cuda_backend(tmp_path_factory.mktemp("qk_emu")):
+        yield
+
+
+# Inputs go to DEV with .to(DEV, copy=True): on the CPU a plain .to() would alias the reference's
+# own tensors, and the in-place optimizer steps would then update one tensor twice.
+
+
+def sync() -> None:
+    if not EMULATED:
+        torch.cuda.synchronize()
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,7 +70,10 @@ INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float
 
 
 def poison(nbytes: int) -> None:
-    """Fill a cached block of this size with 0xFF and free it: the next allocation gets it back."""
+    """Fill a cached block of this size with 0xFF and free it: the next allocation gets it back.
+    (Under the emulation the backend's torch.empty poisons every output itself.)"""
+    if EMULATED:
+        return
     t = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device="cuda")
     del t
 
@@ -90,12 +120,12 @@ def test_quantize_4bit(quant_type, blocksize, dtype):
         w = crafted_weight(n, blocksize, quant_type, gen).to(dtype)
         exp_packed, exp_absmax = ref.quantize_4bit(w, blocksize, quant_type)
         for offset in (0, 1):  # 1: a sliced input, not 16-byte aligned (the scalar load path)
-            src = torch.empty(n + offset, dtype=dtype, device="cuda")
-            src[offset:] = w.cuda()
+            src = torch.empty(n + offset, dtype=dtype, device=DEV)
+            src[offset:] = w.to(DEV, copy=True)
             x = src[offset:]
             poison((n + 1) // 2)
             packed, absmax = C.quantize_4bit(x, blocksize, quant_type)
-            torch.cuda.synchronize()
+            sync()
             assert_bits_equal(absmax, exp_absmax, f"absmax n={n} offset={offset}")
             assert_bits_equal(packed, exp_packed, f"packed n={n} offset={offset}")
 
@@ -112,27 +142,27 @@ def test_dequantize_4bit(quant_type, blocksize, nested):
             qa, a2, off = ref.double_quantize(absmax)
             dyn = get_code("dynamic")
             scale = ref.double_dequantize(qa, a2, dyn, off)
-            args = (qa.cuda(), a2.cuda(), dyn.cuda(), off.cuda())
+            args = (qa.to(DEV, copy=True), a2.to(DEV, copy=True), dyn.to(DEV, copy=True), off.to(DEV, copy=True))
         else:
             scale = absmax
-            args = (absmax.cuda(), None, None, None)
+            args = (absmax.to(DEV, copy=True), None, None, None)
         for dtype in DTYPES:
             expected = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n,), dtype)
             for offset in (0, 1):  # 1: packed bytes at an odd address (the scalar path)
-                raw = torch.empty(packed.numel() + offset, dtype=torch.uint8, device="cuda")
-                raw[offset:] = packed.reshape(-1).cuda()
+                raw = torch.empty(packed.numel() + offset, dtype=torch.uint8, device=DEV)
+                raw[offset:] = packed.reshape(-1).to(DEV, copy=True)
                 poison(n * expected.element_size())
                 out = C.dequantize_4bit(raw[offset:], *args, blocksize, quant_type, (n,), dtype)
-                torch.cuda.synchronize()
+                sync()
                 assert_bits_equal(out, expected, f"dequantize n={n} dtype={dtype} offset={offset}")
 
 
 @pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned"])
 def test_dynamic_map_lut(code_name):
     code = get_code(code_name)
-    assert_bits_equal(C.dynamic_map_lut(code.cuda()), _REF_LUT(code), code_name)
+    assert_bits_equal(C.dynamic_map_lut(code.to(DEV, copy=True)), _REF_LUT(code), code_name)
     random_code = torch.sort(torch.rand(256) * 2 - 1).values
-    assert_bits_equal(C.dynamic_map_lut(random_code.cuda()), _REF_LUT(random_code), "random code")
+    assert_bits_equal(C.dynamic_map_lut(random_code.to(DEV, copy=True)), _REF_LUT(random_code), "random code")
 
 
 BLOCKSIZES_8BIT = (2, 4, 8, 32, 64, 256, 1024, 4096, 8192, 16384)
@@ -156,21 +186,21 @@ def test_quantize_dequantize_blockwise(blocksize, dtype, code_name):
         x = x.to(dtype)
         exp_q, exp_absmax = ref.quantize_blockwise(x, code, blocksize)
         for offset in (0, 1):
-            src = torch.empty(n + offset, dtype=dtype, device="cuda")
-            src[offset:] = x.cuda()
+            src = torch.empty(n + offset, dtype=dtype, device=DEV)
+            src[offset:] = x.to(DEV, copy=True)
             poison(n)
-            q, absmax = C.quantize_blockwise(src[offset:], code.cuda(), blocksize)
-            torch.cuda.synchronize()
+            q, absmax = C.quantize_blockwise(src[offset:], code.to(DEV, copy=True), blocksize)
+            sync()
             assert_bits_equal(absmax, exp_absmax, f"absmax n={n} offset={offset}")
             assert_bits_equal(q, exp_q, f"q n={n} offset={offset}")
         for out_dtype in DTYPES:
             expected = ref.dequantize_blockwise(exp_q, exp_absmax, code, blocksize, out_dtype)
             for offset in (0, 1):
-                raw = torch.empty(n + offset, dtype=torch.uint8, device="cuda")
-                raw[offset:] = exp_q.cuda()
+                raw = torch.empty(n + offset, dtype=torch.uint8, device=DEV)
+                raw[offset:] = exp_q.to(DEV, copy=True)
                 poison(n * expected.element_size())
-                out = C.dequantize_blockwise(raw[offset:], exp_absmax.cuda(), code.cuda(), blocksize, out_dtype)
-                torch.cuda.synchronize()
+                out = C.dequantize_blockwise(raw[offset:], exp_absmax.to(DEV, copy=True), code.to(DEV, copy=True), blocksize, out_dtype)
+                sync()
                 assert_bits_equal(out, expected, f"dequantize_blockwise n={n} dtype={out_dtype} offset={offset}")
 
 
@@ -187,10 +217,10 @@ def test_2d_shapes_and_double_quant_through_the_ops():
         d_ref = qk.dequantize_4bit(p_ref, s_ref, torch.bfloat16)
     _, exp_absmax = ref.quantize_4bit(w, 64, "nf4")
     with use_backend("cuda"):
-        p, s = qk.quantize_4bit(w.cuda(), "nf4", 64, double_quant=False)
-        d = qk.dequantize_4bit(p_ref.cuda(), s_ref.to("cuda"), torch.bfloat16)
-        q8, a8 = qk.quantize_blockwise(exp_absmax.cuda() - s_ref.offset.cuda(), blocksize=256)
-    torch.cuda.synchronize()
+        p, s = qk.quantize_4bit(w.to(DEV, copy=True), "nf4", 64, double_quant=False)
+        d = qk.dequantize_4bit(p_ref.to(DEV, copy=True), s_ref.to(DEV), torch.bfloat16)
+        q8, a8 = qk.quantize_blockwise(exp_absmax.to(DEV, copy=True) - s_ref.offset.to(DEV, copy=True), blocksize=256)
+    sync()
     assert_bits_equal(p, p_ref, "packed")
     assert_bits_equal(s.absmax, exp_absmax, "absmax")
     assert_bits_equal(d, d_ref, "dequantized through the nested state")
@@ -198,6 +228,7 @@ def test_2d_shapes_and_double_quant_through_the_ops():
     assert_bits_equal(a8, s_ref.nested_absmax, "nested absmax")
 
 
+@gpu_only
 def test_runs_on_the_current_stream():
     # The kernel's input is written on a side stream after a long sleep there; only a launch on
     # that same stream (torch's current stream) is ordered after the write and sees real bytes.
@@ -205,7 +236,7 @@ def test_runs_on_the_current_stream():
     w = torch.randn(4096 * 64 + 3, generator=gen)
     packed, absmax = ref.quantize_4bit(w, 64, "nf4")
     expected = ref.dequantize_4bit(packed, absmax, 64, "nf4", (w.numel(),), torch.float16)
-    p, a = packed.cuda(), absmax.cuda()
+    p, a = packed.to(DEV, copy=True), absmax.to(DEV, copy=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -218,17 +249,18 @@ def test_runs_on_the_current_stream():
 
 
 def test_bad_arguments_raise():
-    x = torch.randn(100, device="cuda")
+    x = torch.randn(100, device=DEV)
     with pytest.raises(ValueError):
         C.quantize_4bit(x, 48, "nf4")
     with pytest.raises(ValueError):
-        C.quantize_blockwise(x, get_code("dynamic", "cuda"), 3)
+        C.quantize_blockwise(x, get_code("dynamic", DEV), 3)
     with pytest.raises(TypeError):
         C.quantize_4bit(x.double(), 64, "nf4")
     lib = _lib.get_lib()
     assert lib.qk_dequantize_blockwise(1, 16, 16, 10, 4, 16, 7, None) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
 
 
+@gpu_only
 def test_managed_alloc_and_prefetch():
     lib = _lib.get_lib()
     dev = torch.cuda.current_device()
@@ -239,7 +271,7 @@ def test_managed_alloc_and_prefetch():
     try:
         assert lib.qk_prefetch(ptr, nbytes, dev, stream) == 0, _lib.last_error()
         assert lib.qk_prefetch(ptr, nbytes, -1, stream) == 0, _lib.last_error()
-        torch.cuda.synchronize()
+        sync()
     finally:
         lib.qk_managed_free(ptr, nbytes, dev, stream)
 
@@ -267,10 +299,10 @@ def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
         qa, a2, off = ref.double_quantize(absmax)
         dyn = get_code("dynamic")
         scale = ref.double_dequantize(qa, a2, dyn, off)
-        wargs = (qa.cuda(), a2.cuda(), dyn.cuda(), off.cuda())
+        wargs = (qa.to(DEV, copy=True), a2.to(DEV, copy=True), dyn.to(DEV, copy=True), off.to(DEV, copy=True))
     else:
         scale = absmax
-        wargs = (absmax.cuda(), None, None, None)
+        wargs = (absmax.to(DEV, copy=True), None, None, None)
     w32 = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n, k), torch.float32)
     x = torch.randn(m, k, generator=gen).to(dtype)
     return x, packed, wargs, w32
@@ -278,7 +310,7 @@ def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
 
 def _assert_within_rule(got, x, w32, addend, bias, what):
     exact = x.double() @ w32.double().t()
-    low = (x.cuda() @ w32.to(x.dtype).cuda().t()).cpu().double()
+    low = (x.to(DEV, copy=True) @ w32.to(x.dtype).to(DEV, copy=True).t()).cpu().double()
     if addend is not None:
         exact = exact + addend.double()
         low = low + addend.double()
@@ -303,16 +335,16 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
         addend = torch.randn(m, n, generator=gen) * 0.1
         bias = torch.randn(n, generator=gen) * 0.1
         for splits in (None, 1, 3):
-            for xin in (x.cuda(), torch.stack([x, x], 2).reshape(m, 2 * k).cuda()[:, ::2]):  # contiguous, strided
+            for xin in (x.to(DEV, copy=True), torch.stack([x, x], 2).reshape(m, 2 * k).to(DEV, copy=True)[:, ::2]):  # contiguous, strided
                 poison(m * n * x.element_size())
-                y = C.gemv_4bit(xin, packed.cuda(), *wargs, blocksize, quant_type, (n, k),
-                                addend=addend.cuda(), bias=bias.cuda(), splits=splits)
-                torch.cuda.synchronize()
+                y = C.gemv_4bit(xin, packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k),
+                                addend=addend.to(DEV, copy=True), bias=bias.to(DEV, copy=True), splits=splits)
+                sync()
                 assert y.dtype == dtype and y.shape == (m, n)
                 _assert_within_rule(y, x, w32, addend, bias, f"m={m} nested={nested} splits={splits}")
         # Deterministic: the same call gives the same bits.
-        y1 = C.gemv_4bit(x.cuda(), packed.cuda(), *wargs, blocksize, quant_type, (n, k), splits=3)
-        y2 = C.gemv_4bit(x.cuda(), packed.cuda(), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y1 = C.gemv_4bit(x.to(DEV, copy=True), packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y2 = C.gemv_4bit(x.to(DEV, copy=True), packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k), splits=3)
         assert_bits_equal(y1, y2, "repeat")
 
 
@@ -320,13 +352,13 @@ def test_gemv_misaligned_packed_and_x():
     # packed at an odd address (the launcher realigns it), x at an odd element offset (scalar loads).
     gen = torch.Generator().manual_seed(3)
     x, packed, wargs, w32 = _gemv_inputs(4, 72, 264, 64, "nf4", torch.bfloat16, False, gen)
-    raw = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")
-    raw[1:] = packed.reshape(-1).cuda()
-    xs = torch.empty(4 * 264 + 1, dtype=torch.bfloat16, device="cuda")
-    xs[1:] = x.reshape(-1).cuda()
+    raw = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
+    raw[1:] = packed.reshape(-1).to(DEV, copy=True)
+    xs = torch.empty(4 * 264 + 1, dtype=torch.bfloat16, device=DEV)
+    xs[1:] = x.reshape(-1).to(DEV, copy=True)
     y = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
-    ref_y = C.gemv_4bit(x.cuda(), packed.cuda(), *wargs, 64, "nf4", (72, 264))
-    torch.cuda.synchronize()
+    ref_y = C.gemv_4bit(x.to(DEV, copy=True), packed.to(DEV, copy=True), *wargs, 64, "nf4", (72, 264))
+    sync()
     assert_bits_equal(y, ref_y, "misaligned inputs")
     _assert_within_rule(y, x, w32, None, None, "misaligned")
 
@@ -347,18 +379,18 @@ def test_qlora_linear_fwd_op_small_m_and_delegation():
     B = (torch.randn(n, r, generator=gen) * 0.1).to(torch.bfloat16)
     bias = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
     s = 2.0 / math.sqrt(r)
-    wargs = (packed.cuda(), qa.cuda(), a2.cuda(), dyn.cuda(), off.cuda(), 64, "nf4", [n, k])
+    wargs = (packed.to(DEV, copy=True), qa.to(DEV, copy=True), a2.to(DEV, copy=True), dyn.to(DEV, copy=True), off.to(DEV, copy=True), 64, "nf4", [n, k])
     for m in (1, 16, 17):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         with use_backend("cuda"):
-            y, t = torch.ops.qlora.qlora_linear_fwd(x.cuda(), None, *wargs, A.cuda(), B.cuda(), s, bias.cuda())
-        torch.cuda.synchronize()
+            y, t = torch.ops.qlora.qlora_linear_fwd(x.to(DEV, copy=True), None, *wargs, A.to(DEV, copy=True), B.to(DEV, copy=True), s, bias.to(DEV, copy=True))
+        sync()
         t_exact = x.double() @ A.double().t()
         assert t.dtype == torch.float32 and t.shape == (m, r)
         assert (t.cpu().double() - t_exact).abs().max().item() <= 1e-5 * t_exact.abs().max().item()
         if m > C.GEMV_MAX_M:
             with use_backend("triton"):
-                y_tri, t_tri = torch.ops.qlora.qlora_linear_fwd(x.cuda(), None, *wargs, A.cuda(), B.cuda(), s, bias.cuda())
+                y_tri, t_tri = torch.ops.qlora.qlora_linear_fwd(x.to(DEV, copy=True), None, *wargs, A.to(DEV, copy=True), B.to(DEV, copy=True), s, bias.to(DEV, copy=True))
             assert_bits_equal(y, y_tri, "M=17 delegated to Triton")
             continue
         lora = s * (t_exact @ B.double().t())
@@ -380,14 +412,14 @@ def test_adamw_32bit_bit_identical(p_dtype, g_dtype):
             g = (torch.randn(n, generator=gen) * 0.1).to(g_dtype)
             m = torch.randn(n, generator=gen) * 0.01
             v = torch.rand(n, generator=gen) * 1e-3
-            gp, gg, gm, gv = (torch.cat([t[:1], t]).cuda()[offset : offset + n] if offset else t.cuda()
+            gp, gg, gm, gv = (torch.cat([t[:1], t]).to(DEV, copy=True)[offset : offset + n] if offset else t.to(DEV, copy=True)
                               for t in (p, g, m, v))
-            rp, rg, rm, rv = (t.cuda() for t in (p, g, m, v))  # the reference backend on the GPU too
+            rp, rg, rm, rv = (t.to(DEV, copy=True) for t in (p, g, m, v))  # the reference backend on the GPU too
             for hyper in HYPER:
                 ref.adamw_step_32bit(p, g, m, v, *hyper)
                 ref.adamw_step_32bit(rp, rg, rm, rv, *hyper)
                 C.adamw_step_32bit(gp, gg, gm, gv, *hyper)
-            torch.cuda.synchronize()
+            sync()
             for name, got, exp, exp_gpu in (("p", gp, p, rp), ("m", gm, m, rm), ("v", gv, v, rv)):
                 assert_bits_equal(got, exp, f"{name} n={n} offset={offset}")
                 assert_bits_equal(got, exp_gpu, f"{name} n={n} offset={offset} (reference on the GPU)")
@@ -401,22 +433,23 @@ def test_adamw_8bit_bit_identical(p_dtype, blocksize):
         nb = -(-n // blocksize)
         p = torch.randn(n, generator=gen).to(p_dtype)
         states = [torch.zeros(n, dtype=torch.uint8), torch.zeros(nb), torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)]
-        gpu = [t.cuda() for t in [p] + states]
-        ref_gpu = [t.cuda() for t in [p] + states]  # the reference backend on the GPU too
+        gpu = [t.to(DEV, copy=True) for t in [p] + states]
+        ref_gpu = [t.to(DEV, copy=True) for t in [p] + states]  # the reference backend on the GPU too
         for step, hyper in enumerate(HYPER, 1):
             g = (torch.randn(n, generator=gen) * 0.1).to(p_dtype)
             if nb > 2:
                 g[blocksize : 2 * blocksize] = 0.0  # a block whose states stay all zero
             ref.adamw_step_8bit(p, g, *states, *hyper[:5], step, blocksize)
-            ref.adamw_step_8bit(ref_gpu[0], g.cuda(), *ref_gpu[1:], *hyper[:5], step, blocksize)
-            C.adamw_step_8bit(gpu[0], g.cuda(), *gpu[1:], *hyper[:5], step, blocksize)
-        torch.cuda.synchronize()
+            ref.adamw_step_8bit(ref_gpu[0], g.to(DEV, copy=True), *ref_gpu[1:], *hyper[:5], step, blocksize)
+            C.adamw_step_8bit(gpu[0], g.to(DEV, copy=True), *gpu[1:], *hyper[:5], step, blocksize)
+        sync()
         names = ("p", "m_q", "m_absmax", "v_q", "v_absmax")
         for name, got, exp, exp_gpu in zip(names, gpu, [p] + states, ref_gpu):
             assert_bits_equal(got, exp, f"{name} n={n}")
             assert_bits_equal(got, exp_gpu, f"{name} n={n} (reference on the GPU)")
 
 
+@gpu_only
 def test_adamw_ops_pick_the_cuda_backend():
     # Automatic choice on CUDA tensors: the single-tensor AdamW ops and qlora_linear_fwd come from
     # csrc; the multi-tensor ones are Triton's (not claimed by the cuda backend).

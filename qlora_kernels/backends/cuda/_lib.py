@@ -118,7 +118,12 @@ def library_path() -> Path:
 
 
 def _load() -> ctypes.CDLL:
-    path = library_path()
+    return load_library(library_path())
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """dlopen `path` and type every function of SIGNATURES (also used by the tests to load
+    libqlora_kernels_emu.so, the same C API built for the CPU emulation)."""
     if not path.is_file():
         raise LibraryUnavailable(
             f"{path} is not built (install with nvcc on PATH: `pip install --no-build-isolation -e .`, or "

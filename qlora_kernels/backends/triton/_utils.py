@@ -9,10 +9,19 @@ kernel then moves bf16 through its raw 16 bits and rounds to nearest even by han
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton; (0, 0) if it cannot be read."""
+    import triton
+
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def interpreting() -> bool:

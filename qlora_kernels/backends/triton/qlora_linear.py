@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ...formats import get_code
-from ._utils import KernelSpec, interpreting
+from ._utils import KernelSpec, interpreting, triton_version
 
 # Operand kinds of tl.dot (constexpr values).
 KIND_FP32, KIND_BF16, KIND_FP16 = 0, 1, 2
@@ -377,13 +377,24 @@ def lora_rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def weight_layout(shape: Sequence[int], blocksize: int, bk: int) -> dict:
-    """Constexprs of dequant_tile for W [N, K] read in tiles BK wide."""
+# Triton 3.2 aborts the whole process ("LLVM ERROR: Failed to emit transfer from register to
+# shared") compiling the paired nibble decode (tl.join + reshape) into a tf32x3 dot, i.e. for fp32
+# activations; 3.3+ compile it. There fp32 takes the per-nibble path, which 3.2 compiles.
+PAIRED_FP32_OK = triton_version() >= (3, 3)
+
+
+def paired_decode(k: int, x_dtype: torch.dtype) -> bool:
+    """PAIRED of dequant_tile for W with K columns feeding dots of x_dtype operands."""
+    return k % 2 == 0 and (x_dtype != torch.float32 or PAIRED_FP32_OK)
+
+
+def weight_layout(shape: Sequence[int], blocksize: int, bk: int, x_dtype: torch.dtype) -> dict:
+    """Constexprs of dequant_tile for W [N, K] read in tiles BK wide, for x_dtype activations."""
     k = int(shape[1])
     return {
         "BLOCKSIZE": blocksize,
         "NSB": max(1, bk // blocksize),
-        "PAIRED": k % 2 == 0,
+        "PAIRED": paired_decode(k, x_dtype),
         "ALIGNED": k % blocksize == 0,
     }
 
@@ -439,7 +450,7 @@ def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Opti
         m, n, k, lora_B.shape[1], float(scale),
         x.stride(0), x.stride(1), t.stride(0) if has_lora else 0, lora_B.stride(0), lora_B.stride(1), y.stride(0),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, RP=lora_rank_pad(lora_B.shape[1]),
-        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK),
+        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, x.dtype),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_B.dtype], Y_BF16=x.dtype == torch.bfloat16,
         INTERPRET=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
@@ -482,7 +493,7 @@ def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg:
         m, n, k, lora_A.shape[0], float(scale),
         dy.stride(0), dy.stride(1), u.stride(0) if has_lora else 0, lora_A.stride(0), lora_A.stride(1), dx.stride(0),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, RP=lora_rank_pad(lora_A.shape[0]),
-        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK),
+        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, dy.dtype),
         HAS_LORA=has_lora, X_KIND=_KIND_OF[dy.dtype], L_KIND=_KIND_OF[lora_A.dtype],
         Y_BF16=out_dtype == torch.bfloat16, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
@@ -568,6 +579,8 @@ def compile_specs() -> list[KernelSpec]:
     for make, configs in ((fwd_spec, GPU_CONFIGS), (dx_spec, DX_GPU_CONFIGS)):
         for cfg_name, cfg in configs.items():
             for xdt, ldt, blocksize, paired, aligned in variants[cfg_name.startswith("narrow")]:
+                # As the launchers decide it (paired_decode: even K, and not fp32 on Triton 3.2).
+                paired = paired and paired_decode(2, xdt)
                 specs.append(make(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned))
     for ldt in (torch.bfloat16, torch.float32, torch.float16):
         lt = _TYPE_NAME[ldt]

@@ -35,6 +35,7 @@ from .qlora_linear import (
     dot_acc,
     lora_and_bias,
     lora_rank_pad,
+    paired_decode,
     store_out,
     weight_layout,
 )
@@ -138,7 +139,7 @@ def small_m_fwd(x, t, packed_args, blocksize, shape, lora_B, scale, bias, split_
         m, n, k, lora_B.shape[1], float(scale),
         x.stride(0), x.stride(1), t.stride(0) if has_lora else 0, lora_B.stride(0), lora_B.stride(1), y.stride(0),
         BM=BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, RP=lora_rank_pad(lora_B.shape[1]),
-        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK),
+        NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, x.dtype),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_B.dtype],
         Y_BF16=(split == 1 and x.dtype == torch.bfloat16), INTERPRET=interpreting(),
@@ -169,6 +170,7 @@ def compile_specs() -> list[KernelSpec]:
         cases.append((torch.bfloat16, torch.bfloat16, 1, 64, paired, False))
         cases.append((torch.float32, torch.float32, 2, 64, paired, False))
     for xdt, ldt, split, blocksize, paired, aligned in cases:
+        paired = paired and paired_decode(2, xdt)  # as the launcher decides it
         xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
         yt = "fp32" if split > 1 else xt
         specs.append(KernelSpec(

@@ -1,0 +1,2 @@
+// adamw.cu compiled for the CPU emulation (qk_cuda_emu.h).
+#include "../adamw.cu"

@@ -1,0 +1,93 @@
+"""Runs the cuda backend (backends/cuda/: the Python launchers, the C API and the csrc kernels
+themselves) on the CPU, with libqlora_kernels_emu.so in place of the real library: the same .cu
+sources compiled by the host compiler with csrc/emu/qk_cuda_emu.h, every CUDA thread a fiber.
+
+`emulated_cuda_backend()` builds that library (CMake, host compiler only, a few seconds) and
+patches the backend for CPU tensors: its `torch` becomes a proxy whose `empty` returns poisoned
+memory (0xFF bytes, so an element a kernel fails to write shows) and whose `cuda.device` /
+`cuda.current_stream` are no-ops; `_lib.get_lib` returns the emulated library; `available` says
+yes for the CPU. Nothing outside the backend module changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qlora_kernels.backends import cuda as cuda_backend
+from qlora_kernels.backends.cuda import _lib
+
+ROOT = Path(__file__).resolve().parents[1]
+# qk_emu::kSmCount of csrc/emu/qk_cuda_emu.h: few SMs, so grid-stride loops take several turns.
+EMULATED_SM_COUNT = 2
+
+
+def build_emulated_library(build_dir: Path) -> Path:
+    cmake = shutil.which("cmake")
+    if cmake is None or (shutil.which("c++") is None and shutil.which("g++") is None):
+        pytest.skip("the csrc CPU emulation needs cmake and a C++ compiler")
+    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), "-DQK_BUILD_LIBRARY=OFF", "-DQK_BUILD_TESTS=OFF",
+                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True, text=True)
+    r = subprocess.run([cmake, "--build", str(build_dir), "--target", "qlora_kernels_emu", "-j", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"building libqlora_kernels_emu.so failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    lib = build_dir / "libqlora_kernels_emu.so"
+    assert lib.is_file()
+    return lib
+
+
+class _CudaOnCpu:
+    """torch.cuda as the backend sees it under the emulation."""
+
+    @staticmethod
+    def device(_device):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream(_device=None):
+        return SimpleNamespace(cuda_stream=0)
+
+    @staticmethod
+    def current_device():
+        return 0
+
+    @staticmethod
+    def get_device_properties(_index):
+        return SimpleNamespace(multi_processor_count=EMULATED_SM_COUNT)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu:
+    """torch as the backend sees it under the emulation: outputs come back poisoned."""
+
+    cuda = _CudaOnCpu()
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        if t.numel():
+            t.view(-1).view(torch.uint8).fill_(0xFF)
+        return t
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def emulated_cuda_backend(build_dir: Path):
+    lib = _lib.load_library(build_emulated_library(build_dir))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_backend, "torch", _TorchOnCpu())
+        mp.setattr(_lib, "get_lib", lambda: lib)
+        mp.setattr(cuda_backend, "available", lambda device: (True, ""))
+        mp.setattr(cuda_backend, "_require_cuda", lambda t, what: None)
+        mp.setattr(cuda_backend, "_sm_counts", {})
+        yield lib
