@@ -213,6 +213,20 @@ def test_small_m_split_k(split_k, poisoned_outputs):
     assert_within_rule([one], [low], [exact], "small-M split_k=1")
 
 
+def test_split_k_is_off_under_deterministic_algorithms(monkeypatch):
+    """Split-K sums with atomics (low bits depend on timing): a run that asks torch for
+    deterministic algorithms gets SPLIT_K = 1 where it would otherwise split (one N tile, long K)."""
+    monkeypatch.setattr(tql_small, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) > 1
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) == 1
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_dropout_path(backend):
     """LoRA dropout: Y = X W^T + s * (drop(X) A^T) B^T. Same mask (same seed) -> the float64 spec with

@@ -12,7 +12,8 @@ once; recomputing it per program would read A once per program).
 tl.dot needs 16 rows, so M is padded to 16 with masked loads: at M = 1 the tensor cores idle 15/16
 of the time, which costs nothing in a kernel bound by memory and by the dequantization ALU work.
 Atomics make the low bits of a split-K result depend on the order programs finish; SPLIT_K = 1
-(chosen when there are enough N tiles) is deterministic.
+(chosen when there are enough N tiles, and always under torch.use_deterministic_algorithms(True))
+is deterministic.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def _sm_count(index: int) -> int:
 
 
 def pick_split_k(n: int, k: int, cfg: SmallMConfig, device: torch.device) -> int:
-    if device.type != "cuda":
+    """SPLIT_K for an [N, K] weight: 1 off the GPU and under torch.use_deterministic_algorithms
+    (atomics make the low bits of a split-K sum depend on timing), else enough K splits for
+    PROGRAMS_PER_SM programs per SM."""
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     n_tiles = triton.cdiv(n, cfg.BN)
