@@ -12,8 +12,6 @@ yes for the CPU. Nothing outside the backend module changes.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,21 +21,14 @@ import torch
 from qlora_kernels.backends import cuda as cuda_backend
 from qlora_kernels.backends.cuda import _lib
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import build_host_target
+
 # qk_emu::kSmCount of csrc/emu/qk_cuda_emu.h: few SMs, so grid-stride loops take several turns.
 EMULATED_SM_COUNT = 2
 
 
 def build_emulated_library(build_dir: Path) -> Path:
-    cmake = shutil.which("cmake")
-    if cmake is None or (shutil.which("c++") is None and shutil.which("g++") is None):
-        pytest.skip("the csrc CPU emulation needs cmake and a C++ compiler")
-    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), "-DQK_BUILD_LIBRARY=OFF", "-DQK_BUILD_TESTS=OFF",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True, text=True)
-    r = subprocess.run([cmake, "--build", str(build_dir), "--target", "qlora_kernels_emu", "-j", "2"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, f"building libqlora_kernels_emu.so failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    lib = build_dir / "libqlora_kernels_emu.so"
+    lib = build_host_target(build_dir, "qlora_kernels_emu", "the csrc CPU emulation") / "libqlora_kernels_emu.so"
     assert lib.is_file()
     return lib
 

@@ -1,12 +1,17 @@
-"""Shared test utilities: oracles, real weights, bit-level comparison."""
+"""Shared test utilities: oracles, real weights, bit-level comparison, host builds of csrc."""
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
 
@@ -34,3 +39,16 @@ def minilm_linear_weights() -> dict[str, torch.Tensor]:
 
     tensors = load_file(str(gt.get_model_path() / "model.safetensors"))
     return {k: v for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2 and "embeddings" not in k}
+
+
+def build_host_target(build_dir: Path, target: str, what: str) -> Path:
+    """Builds CMake target `target` of csrc with the host compiler only (no CUDA library) into
+    build_dir and returns build_dir; skips the test, naming `what`, without cmake or a compiler."""
+    cmake = shutil.which("cmake")
+    if cmake is None or (shutil.which("c++") is None and shutil.which("g++") is None):
+        pytest.skip(f"{what} needs cmake and a C++ compiler")
+    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), "-DQK_BUILD_LIBRARY=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, capture_output=True, text=True)
+    r = subprocess.run([cmake, "--build", str(build_dir), "--target", target, "-j", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, f"building {target} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return build_dir

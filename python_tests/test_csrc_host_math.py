@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from helpers import build_host_target
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ROOT / "csrc" / "tests" / "gen_host_cases.py"
@@ -32,17 +33,8 @@ def _gen_module():
 
 @pytest.fixture(scope="module")
 def host_tests(tmp_path_factory) -> Path:
-    cmake = shutil.which("cmake")
-    if cmake is None or (shutil.which("c++") is None and shutil.which("g++") is None):
-        pytest.skip("needs cmake and a C++ compiler to build csrc/tests/host_tests.cpp")
-    build = tmp_path_factory.mktemp("qk_host_build")
-    subprocess.run(
-        [cmake, "-S", str(ROOT), "-B", str(build), "-DQK_BUILD_LIBRARY=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-        check=True, capture_output=True, text=True,
-    )
-    r = subprocess.run([cmake, "--build", str(build), "--target", "qk_host_tests", "-j", "2"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, f"building qk_host_tests failed:\n{r.stdout}\n{r.stderr}"
+    build = build_host_target(tmp_path_factory.mktemp("qk_host_build"), "qk_host_tests",
+                              "building csrc/tests/host_tests.cpp")
     exe = build / "qk_host_tests"
     assert exe.is_file()
     return exe
