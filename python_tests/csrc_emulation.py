@@ -4,8 +4,8 @@ sources compiled by the host compiler with csrc/emu/qk_cuda_emu.h, every CUDA th
 
 `emulated_cuda_backend()` builds that library (CMake, host compiler only, a few seconds) and
 patches the backend for CPU tensors: its `torch` becomes a proxy whose `empty` returns poisoned
-memory (0xFF bytes, so an element a kernel fails to write shows) and whose `cuda.device` /
-`cuda.current_stream` are no-ops; `_lib.get_lib` returns the emulated library; `available` says
+memory (0xFF bytes, so an element a kernel fails to write shows) between guard bands (so a write
+past either end shows) and whose `cuda.device` / `cuda.current_stream` are no-ops; `_lib.get_lib` returns the emulated library; `available` says
 yes for the CPU. Nothing outside the backend module changes.
 """
 
@@ -56,17 +56,35 @@ class _CudaOnCpu:
         return getattr(torch.cuda, name)
 
 
+GUARD_BYTES = 64  # keeps the 64-byte alignment of torch's CPU allocations for the tensor between
+
+
 class _TorchOnCpu:
-    """torch as the backend sees it under the emulation: outputs come back poisoned."""
+    """torch as the backend sees it under the emulation: every output comes back poisoned (0xFF
+    bytes) and sits between two guard bands of 0xFF bytes, which check_guards() reads back: a
+    kernel that writes past either end of an output it was given is caught (memcheck's job on a
+    GPU, for writes)."""
 
     cuda = _CudaOnCpu()
 
-    @staticmethod
-    def empty(*args, **kwargs):
+    def __init__(self):
+        self.guarded: list[tuple[torch.Tensor, int]] = []
+
+    def empty(self, *args, **kwargs):
         t = torch.empty(*args, **kwargs)
-        if t.numel():
-            t.view(-1).view(torch.uint8).fill_(0xFF)
-        return t
+        if t.numel() == 0:
+            return t
+        nbytes = t.numel() * t.element_size()
+        buf = torch.full((nbytes + 2 * GUARD_BYTES,), 0xFF, dtype=torch.uint8)
+        self.guarded.append((buf, nbytes))
+        return buf[GUARD_BYTES:GUARD_BYTES + nbytes].view(t.dtype).view(t.shape)
+
+    def check_guards(self) -> None:
+        for buf, nbytes in self.guarded:
+            for name, band in (("before", buf[:GUARD_BYTES]), ("after", buf[GUARD_BYTES + nbytes:])):
+                if not bool((band == 0xFF).all()):
+                    raise AssertionError(f"a kernel wrote {name} the {nbytes}-byte output it was given")
+        self.guarded.clear()
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -74,11 +92,13 @@ class _TorchOnCpu:
 
 @contextlib.contextmanager
 def emulated_cuda_backend(build_dir: Path):
+    """Yields the backend's torch proxy (call its check_guards() after each test)."""
     lib = _lib.load_library(build_emulated_library(build_dir))
+    proxy = _TorchOnCpu()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda_backend, "torch", _TorchOnCpu())
+        mp.setattr(cuda_backend, "torch", proxy)
         mp.setattr(_lib, "get_lib", lambda: lib)
         mp.setattr(cuda_backend, "available", lambda device: (True, ""))
         mp.setattr(cuda_backend, "_require_cuda", lambda t, what: None)
         mp.setattr(cuda_backend, "_sm_counts", {})
-        yield lib
+        yield proxy

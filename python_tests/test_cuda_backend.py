@@ -32,12 +32,21 @@ gpu_only = pytest.mark.skipif(EMULATED, reason=f"needs the library on a GPU ({_G
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels_here(tmp_path_factory):
-    """The real library on the GPU, or the emulated one patched into the backend on the CPU."""
+    """The real library on the GPU (None), or the emulated one patched into the backend on the
+    CPU (its torch proxy)."""
     if not EMULATED:
-        yield
+        yield None
         return
-    with emulated_cuda_backend(tmp_path_factory.mktemp("qk_emu")):
-        yield
+    with emulated_cuda_backend(tmp_path_factory.mktemp("qk_emu")) as proxy:
+        yield proxy
+
+
+@pytest.fixture(autouse=True)
+def _output_guards(kernels_here):
+    """Under the emulation: after each test, no kernel wrote outside an output it was given."""
+    yield
+    if kernels_here is not None:
+        kernels_here.check_guards()
 
 
 # Inputs go to DEV with .to(DEV, copy=True): on the CPU a plain .to() would alias the reference's
