@@ -458,6 +458,47 @@ def test_adamw_8bit_bit_identical(p_dtype, blocksize):
             assert_bits_equal(got, exp_gpu, f"{name} n={n} (reference on the GPU)")
 
 
+@pytest.mark.parametrize("cls_name", ["PagedAdamW", "PagedAdamW8bit"])
+def test_optimizer_with_the_cuda_backend_forced_matches_the_reference(cls_name, monkeypatch):
+    """The optimizer's path into csrc: with the cuda backend forced the multi-tensor op is not
+    there, so each parameter goes through the single-tensor op; 8-bit states for the large
+    parameters, fp32 for the small one (< 4096 elements); three steps, bit for bit."""
+    import qlora_kernels as qk
+
+    cls = getattr(qk, cls_name)
+    gen = torch.Generator().manual_seed(5)
+    shapes = ((96, 50), (37,), (5000,))
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 0.1 for s in shapes] for _ in range(3)]
+    calls = []
+    for op in ("adamw_step_32bit", "adamw_step_8bit"):
+        impl = C.IMPLS[op]
+        monkeypatch.setitem(C.IMPLS, op, lambda *a, _impl=impl, _op=op: (calls.append(_op), _impl(*a))[1])
+    runs = {}
+    for backend, device in (("reference", "cpu"), ("cuda", DEV)):
+        params = [torch.nn.Parameter(t.to(device, copy=True)) for t in init]
+        opt = cls(params, lr=1e-2, weight_decay=0.1, paged=False)
+        with use_backend(backend):
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.to(device, copy=True)
+                opt.step()
+        sync()
+        runs[backend] = (params, opt)
+    (ref_params, ref_opt), (params, opt) = runs["reference"], runs["cuda"]
+    for a, b in zip(params, ref_params):
+        assert_bits_equal(a.detach(), b.detach(), f"param {tuple(a.shape)}")
+        for key, t in opt.state[a].items():
+            if torch.is_tensor(t):
+                assert_bits_equal(t, ref_opt.state[b][key], f"{key} of {tuple(a.shape)}")
+    eight = cls_name == "PagedAdamW8bit"
+    # csrc ran every update: 3 steps x (2 params of >= 4096 elements with 8-bit states, 1 fp32)
+    assert calls.count("adamw_step_8bit") == (6 if eight else 0)
+    assert calls.count("adamw_step_32bit") == (3 if eight else 9)
+    if eight:
+        assert "exp_avg_q" in opt.state[params[0]] and "exp_avg" in opt.state[params[1]]
+
+
 @gpu_only
 def test_adamw_ops_pick_the_cuda_backend():
     # Automatic choice on CUDA tensors: the single-tensor AdamW ops and qlora_linear_fwd come from
