@@ -62,7 +62,7 @@ step "environment" "$(within 60 420)" bash -c "nvidia-smi -L 2>/dev/null || echo
 # setup.py's incremental build/ (already built by the install, so this step checks it is current).
 arch=90 build_dir=build/device
 [ "$CPU_FORM" = 1 ] && arch="80;90" build_dir=build
-step "build csrc (sm_$arch)" "$(within 150 330)" bash -c "cmake -S . -B $build_dir -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA_ARCHS='$arch' >/dev/null && cmake --build $build_dir -j \"\$(nproc)\""
+step "build csrc (sm_$arch)" "$(within 150 330)" bash -c "cmake -S . -B $build_dir -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA_ARCHS='$arch' >/dev/null && cmake --build $build_dir --target qlora_kernels -j \"\$(nproc)\""
 
 gpu_tests=()
 for f in python_tests/test_triton_gpu.py python_tests/test_cuda_backend.py python_tests/test_optim_cuda.py; do
