@@ -20,9 +20,10 @@ def test_backend_order_follows_the_summed_medians():
         row("dequantize", "qlora_kernels (cuda)", 1.0, shape="a"), row("dequantize", "qlora_kernels (triton)", 0.8, shape="a"),
         row("dequantize", "qlora_kernels (cuda)", 1.0, shape="b"), row("dequantize", "qlora_kernels (triton)", 1.3, shape="b"),
         row("quantize", "qlora_kernels (cuda)", 2.0), row("quantize", "qlora_kernels (triton)", 3.0),
-        # fwd at M=1 decides qlora_linear_fwd; M=4096 has no cuda row and must not count.
-        row("fwd", "fused (cuda)", 0.02, m=1), row("fwd", "fused (triton)", 0.03, m=1),
-        row("fwd", "fused (triton)", 5.0, m=4096),
+        # The graphed forward at M=1 decides qlora_linear_fwd (not the eager one, nor M=4096).
+        row("fwd graphed", "fused (cuda)", 0.02, m=1), row("fwd graphed", "fused (triton)", 0.03, m=1),
+        row("fwd", "fused (cuda)", 0.09, m=1), row("fwd", "fused (triton)", 0.03, m=1),
+        row("fwd graphed", "fused (triton)", 5.0, m=4096),
         row("adamw step", "PagedAdamW (cuda)", 1.0), row("adamw step", "PagedAdamW (triton)", 0.9),
         row("adamw step", "PagedAdamW8bit (cuda)", 0.5),  # one backend only: no entry
         Result("quantize", "qlora_kernels (triton)", "c", None, "bfloat16", float("nan"), 0, 0, error="boom"),

@@ -10,7 +10,9 @@ optimizers) when importable, torch's fused AdamW.
 On a GPU times come from triton.testing.do_bench (CUDA events). There each kernel backend of ours
 (cuda, triton) is timed on its own and our op runs under both linear strategies (fused,
 dequant+cuBLAS), and dispatch_suggestions() turns the rows into the entries of the two measured
-dispatch tables (backends.MEASURED_BACKEND_ORDER, linear_strategy.MEASURED_DEQUANT_MATMUL_MIN_M). On the CPU the command runs and
+dispatch tables (backends.MEASURED_BACKEND_ORDER, linear_strategy.MEASURED_DEQUANT_MATMUL_MIN_M).
+Decode sizes (M <= DECODE_M) are also timed replayed from a CUDA graph ("fwd graphed"): there a
+call's kernels take microseconds and the eager rows mostly time Python's per-call overhead. On the CPU the command runs and
 labels its numbers as CPU numbers: our CPU path (the reference backend) against bitsandbytes' CPU
 path, as ratios measured in one run. Shapes and baselines live here; bench/*.py import them.
 """
@@ -40,6 +42,8 @@ LORA_RANKS = (8, 16, 64)
 BLOCKSIZE = 64
 QUICK_SHAPES = ((4096, 4096), (4096, 11008))
 QUICK_M = (1, 16, 4096)
+# At and below this M the forward is also timed replayed from a CUDA graph ("fwd graphed").
+DECODE_M = 16
 CPU_DEQUANT_SHAPE = (11008, 4096)  # (N, K) of the CPU side-by-side
 
 
@@ -293,6 +297,8 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
                 impls["bitsandbytes+peft"] = (bnb_peft, bytes_q, True)
             for impl, (fn, nbytes, differentiable) in impls.items():
                 yield ("fwd", impl, sid, m, dtype, _no_grad(fn), nbytes, flops)
+                if device.type == "cuda" and m <= DECODE_M:
+                    yield ("fwd graphed", impl, sid, m, dtype, _graphed(_no_grad(fn)), nbytes, flops)
                 if differentiable:
                     yield ("bwd", impl, sid, m, dtype, _bwd_only(fn, x, a, b), 2 * nbytes, 2 * flops)
                     yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a, b), 3 * nbytes, 3 * flops)
@@ -302,6 +308,29 @@ def _cuda_gemv_max_m() -> int:
     from .backends.cuda import GEMV_MAX_M
 
     return GEMV_MAX_M
+
+
+def _graphed(fn):
+    """fn captured once in a CUDA graph, then replayed: the GPU time of its kernels without the
+    Python and dispatch overhead of each call, which at decode sizes (a few microseconds of
+    kernel) would otherwise be what is timed. A decode loop pays this under CUDA graphs. A
+    function that cannot be captured (a host sync inside) becomes an error row."""
+    state = {}
+
+    def run():
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # compiles, autotuning and allocator warm-up happen outside capture
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = fn()
+            state["graph"] = graph
+        state["graph"].replay()
+    return run
 
 
 def _no_grad(fn):
@@ -490,13 +519,13 @@ def run(ops=ALL_OPS, quick: bool = False, out_dir: Optional[Path] = None, stream
 
 
 def print_table(results: list[Result], stream) -> None:
-    header = (f"{'op':10s} {'impl':34s} {'shape':15s} {'M':>6s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} "
+    header = (f"{'op':12s} {'impl':34s} {'shape':15s} {'M':>6s} {'median ms':>10s} {'p20':>9s} {'p80':>9s} "
               f"{'GB/s':>8s} {'TFLOP/s':>8s} {'%copy':>6s} {'%mm':>6s}")
     print(header, file=stream)
     print("-" * len(header), file=stream)
     for r in results:
         m = "" if r.m is None else str(r.m)
-        line = (f"{r.op:10s} {r.impl:34s} {r.shape:15s} {m:>6s} {r.median_ms:10.4f} {r.p20_ms:9.4f} {r.p80_ms:9.4f} "
+        line = (f"{r.op:12s} {r.impl:34s} {r.shape:15s} {m:>6s} {r.median_ms:10.4f} {r.p20_ms:9.4f} {r.p80_ms:9.4f} "
                 f"{r.gbps:8.1f} {r.tflops:8.2f} {r.pct_copy:6.1f} {r.pct_matmul:6.1f}")
         if r.error:
             line += f"  ERROR {r.error}"
@@ -516,6 +545,7 @@ def ratio_lines(results: list[Result]) -> list[str]:
     lines = []
     pairs = [("dequantize", "bitsandbytes", "qlora_kernels"), ("quantize", "bitsandbytes", "qlora_kernels"),
              ("fwd", "unfused chain", "fused"), ("fwd", "dense bf16", "fused"), ("fwd", "dequant+cuBLAS", "fused"),
+             ("fwd graphed", "dense bf16", "fused"), ("fwd graphed", "bitsandbytes+peft", "fused"),
              ("bwd", "bf16 lora", "fused"), ("fwd+bwd", "bf16 lora", "fused"),
              ("fwd+bwd", "bitsandbytes+peft", "fused"),
              ("adamw step", "torch fused AdamW", "PagedAdamW"),
@@ -535,7 +565,7 @@ def ratio_lines(results: list[Result]) -> list[str]:
 _BACKEND_EVIDENCE = (
     ("dequantize_4bit", "dequantize", "qlora_kernels", None),
     ("quantize_4bit", "quantize", "qlora_kernels", None),
-    ("qlora_linear_fwd", "fwd", "fused", 16),
+    ("qlora_linear_fwd", "fwd graphed", "fused", DECODE_M),  # csrc's forward is the decode GEMV
     ("adamw_step_32bit", "adamw step", "PagedAdamW", None),
     ("adamw_step_8bit", "adamw step", "PagedAdamW8bit", None),
 )
