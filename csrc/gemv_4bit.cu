@@ -1,5 +1,6 @@
-// Small-M (decode) NF4/FP4 GEMV/GEMM: Y[M, N] = X[M, K] @ dequant(W[N, K])^T (+ addend) (+ bias),
-// M <= 16 (spec: reference.qlora_linear_forward, with the LoRA term passed in as `addend`).
+// Small-M (decode) NF4/FP4 GEMV/GEMM: Y[M, N] = X[M, K] @ dequant(W[N, K])^T (+ s * T @ B^T) (+ bias),
+// M <= 16 (spec: reference.qlora_linear_forward, given the LoRA down-projection T = X_lora A^T):
+// the LoRA up-projection and the bias are added in the epilogue, before the one rounding.
 // Chunking, split and summation order: qk_math.h ("Small-M 4-bit GEMV").
 //
 // At M <= 16 the packed weight is nearly all the bytes, so W is streamed once, in 16-byte loads
@@ -29,7 +30,11 @@ struct GemvArgs {
     const float* offset;
     int64_t N, K, cps;
     int M, log2B, quant_type, splits;
-    const float* addend;  // [M, N] fp32 or NULL
+    const float* lora_t;  // [M, r] fp32 or NULL (no LoRA term)
+    const void* lora_b;   // [N, r] of lora_b_dtype
+    int lora_b_dtype;
+    int64_t lora_r;
+    float lora_scale;
     const float* bias;    // [N] fp32 or NULL
     float* partial;       // [splits, M, N] fp32 when splits > 1
     void* y;              // [M, N] of the activation dtype
@@ -45,9 +50,26 @@ __device__ __forceinline__ uint4 load_chunk(const uint8_t* __restrict__ packed, 
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+__device__ __forceinline__ float lora_b_value(const GemvArgs& a, int64_t i) {
+    switch (a.lora_b_dtype) {
+        case QK_DTYPE_BFLOAT16: return qk_bf16_to_f32(__ldg(static_cast<const uint16_t*>(a.lora_b) + i));
+        case QK_DTYPE_FLOAT16: return qk_f16_to_f32(__ldg(static_cast<const uint16_t*>(a.lora_b) + i));
+        default: return __ldg(static_cast<const float*>(a.lora_b) + i);
+    }
+}
+
+// s * sum_j T[m, j] * B[n, j]: r FMAs in j order, then the scale (r is small: at decode sizes this
+// replaces two extra launches and an [M, N] fp32 round trip through memory).
+__device__ __forceinline__ float lora_term(const GemvArgs& a, int m, int64_t n) {
+    const float* t = a.lora_t + (int64_t)m * a.lora_r;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < a.lora_r; ++j) acc = qk_fma(__ldg(t + j), lora_b_value(a, n * a.lora_r + j), acc);
+    return qk_fmul(acc, a.lora_scale);
+}
+
 template <int DT>
 __device__ __forceinline__ float out_value(const GemvArgs& a, int m, int64_t n, float v) {
-    if (a.addend) v = qk_fadd(v, __ldg(a.addend + (int64_t)m * a.N + n));
+    if (a.lora_t) v = qk_fadd(v, lora_term(a, m, n));
     if (a.bias) v = qk_fadd(v, __ldg(a.bias + n));
     return v;
 }
@@ -175,8 +197,9 @@ void launch_gemv(const void* x, const GemvArgs& a, cudaStream_t stream) {
 
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
-                        int64_t k, int64_t blocksize, int quant_type, const float* addend, const float* bias,
-                        int64_t splits, float* workspace, void* y, cudaStream_t stream) {
+                        int64_t k, int64_t blocksize, int quant_type, const float* lora_t, const void* lora_b,
+                        int lora_b_dtype, int64_t lora_r, float lora_scale, const float* bias, int64_t splits,
+                        float* workspace, void* y, cudaStream_t stream) {
     if (m < 1 || m > QK_GEMV_MAX_M)
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: m must be in 1..%d, got %lld", QK_GEMV_MAX_M, (long long)m);
     if (n < 0 || k < 0) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: n and k must be >= 0");
@@ -191,6 +214,13 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     if (!y || (k > 0 && (!x || !packed || !absmax)))
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: null pointer");
     if (splits > 1 && !workspace) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: splits > 1 needs a workspace");
+    if (lora_t) {
+        if (!lora_b || lora_r < 1)
+            return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: lora_t needs lora_b and lora_r >= 1 (got r = %lld)",
+                            (long long)lora_r);
+        if (lora_b_dtype != QK_DTYPE_FLOAT32 && lora_b_dtype != QK_DTYPE_BFLOAT16 && lora_b_dtype != QK_DTYPE_FLOAT16)
+            return qk::fail(QK_ERR_UNSUPPORTED_DTYPE, "qk_gemv_4bit: unsupported lora_b dtype code %d", lora_b_dtype);
+    }
     const bool nested = nested_absmax != nullptr;
     if (nested && (!nested_code || !offset))
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: nested_absmax needs nested_code and offset");
@@ -213,7 +243,11 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     a.log2B = qk::log2i(blocksize);
     a.quant_type = quant_type;
     a.splits = (int)splits;
-    a.addend = addend;
+    a.lora_t = lora_t;
+    a.lora_b = lora_b;
+    a.lora_b_dtype = lora_b_dtype;
+    a.lora_r = lora_r;
+    a.lora_scale = lora_scale;
     a.bias = bias;
     a.partial = workspace;
     a.y = y;

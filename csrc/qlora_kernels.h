@@ -39,7 +39,7 @@ typedef struct CUstream_st* cudaStream_t;
 #define QK_API QK_EXTERN_C __attribute__((visibility("default")))
 
 /* Bumped when a signature changes; Python refuses a library of another version. */
-#define QK_ABI_VERSION 1
+#define QK_ABI_VERSION 2
 
 /* Status codes. */
 #define QK_OK 0
@@ -109,15 +109,17 @@ QK_API int qk_quantize_blockwise(const void* input, int input_dtype, int64_t n, 
 QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                    int64_t blocksize, void* out, int out_dtype, cudaStream_t stream);
 
-/* Small-M 4-bit GEMV/GEMM for decode (reference.qlora_linear_forward without the LoRA matmuls):
- *   y[m, n] = sum_k x[m, k] * dequant(W)[n, k]  (+ addend[m, n])  (+ bias[n])
- * accumulated in fp32 (FMA), the additions in this order, rounded once to x_dtype.
+/* Small-M 4-bit GEMV/GEMM for decode (reference.qlora_linear_forward given T = X_lora A^T):
+ *   y[m, n] = sum_k x[m, k] * dequant(W)[n, k]  (+ s * sum_j t[m, j] * b[n, j])  (+ bias[n])
+ * accumulated in fp32 (FMA; the LoRA sum in j order, then times s), the additions in this
+ * order, rounded once to x_dtype.
  *   x        [m, k] of x_dtype, row-major contiguous, any alignment (16-byte aligned with k % 8 == 0
  *            is faster); 1 <= m <= 16
  *   packed, absmax, nested_absmax, nested_code, offset: the 4-bit weight W [n, k] exactly as
  *            qk_dequantize_4bit takes it (blocks of the flat index n*k: a block may cross rows);
  *            packed must be 16-byte aligned
- *   addend   [m, n] fp32 or NULL (the caller's LoRA term s * (X_lora A^T) B^T)
+ *   lora_t   [m, r] fp32 row-major (T = X_lora A^T) or NULL for no LoRA term; then lora_b [n, r]
+ *            row-major of lora_b_dtype (LoRA B), r >= 1, lora_scale s (alpha / r)
  *   bias     [n] fp32 or NULL
  *   splits   1..65535: each row's K range is cut into this many parts run by separate CTAs
  *            (parallelism when n is small); splits > 1 needs workspace fp32 [splits * m * n],
@@ -126,8 +128,9 @@ QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const 
  * blocksize: power of two in 32..4096. quant_type: QK_QUANT_NF4 or QK_QUANT_FP4. */
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
-                        int64_t k, int64_t blocksize, int quant_type, const float* addend, const float* bias,
-                        int64_t splits, float* workspace, void* y, cudaStream_t stream);
+                        int64_t k, int64_t blocksize, int quant_type, const float* lora_t, const void* lora_b,
+                        int lora_b_dtype, int64_t lora_r, float lora_scale, const float* bias, int64_t splits,
+                        float* workspace, void* y, cudaStream_t stream);
 
 /* One AdamW step in place (reference.adamw_step_32bit): p [n] of p_dtype, g [n] of g_dtype, m, v
  * fp32 [n]; any alignment (16-byte aligned is faster). The eight floats are the float32 constants

@@ -223,7 +223,10 @@ def test_launchers_call_the_library_as_the_table_says(fake_lib):
                      "qk_dynamic_map_lut", "qk_adamw_step_8bit"], names
     gemv_nested, gemv_plain = fake_lib.calls[0][1], fake_lib.calls[1][1]
     assert gemv_nested[2] == 3 and gemv_nested[8:12] == (40, 96, 64, 0) and gemv_nested[5] is not None
-    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[14] == 3 and gemv_plain[15] is not None
+    # The LoRA epilogue's arguments: T, B (fp32 code 0), r, s; none without LoRA.
+    assert gemv_nested[12] is not None and gemv_nested[13] is not None and gemv_nested[14:17] == (0, 4, 0.5)
+    assert gemv_plain[12:14] == (None, None) and gemv_plain[15] == 0
+    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[18] == 3 and gemv_plain[19] is not None
     s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
     assert list(fake_lib.calls[2][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
                                                                "one_minus_beta2", "step_size", "bc2_sqrt", "eps")]

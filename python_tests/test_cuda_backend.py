@@ -268,6 +268,26 @@ def test_bad_arguments_raise():
     lib = _lib.get_lib()
     assert lib.qk_dequantize_blockwise(1, 16, 16, 10, 4, 16, 7, None) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
 
+    # The GEMV's LoRA epilogue: the launcher's checks, then the C API's own.
+    packed, absmax = ref.quantize_4bit(torch.randn(8, 64), 64, "nf4")
+    packed, absmax = packed.to(DEV, copy=True), absmax.to(DEV, copy=True)
+    wargs = (packed, absmax, None, None, None, 64, "nf4", (8, 64))
+    xg, t = torch.randn(1, 64, device=DEV), torch.randn(1, 4, device=DEV)
+    with pytest.raises(ValueError, match="go together"):
+        C.gemv_4bit(xg, *wargs, lora_t=t)
+    with pytest.raises(ValueError, match="lora_b"):
+        C.gemv_4bit(xg, *wargs, lora_t=t, lora_b=torch.randn(8, 3, device=DEV))
+    with pytest.raises(TypeError):
+        C.gemv_4bit(xg, *wargs, lora_t=t, lora_b=torch.randn(8, 4, device=DEV, dtype=torch.float64))
+    b, y = torch.randn(8, 4, device=DEV), torch.empty(1, 8, device=DEV)
+    call = (xg.data_ptr(), _lib.CONSTANTS["QK_DTYPE_FLOAT32"], 1, packed.data_ptr(), absmax.data_ptr(), None, None,
+            None, 8, 64, 64, _lib.CONSTANTS["QK_QUANT_NF4"], t.data_ptr(), b.data_ptr())
+    tail = (None, 1, None, y.data_ptr(), None)
+    assert lib.qk_gemv_4bit(*call, 0, 0, 1.0, *tail) == _lib.CONSTANTS["QK_ERR_INVALID_ARGUMENT"]  # r = 0
+    assert lib.qk_gemv_4bit(*call, 9, 4, 1.0, *tail) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
+    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, *tail) == _lib.CONSTANTS["QK_OK"]
+    sync()
+
 
 @gpu_only
 def test_managed_alloc_and_prefetch():
@@ -341,13 +361,17 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + DTYPES.index(dtype))
     for nested in (False, True):
         x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
-        addend = torch.randn(m, n, generator=gen) * 0.1
+        # The LoRA term s * T B^T of the epilogue: T fp32 [m, r], B [n, r] in the activation dtype.
+        lora_t = torch.randn(m, 5, generator=gen)
+        lora_b = (torch.randn(n, 5, generator=gen) * 0.1).to(dtype)
+        addend = 0.5 * (lora_t.double() @ lora_b.double().t())
         bias = torch.randn(n, generator=gen) * 0.1
         for splits in (None, 1, 3):
             for xin in (x.to(DEV, copy=True), torch.stack([x, x], 2).reshape(m, 2 * k).to(DEV, copy=True)[:, ::2]):  # contiguous, strided
                 poison(m * n * x.element_size())
                 y = C.gemv_4bit(xin, packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k),
-                                addend=addend.to(DEV, copy=True), bias=bias.to(DEV, copy=True), splits=splits)
+                                lora_t=lora_t.to(DEV, copy=True), lora_b=lora_b.to(DEV, copy=True), lora_scale=0.5,
+                                bias=bias.to(DEV, copy=True), splits=splits)
                 sync()
                 assert y.dtype == dtype and y.shape == (m, n)
                 _assert_within_rule(y, x, w32, addend, bias, f"m={m} nested={nested} splits={splits}")

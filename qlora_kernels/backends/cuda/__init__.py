@@ -276,12 +276,15 @@ def gemv_4bit(
     blocksize: int,
     quant_type: str,
     shape: Sequence[int],
-    addend: Optional[torch.Tensor] = None,
+    lora_t: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: float = 1.0,
     bias: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
 ) -> torch.Tensor:
-    """Y [M, N] of x.dtype = x [M <= 16, K] @ dequant(W [N, K])^T (+ addend fp32 [M, N]) (+ bias),
-    accumulated in fp32 and rounded once (csrc/gemv_4bit.cu). splits None: gemv_splits()."""
+    """Y [M, N] of x.dtype = x [M <= 16, K] @ dequant(W [N, K])^T (+ lora_scale * lora_t [M, r] @
+    lora_b [N, r]^T) (+ bias), accumulated in fp32 and rounded once (csrc/gemv_4bit.cu: the LoRA
+    up-projection in the kernel's epilogue). splits None: gemv_splits()."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     x_code = _dtype_code(x.dtype, "x")
@@ -296,19 +299,24 @@ def gemv_4bit(
     y = torch.empty((m, n), dtype=x.dtype, device=device)
     if m == 0 or n == 0:
         return y
-    add = bias_f = None
-    if addend is not None:
-        add = addend.to(device=device, dtype=torch.float32).contiguous()
-        if tuple(add.shape) != (m, n):
-            raise ValueError(f"addend must be [{m}, {n}], got {tuple(add.shape)}")
+    t = b = bias_f = None
+    if (lora_t is None) != (lora_b is None):
+        raise ValueError("lora_t and lora_b go together")
+    if lora_t is not None:
+        t = lora_t.to(device=device, dtype=torch.float32).contiguous()
+        b = lora_b.contiguous()
+        b_code = _dtype_code(b.dtype, "lora_b")
+        _on(device, b, "lora_b")
+        if t.dim() != 2 or t.shape[0] != m or b.dim() != 2 or b.shape != (n, t.shape[1]) or t.shape[1] < 1:
+            raise ValueError(f"lora_t must be [{m}, r] and lora_b [{n}, r], got {tuple(t.shape)} and {tuple(b.shape)}")
     if bias is not None:
         bias_f = bias.to(device=device, dtype=torch.float32).contiguous()
         if bias_f.numel() != n:
             raise ValueError(f"bias must have {n} entries, got {bias_f.numel()}")
     if k == 0:  # nothing to stream: the epilogue alone
         acc = torch.zeros((m, n), dtype=torch.float32, device=device)
-        if add is not None:
-            acc = acc + add
+        if t is not None:
+            acc = acc + (t @ b.float().t()) * float(lora_scale)
         if bias_f is not None:
             acc = acc + bias_f
         return acc.to(x.dtype)
@@ -320,7 +328,9 @@ def gemv_4bit(
     with torch.cuda.device(device):
         _lib.check(
             lib.qk_gemv_4bit(xc.data_ptr(), x_code, m, raw.data_ptr(), a.data_ptr(), *ptrs, n, k, blocksize,
-                             QUANT_CODES[quant_type], add.data_ptr() if add is not None else None,
+                             QUANT_CODES[quant_type], t.data_ptr() if t is not None else None,
+                             b.data_ptr() if b is not None else None, b_code if b is not None else 0,
+                             t.shape[1] if t is not None else 0, float(lora_scale),
                              bias_f.data_ptr() if bias_f is not None else None, splits,
                              workspace.data_ptr() if workspace is not None else None, y.data_ptr(), _stream(device)),
             "qk_gemv_4bit",
@@ -346,9 +356,9 @@ def qlora_linear_fwd(
     x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
     lora_A, lora_B, scale, bias,
 ):
-    """The op qlora_linear_fwd: csrc's GEMV for M <= 16; the LoRA term is two small torch matmuls
-    in fp32 (T = X_lora A^T is what the op returns; s * T B^T enters the kernel's fp32 accumulator
-    before the one rounding), so Y rounds once, as the Triton kernels'. Larger M: Triton's."""
+    """The op qlora_linear_fwd: csrc's GEMV for M <= 16. T = X_lora A^T (which the op returns) is
+    one small torch matmul in fp32; s * T B^T is added in the GEMV's epilogue, in its fp32
+    accumulator before the one rounding, as the Triton kernels do. Larger M: Triton's."""
     if x.dim() == 2 and x.shape[0] > GEMV_MAX_M:
         return _triton_qlora_linear_fwd(x.device)(
             x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
@@ -363,9 +373,8 @@ def qlora_linear_fwd(
     if xl.shape != x.shape:
         raise ValueError(f"x_lora {tuple(xl.shape)} must have x's shape {tuple(x.shape)}")
     t = xl.float() @ lora_A.float().t()
-    addend = (t @ lora_B.float().t()) * float(scale)
     y = gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
-                  addend=addend, bias=bias)
+                  lora_t=t, lora_b=lora_B, lora_scale=float(scale), bias=bias)
     return y, t
 
 

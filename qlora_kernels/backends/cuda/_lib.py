@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 # Must equal QK_ABI_VERSION of the header the library was built from.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Override of the library's location (tests, out-of-tree builds).
 LIB_ENV = "QLORA_KERNELS_LIB"
@@ -64,8 +64,8 @@ SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "qk_gemv_4bit": (
         "int",
         ("const void*", "int", "int64_t", "const uint8_t*", "const void*", "const float*", "const float*",
-         "const float*", "int64_t", "int64_t", "int64_t", "int", "const float*", "const float*", "int64_t", "float*",
-         "void*", "cudaStream_t"),
+         "const float*", "int64_t", "int64_t", "int64_t", "int", "const float*", "const void*", "int", "int64_t",
+         "float", "const float*", "int64_t", "float*", "void*", "cudaStream_t"),
     ),
     "qk_adamw_step_32bit": (
         "int",
