@@ -12,6 +12,8 @@ yes for the CPU. Nothing outside the backend module changes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +56,33 @@ class _CudaOnCpu:
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = mmap.PAGESIZE
+
+
+def guarded_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` (CPU) that ends where an unreadable page begins: a kernel that reads or writes
+    past the end of an input takes a segmentation fault instead of reading a neighbour's bytes.
+    The end is rounded up to 16 bytes (so the copy stays 16-byte aligned for the vector paths);
+    those few padding bytes are 0xFF, so an over-read whose value is used still shows."""
+    t = t.detach().contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return t.clone()
+    span = -(-nbytes // 16) * 16
+    pages = -(-span // _PAGE)
+    region = mmap.mmap(-1, (pages + 1) * _PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    if _libc.mprotect(ctypes.c_void_p(base + pages * _PAGE), ctypes.c_size_t(_PAGE), 0) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect of the guard page failed")
+    raw = torch.frombuffer(region, dtype=torch.uint8, count=pages * _PAGE)
+    start = pages * _PAGE - span
+    raw[start + nbytes:start + span] = 0xFF
+    out = raw[start:start + nbytes]
+    out.copy_(t.reshape(-1).view(torch.uint8))
+    return out.view(t.dtype).view(t.shape)
 
 
 GUARD_BYTES = 64  # keeps the 64-byte alignment of torch's CPU allocations for the tensor between

@@ -21,7 +21,7 @@ from qlora_kernels.backends import use_backend
 from qlora_kernels.backends.cuda import _lib
 from qlora_kernels.formats import BLOCKSIZES_4BIT, get_code
 
-from csrc_emulation import emulated_cuda_backend
+from csrc_emulation import emulated_cuda_backend, guarded_copy
 
 _GPU_OK, _GPU_WHY = C.available(torch.device("cuda"))
 EMULATED = not _GPU_OK
@@ -49,8 +49,18 @@ def _output_guards(kernels_here):
         kernels_here.check_guards()
 
 
-# Inputs go to DEV with .to(DEV, copy=True): on the CPU a plain .to() would alias the reference's
-# own tensors, and the in-place optimizer steps would then update one tensor twice.
+# Inputs go to DEV as copies (dev, dev_empty): on the CPU a plain .to() would alias the
+# reference's own tensors (the in-place optimizer steps would update one tensor twice), and under
+# the emulation each copy ends at an unreadable page, so a kernel reading or writing past the end
+# of an input faults (csrc_emulation.guarded_copy).
+
+
+def dev(t: torch.Tensor) -> torch.Tensor:
+    return guarded_copy(t) if EMULATED else t.to(DEV, copy=True)
+
+
+def dev_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return guarded_copy(torch.zeros(n, dtype=dtype)) if EMULATED else torch.empty(n, dtype=dtype, device=DEV)
 
 
 def sync() -> None:
@@ -129,8 +139,8 @@ def test_quantize_4bit(quant_type, blocksize, dtype):
         w = crafted_weight(n, blocksize, quant_type, gen).to(dtype)
         exp_packed, exp_absmax = ref.quantize_4bit(w, blocksize, quant_type)
         for offset in (0, 1):  # 1: a sliced input, not 16-byte aligned (the scalar load path)
-            src = torch.empty(n + offset, dtype=dtype, device=DEV)
-            src[offset:] = w.to(DEV, copy=True)
+            src = dev_empty(n + offset, dtype)
+            src[offset:] = dev(w)
             x = src[offset:]
             poison((n + 1) // 2)
             packed, absmax = C.quantize_4bit(x, blocksize, quant_type)
@@ -151,15 +161,15 @@ def test_dequantize_4bit(quant_type, blocksize, nested):
             qa, a2, off = ref.double_quantize(absmax)
             dyn = get_code("dynamic")
             scale = ref.double_dequantize(qa, a2, dyn, off)
-            args = (qa.to(DEV, copy=True), a2.to(DEV, copy=True), dyn.to(DEV, copy=True), off.to(DEV, copy=True))
+            args = (dev(qa), dev(a2), dev(dyn), dev(off))
         else:
             scale = absmax
-            args = (absmax.to(DEV, copy=True), None, None, None)
+            args = (dev(absmax), None, None, None)
         for dtype in DTYPES:
             expected = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n,), dtype)
             for offset in (0, 1):  # 1: packed bytes at an odd address (the scalar path)
-                raw = torch.empty(packed.numel() + offset, dtype=torch.uint8, device=DEV)
-                raw[offset:] = packed.reshape(-1).to(DEV, copy=True)
+                raw = dev_empty(packed.numel() + offset, torch.uint8)
+                raw[offset:] = dev(packed.reshape(-1))
                 poison(n * expected.element_size())
                 out = C.dequantize_4bit(raw[offset:], *args, blocksize, quant_type, (n,), dtype)
                 sync()
@@ -169,9 +179,9 @@ def test_dequantize_4bit(quant_type, blocksize, nested):
 @pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned"])
 def test_dynamic_map_lut(code_name):
     code = get_code(code_name)
-    assert_bits_equal(C.dynamic_map_lut(code.to(DEV, copy=True)), _REF_LUT(code), code_name)
+    assert_bits_equal(C.dynamic_map_lut(dev(code)), _REF_LUT(code), code_name)
     random_code = torch.sort(torch.rand(256) * 2 - 1).values
-    assert_bits_equal(C.dynamic_map_lut(random_code.to(DEV, copy=True)), _REF_LUT(random_code), "random code")
+    assert_bits_equal(C.dynamic_map_lut(dev(random_code)), _REF_LUT(random_code), "random code")
 
 
 BLOCKSIZES_8BIT = (2, 4, 8, 32, 64, 256, 1024, 4096, 8192, 16384)
@@ -195,20 +205,20 @@ def test_quantize_dequantize_blockwise(blocksize, dtype, code_name):
         x = x.to(dtype)
         exp_q, exp_absmax = ref.quantize_blockwise(x, code, blocksize)
         for offset in (0, 1):
-            src = torch.empty(n + offset, dtype=dtype, device=DEV)
-            src[offset:] = x.to(DEV, copy=True)
+            src = dev_empty(n + offset, dtype)
+            src[offset:] = dev(x)
             poison(n)
-            q, absmax = C.quantize_blockwise(src[offset:], code.to(DEV, copy=True), blocksize)
+            q, absmax = C.quantize_blockwise(src[offset:], dev(code), blocksize)
             sync()
             assert_bits_equal(absmax, exp_absmax, f"absmax n={n} offset={offset}")
             assert_bits_equal(q, exp_q, f"q n={n} offset={offset}")
         for out_dtype in DTYPES:
             expected = ref.dequantize_blockwise(exp_q, exp_absmax, code, blocksize, out_dtype)
             for offset in (0, 1):
-                raw = torch.empty(n + offset, dtype=torch.uint8, device=DEV)
-                raw[offset:] = exp_q.to(DEV, copy=True)
+                raw = dev_empty(n + offset, torch.uint8)
+                raw[offset:] = dev(exp_q)
                 poison(n * expected.element_size())
-                out = C.dequantize_blockwise(raw[offset:], exp_absmax.to(DEV, copy=True), code.to(DEV, copy=True), blocksize, out_dtype)
+                out = C.dequantize_blockwise(raw[offset:], dev(exp_absmax), dev(code), blocksize, out_dtype)
                 sync()
                 assert_bits_equal(out, expected, f"dequantize_blockwise n={n} dtype={out_dtype} offset={offset}")
 
@@ -226,9 +236,9 @@ def test_2d_shapes_and_double_quant_through_the_ops():
         d_ref = qk.dequantize_4bit(p_ref, s_ref, torch.bfloat16)
     _, exp_absmax = ref.quantize_4bit(w, 64, "nf4")
     with use_backend("cuda"):
-        p, s = qk.quantize_4bit(w.to(DEV, copy=True), "nf4", 64, double_quant=False)
-        d = qk.dequantize_4bit(p_ref.to(DEV, copy=True), s_ref.to(DEV), torch.bfloat16)
-        q8, a8 = qk.quantize_blockwise(exp_absmax.to(DEV, copy=True) - s_ref.offset.to(DEV, copy=True), blocksize=256)
+        p, s = qk.quantize_4bit(dev(w), "nf4", 64, double_quant=False)
+        d = qk.dequantize_4bit(dev(p_ref), s_ref.to(DEV), torch.bfloat16)
+        q8, a8 = qk.quantize_blockwise(dev(exp_absmax) - dev(s_ref.offset), blocksize=256)
     sync()
     assert_bits_equal(p, p_ref, "packed")
     assert_bits_equal(s.absmax, exp_absmax, "absmax")
@@ -245,7 +255,7 @@ def test_runs_on_the_current_stream():
     w = torch.randn(4096 * 64 + 3, generator=gen)
     packed, absmax = ref.quantize_4bit(w, 64, "nf4")
     expected = ref.dequantize_4bit(packed, absmax, 64, "nf4", (w.numel(),), torch.float16)
-    p, a = packed.to(DEV, copy=True), absmax.to(DEV, copy=True)
+    p, a = dev(packed), dev(absmax)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -270,7 +280,7 @@ def test_bad_arguments_raise():
 
     # The GEMV's LoRA epilogue: the launcher's checks, then the C API's own.
     packed, absmax = ref.quantize_4bit(torch.randn(8, 64), 64, "nf4")
-    packed, absmax = packed.to(DEV, copy=True), absmax.to(DEV, copy=True)
+    packed, absmax = dev(packed), dev(absmax)
     wargs = (packed, absmax, None, None, None, 64, "nf4", (8, 64))
     xg, t = torch.randn(1, 64, device=DEV), torch.randn(1, 4, device=DEV)
     with pytest.raises(ValueError, match="go together"):
@@ -328,10 +338,10 @@ def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
         qa, a2, off = ref.double_quantize(absmax)
         dyn = get_code("dynamic")
         scale = ref.double_dequantize(qa, a2, dyn, off)
-        wargs = (qa.to(DEV, copy=True), a2.to(DEV, copy=True), dyn.to(DEV, copy=True), off.to(DEV, copy=True))
+        wargs = (dev(qa), dev(a2), dev(dyn), dev(off))
     else:
         scale = absmax
-        wargs = (absmax.to(DEV, copy=True), None, None, None)
+        wargs = (dev(absmax), None, None, None)
     w32 = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n, k), torch.float32)
     x = torch.randn(m, k, generator=gen).to(dtype)
     return x, packed, wargs, w32
@@ -339,7 +349,7 @@ def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
 
 def _assert_within_rule(got, x, w32, addend, bias, what):
     exact = x.double() @ w32.double().t()
-    low = (x.to(DEV, copy=True) @ w32.to(x.dtype).to(DEV, copy=True).t()).cpu().double()
+    low = (dev(x) @ dev(w32.to(x.dtype)).t()).cpu().double()
     if addend is not None:
         exact = exact + addend.double()
         low = low + addend.double()
@@ -367,17 +377,17 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
         addend = 0.5 * (lora_t.double() @ lora_b.double().t())
         bias = torch.randn(n, generator=gen) * 0.1
         for splits in (None, 1, 3):
-            for xin in (x.to(DEV, copy=True), torch.stack([x, x], 2).reshape(m, 2 * k).to(DEV, copy=True)[:, ::2]):  # contiguous, strided
+            for xin in (dev(x), dev(torch.stack([x, x], 2).reshape(m, 2 * k))[:, ::2]):  # contiguous, strided
                 poison(m * n * x.element_size())
-                y = C.gemv_4bit(xin, packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k),
-                                lora_t=lora_t.to(DEV, copy=True), lora_b=lora_b.to(DEV, copy=True), lora_scale=0.5,
-                                bias=bias.to(DEV, copy=True), splits=splits)
+                y = C.gemv_4bit(xin, dev(packed), *wargs, blocksize, quant_type, (n, k),
+                                lora_t=dev(lora_t), lora_b=dev(lora_b), lora_scale=0.5,
+                                bias=dev(bias), splits=splits)
                 sync()
                 assert y.dtype == dtype and y.shape == (m, n)
                 _assert_within_rule(y, x, w32, addend, bias, f"m={m} nested={nested} splits={splits}")
         # Deterministic: the same call gives the same bits.
-        y1 = C.gemv_4bit(x.to(DEV, copy=True), packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k), splits=3)
-        y2 = C.gemv_4bit(x.to(DEV, copy=True), packed.to(DEV, copy=True), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y1 = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y2 = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=3)
         assert_bits_equal(y1, y2, "repeat")
 
 
@@ -385,12 +395,12 @@ def test_gemv_misaligned_packed_and_x():
     # packed at an odd address (the launcher realigns it), x at an odd element offset (scalar loads).
     gen = torch.Generator().manual_seed(3)
     x, packed, wargs, w32 = _gemv_inputs(4, 72, 264, 64, "nf4", torch.bfloat16, False, gen)
-    raw = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=DEV)
-    raw[1:] = packed.reshape(-1).to(DEV, copy=True)
-    xs = torch.empty(4 * 264 + 1, dtype=torch.bfloat16, device=DEV)
-    xs[1:] = x.reshape(-1).to(DEV, copy=True)
+    raw = dev_empty(packed.numel() + 1, torch.uint8)
+    raw[1:] = dev(packed.reshape(-1))
+    xs = dev_empty(4 * 264 + 1, torch.bfloat16)
+    xs[1:] = dev(x.reshape(-1))
     y = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
-    ref_y = C.gemv_4bit(x.to(DEV, copy=True), packed.to(DEV, copy=True), *wargs, 64, "nf4", (72, 264))
+    ref_y = C.gemv_4bit(dev(x), dev(packed), *wargs, 64, "nf4", (72, 264))
     sync()
     assert_bits_equal(y, ref_y, "misaligned inputs")
     _assert_within_rule(y, x, w32, None, None, "misaligned")
@@ -412,18 +422,18 @@ def test_qlora_linear_fwd_op_small_m_and_delegation():
     B = (torch.randn(n, r, generator=gen) * 0.1).to(torch.bfloat16)
     bias = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
     s = 2.0 / math.sqrt(r)
-    wargs = (packed.to(DEV, copy=True), qa.to(DEV, copy=True), a2.to(DEV, copy=True), dyn.to(DEV, copy=True), off.to(DEV, copy=True), 64, "nf4", [n, k])
+    wargs = (dev(packed), dev(qa), dev(a2), dev(dyn), dev(off), 64, "nf4", [n, k])
     for m in (1, 16, 17):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         with use_backend("cuda"):
-            y, t = torch.ops.qlora.qlora_linear_fwd(x.to(DEV, copy=True), None, *wargs, A.to(DEV, copy=True), B.to(DEV, copy=True), s, bias.to(DEV, copy=True))
+            y, t = torch.ops.qlora.qlora_linear_fwd(dev(x), None, *wargs, dev(A), dev(B), s, dev(bias))
         sync()
         t_exact = x.double() @ A.double().t()
         assert t.dtype == torch.float32 and t.shape == (m, r)
         assert (t.cpu().double() - t_exact).abs().max().item() <= 1e-5 * t_exact.abs().max().item()
         if m > C.GEMV_MAX_M:
             with use_backend("triton"):
-                y_tri, t_tri = torch.ops.qlora.qlora_linear_fwd(x.to(DEV, copy=True), None, *wargs, A.to(DEV, copy=True), B.to(DEV, copy=True), s, bias.to(DEV, copy=True))
+                y_tri, t_tri = torch.ops.qlora.qlora_linear_fwd(dev(x), None, *wargs, dev(A), dev(B), s, dev(bias))
             assert_bits_equal(y, y_tri, "M=17 delegated to Triton")
             continue
         lora = s * (t_exact @ B.double().t())
@@ -445,9 +455,9 @@ def test_adamw_32bit_bit_identical(p_dtype, g_dtype):
             g = (torch.randn(n, generator=gen) * 0.1).to(g_dtype)
             m = torch.randn(n, generator=gen) * 0.01
             v = torch.rand(n, generator=gen) * 1e-3
-            gp, gg, gm, gv = (torch.cat([t[:1], t]).to(DEV, copy=True)[offset : offset + n] if offset else t.to(DEV, copy=True)
+            gp, gg, gm, gv = (dev(torch.cat([t[:1], t]))[offset : offset + n] if offset else dev(t)
                               for t in (p, g, m, v))
-            rp, rg, rm, rv = (t.to(DEV, copy=True) for t in (p, g, m, v))  # the reference backend on the GPU too
+            rp, rg, rm, rv = (dev(t) for t in (p, g, m, v))  # the reference backend on the GPU too
             for hyper in HYPER:
                 ref.adamw_step_32bit(p, g, m, v, *hyper)
                 ref.adamw_step_32bit(rp, rg, rm, rv, *hyper)
@@ -466,15 +476,15 @@ def test_adamw_8bit_bit_identical(p_dtype, blocksize):
         nb = -(-n // blocksize)
         p = torch.randn(n, generator=gen).to(p_dtype)
         states = [torch.zeros(n, dtype=torch.uint8), torch.zeros(nb), torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)]
-        gpu = [t.to(DEV, copy=True) for t in [p] + states]
-        ref_gpu = [t.to(DEV, copy=True) for t in [p] + states]  # the reference backend on the GPU too
+        gpu = [dev(t) for t in [p] + states]
+        ref_gpu = [dev(t) for t in [p] + states]  # the reference backend on the GPU too
         for step, hyper in enumerate(HYPER, 1):
             g = (torch.randn(n, generator=gen) * 0.1).to(p_dtype)
             if nb > 2:
                 g[blocksize : 2 * blocksize] = 0.0  # a block whose states stay all zero
             ref.adamw_step_8bit(p, g, *states, *hyper[:5], step, blocksize)
-            ref.adamw_step_8bit(ref_gpu[0], g.to(DEV, copy=True), *ref_gpu[1:], *hyper[:5], step, blocksize)
-            C.adamw_step_8bit(gpu[0], g.to(DEV, copy=True), *gpu[1:], *hyper[:5], step, blocksize)
+            ref.adamw_step_8bit(ref_gpu[0], dev(g), *ref_gpu[1:], *hyper[:5], step, blocksize)
+            C.adamw_step_8bit(gpu[0], dev(g), *gpu[1:], *hyper[:5], step, blocksize)
         sync()
         names = ("p", "m_q", "m_absmax", "v_q", "v_absmax")
         for name, got, exp, exp_gpu in zip(names, gpu, [p] + states, ref_gpu):
