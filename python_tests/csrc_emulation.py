@@ -100,9 +100,9 @@ class _TorchOnCpu:
         self.guarded: list[tuple[torch.Tensor, int]] = []
 
     def empty(self, *args, **kwargs):
-        t = torch.empty(*args, **kwargs)
+        t = torch.empty(*args, **{**kwargs, "device": "meta"})  # shape and dtype only, no memory
         if t.numel() == 0:
-            return t
+            return torch.empty(*args, **kwargs)
         nbytes = t.numel() * t.element_size()
         buf = torch.full((nbytes + 2 * GUARD_BYTES,), 0xFF, dtype=torch.uint8)
         self.guarded.append((buf, nbytes))

@@ -126,6 +126,16 @@ def crafted_weight(n: int, blocksize: int, quant_type: str, gen: torch.Generator
     return w
 
 
+def scale_and_weight_args(absmax: torch.Tensor, nested: bool):
+    """(fp32 per-block scale the reference decodes with, the kernels' (absmax, nested_absmax,
+    nested_code, offset) on DEV): double-quantized by the reference when nested."""
+    if not nested:
+        return absmax, (dev(absmax), None, None, None)
+    qa, a2, off = ref.double_quantize(absmax)
+    dyn = get_code("dynamic")
+    return ref.double_dequantize(qa, a2, dyn, off), (dev(qa), dev(a2), dev(dyn), dev(off))
+
+
 def sizes_4bit(blocksize: int) -> list[int]:
     return [1, 7, 3 * blocksize + 5, 64 * blocksize + 37]
 
@@ -157,14 +167,7 @@ def test_dequantize_4bit(quant_type, blocksize, nested):
     for n in sizes_4bit(blocksize):
         w = crafted_weight(n, blocksize, quant_type, gen) * 0.02
         packed, absmax = ref.quantize_4bit(w, blocksize, quant_type)
-        if nested:
-            qa, a2, off = ref.double_quantize(absmax)
-            dyn = get_code("dynamic")
-            scale = ref.double_dequantize(qa, a2, dyn, off)
-            args = (dev(qa), dev(a2), dev(dyn), dev(off))
-        else:
-            scale = absmax
-            args = (dev(absmax), None, None, None)
+        scale, args = scale_and_weight_args(absmax, nested)
         for dtype in DTYPES:
             expected = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n,), dtype)
             for offset in (0, 1):  # 1: packed bytes at an odd address (the scalar path)
@@ -334,14 +337,7 @@ GEMV_SHAPES = [  # (N, K, blocksize, quant_type): ragged N and K, K % blocksize 
 def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
     w = torch.randn(n, k, generator=gen) * 0.05
     packed, absmax = ref.quantize_4bit(w, blocksize, quant_type)
-    if nested:
-        qa, a2, off = ref.double_quantize(absmax)
-        dyn = get_code("dynamic")
-        scale = ref.double_dequantize(qa, a2, dyn, off)
-        wargs = (dev(qa), dev(a2), dev(dyn), dev(off))
-    else:
-        scale = absmax
-        wargs = (dev(absmax), None, None, None)
+    scale, wargs = scale_and_weight_args(absmax, nested)
     w32 = ref.dequantize_4bit(packed, scale, blocksize, quant_type, (n, k), torch.float32)
     x = torch.randn(m, k, generator=gen).to(dtype)
     return x, packed, wargs, w32

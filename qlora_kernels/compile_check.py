@@ -39,6 +39,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from .backends.triton._utils import triton_version
+
 DEFAULT_SPECS = "qlora_kernels.backends.triton:compile_specs"
 
 # Max shared memory per block (opt-in) by compute capability, from the CUDA programming guide.
@@ -99,12 +101,6 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 
 
-def _triton_version() -> tuple[int, int]:
-    from .backends.triton._utils import triton_version
-
-    return triton_version()
-
-
 def _make_attrs(divisible: list[int], legacy: bool) -> Any:
     if not legacy:
         return {(i,): [["tt.divisibility", 16]] for i in divisible}
@@ -123,9 +119,9 @@ def _make_source(fn: Any, signature: dict[str, str], constexprs: dict[str, Any],
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:
         return ASTSource(fn, signature, constexprs=constexprs, attrs=_make_attrs(divisible, legacy=False))
-    if _triton_version() >= (3, 2):
+    if triton_version() >= (3, 2):
         return ASTSource(fn, signature, constants=constexprs, attrs=_make_attrs(divisible, legacy=True))
-    raise RuntimeError(f"triton {_triton_version()} is older than the 3.2 this gate supports")
+    raise RuntimeError(f"triton {triton_version()} is older than the 3.2 this gate supports")
 
 
 def _unwrap_jit(fn: Any) -> Any:
