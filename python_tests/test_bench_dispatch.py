@@ -64,6 +64,15 @@ def test_linear_crossover_is_the_smallest_m_from_which_dequant_always_wins(dequa
         assert f"MEASURED_DEQUANT_MATMUL_MIN_M['GPU'] = {expected}" in text
 
 
+def test_linear_crossover_ignores_a_shape_only_one_strategy_ran():
+    # A budget cut after the fused row of shape "b": summing it would make dequant look faster.
+    rows = [row("fwd+bwd", "fused (triton)", 1.0, m=4096, shape="a"), row("fwd+bwd", "dequant+cuBLAS", 1.5, m=4096, shape="a"),
+            row("fwd+bwd", "fused (triton)", 9.0, m=4096, shape="b")]
+    s = bench.dispatch_suggestions(rows, "GPU")
+    assert s["dequant_matmul_min_m"] is None
+    assert s["linear_evidence_ms"]["4096"] == {"fused": 1.0, "dequant": 1.5}
+
+
 def test_ratio_lines_pair_every_backend_of_ours_with_the_baseline():
     rows = [row("fwd+bwd", "bitsandbytes+peft", 3.0, m=4096), row("fwd+bwd", "fused (triton)", 2.0, m=4096),
             row("adamw step", "torch fused AdamW", 1.0), row("adamw step", "PagedAdamW (cuda)", 1.25),

@@ -580,7 +580,8 @@ def dispatch_suggestions(results: list[Result], device_name: str) -> dict:
     * backend_order: per op, the kernel backends fastest first, by the sum of their medians over
       the cases both ran (the op's cuda impl of qlora_linear_fwd covers M <= 16 only);
     * dequant_matmul_min_m: the smallest measured M from which "dequant+cuBLAS" beats the fused
-      kernels in fwd+bwd time summed over shapes, at that M and every larger one (None: never).
+      kernels in fwd+bwd time summed over the shapes both ran, at that M and every larger one
+      (None: never).
     """
     ok = [r for r in results if not r.error]
     order: dict[str, list[str]] = {}
@@ -598,12 +599,16 @@ def dispatch_suggestions(results: list[Result], device_name: str) -> dict:
         totals = {b: sum(v[c] for c in common) for b, v in rows.items()}
         order[op] = sorted(totals, key=totals.get)
         evidence[op] = {b: round(t, 4) for b, t in totals.items()}
-    per_m: dict[int, dict[str, float]] = {}
+    times: dict[tuple, dict[str, float]] = {}  # (M, shape) -> {strategy: median}
     for r in ok:
         if r.op == "fwd+bwd" and r.m is not None and (r.impl == "dequant+cuBLAS" or _is_ours(r.impl, "fused")):
-            key = "dequant" if r.impl == "dequant+cuBLAS" else "fused"
-            per_m.setdefault(r.m, {}).setdefault(key, 0.0)
-            per_m[r.m][key] += r.median_ms
+            times.setdefault((r.m, r.shape), {})["dequant" if r.impl == "dequant+cuBLAS" else "fused"] = r.median_ms
+    per_m: dict[int, dict[str, float]] = {}
+    for (m, _), t in times.items():
+        if len(t) == 2:  # shapes both strategies ran (a --budget-s cut can leave one side alone)
+            for key, ms in t.items():
+                per_m.setdefault(m, {}).setdefault(key, 0.0)
+                per_m[m][key] += ms
     min_m = None
     for m in sorted(per_m, reverse=True):
         t = per_m[m]
