@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qlora_kernels.backends.triton._utils import KernelSpec
+from qlora_kernels.backends.triton._utils import KernelSpec, launch_variant
 
 
 @triton.jit
@@ -72,6 +72,22 @@ def toy_broken_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], c)
 
 
+@triton.jit
+def toy_unpack_kernel(packed_ptr, out_ptr, n, nbytes, BYTES: tl.constexpr, MASK_FROM_N: tl.constexpr):
+    # Nibbles of a packed byte stream to fp32, high nibble first. With the byte count computed
+    # here from n, Triton cannot prove it a multiple of 16, the mask varies inside any vector, and
+    # every byte is a load of its own; passed in as `nbytes`, the loads become vectors.
+    offs = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
+    if MASK_FROM_N:
+        limit = (n + 1) // 2
+    else:
+        limit = nbytes
+    b = tl.load(packed_ptr + offs, mask=offs < limit, other=0)
+    vals = tl.reshape(tl.join((b >> 4).to(tl.float32), (b & 0xF).to(tl.float32)), (2 * BYTES,))
+    elems = tl.program_id(0) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + elems, vals, mask=elems < n)
+
+
 _MATMUL_SIG = {
     "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
     "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32",
@@ -85,6 +101,7 @@ EXPECTED_FAILURE = {
     "bad_axpy_no_tensor_cores": "tensor cores",
     "bad_matmul_smem": "shared memory",
     "bad_broken_compile": "compile error",
+    "bad_unpack_bytewise@ints16": "single-byte global loads",
 }
 
 
@@ -123,6 +140,12 @@ def toy_specs() -> list[KernelSpec]:
             name="bad_broken_compile", fn=toy_broken_kernel, signature={"x_ptr": "*fp32", "out_ptr": "*fp32"},
             constexprs={"BLOCK": 16}, num_warps=4, num_stages=1,
         ),
+        *[launch_variant(KernelSpec(
+            name=name, fn=toy_unpack_kernel,
+            signature={"packed_ptr": "*u8", "out_ptr": "*fp32", "n": "i32", "nbytes": "i32"},
+            constexprs={"BYTES": 1024, "MASK_FROM_N": from_n}, num_warps=4, num_stages=1,
+        ), divisible_by_16=("n", "nbytes"), max_byte_loads=2)
+          for name, from_n in (("ok_unpack_vector", False), ("bad_unpack_bytewise", True))],
     ]
 
 

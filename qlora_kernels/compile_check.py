@@ -7,8 +7,9 @@ MODULE:FUNCTION`) and each arch, triton.compile() lowers the kernel to PTX ahead
 needed), ptxas -v reports registers, spills and static shared memory, and the PTX is searched for
 tensor-core instructions and fused multiply-adds. A row fails on a compile error, any spill, shared
 memory over the chip's per-block limit, a GEMM without mma (sm_80) / wgmma (sm_90) where
-`needs_tensor_cores`, or fma where `exact_fp32` (`--allow-spills` reports spills without failing,
-for older Tritons). A compile that kills its process (an LLVM abort) is retried alone and becomes
+`needs_tensor_cores`, fma where `exact_fp32`, or more single-byte global loads than
+`max_byte_loads` (`--allow-spills` and `--allow-byte-loads` report those two without failing, for
+older Tritons). A compile that kills its process (an LLVM abort) is retried alone and becomes
 a failed row naming the kernel. Exit 0: all rows ok; 1: a row failed (or the specs could not be
 loaded); 2: no spec matched --kernels.
 
@@ -17,6 +18,12 @@ Launch-time specialization: Triton's JIT compiles a kernel per argument speciali
 launch can hit: pointers aligned (torch allocations are), ints unknown. A spec can name int
 arguments its launches always see as multiples of 16 in `extra["divisible_by_16"]` and ones always
 equal to 1 in `extra["equal_to_1"]`; that is the variant that runs, and its register use differs.
+The kernels that stream packed weights add such a variant (`_utils.launch_variant`, named
+`...@ints16`) for the shapes of real models (N, K and row strides multiples of 16, unit inner
+strides): it is the one whose speed matters, and the only one where Triton can prove the packed
+bytes contiguous and aligned. There the gate also counts single-byte global loads (`ld.global.b8`):
+a packed stream loaded a byte at a time costs 4-16x the load instructions of a vectorized one,
+which the interpreter cannot show.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ _WGMMA_RE = re.compile(r"\bwgmma\.mma_async\.")
 # `mad.f32` is fused too on sm_20+, so it counts as an fma.
 _FMA_RE = re.compile(r"\b(?:fma|mad)(?:\.rn)?(?:\.ftz)?(?:\.sat)?\.f32\b")
 _COMMENT_RE = re.compile(r"//.*$", re.MULTILINE)
+# A scalar byte load from global memory (vector forms such as ld.global.v4.b32 do not match).
+_BYTE_LOADS_FAILURE = "single-byte global loads"
+_BYTE_LOAD_RE = re.compile(r"\bld\.global(?:\.(?!v\d)[a-z0-9_]+)*\.[bus]8\b")
 
 # Set in the parent before forking workers: a fork shares them without pickling JIT functions.
 _SPECS: list[Any] = []
@@ -74,6 +84,7 @@ class Row:
     shared: int | None = None
     tensor_cores: str = "-"
     fma_free: str = "-"
+    byte_loads: int | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
     # Findings reported but not failed on (spills under --allow-spills).
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -395,6 +406,10 @@ def _compile_and_inspect(spec: Any, arch: int, row: Row) -> None:
         row.fma_free = "no" if fmas else "yes"
         if fmas:
             row.failures.append(f"exact_fp32 kernel has {len(fmas)} fma instruction(s) ({fmas[0]})")
+    row.byte_loads = len(_BYTE_LOAD_RE.findall(code))
+    if spec.max_byte_loads is not None and row.byte_loads > spec.max_byte_loads:
+        row.failures.append(f"{row.byte_loads} {_BYTE_LOADS_FAILURE} (at most {spec.max_byte_loads}): "
+                            "a packed stream is not loaded in vectors")
     if row.spill_stores or row.spill_loads:
         row.failures.append(f"spills {row.spill_stores} B stored / {row.spill_loads} B loaded "
                             f"({row.registers} registers)")
@@ -425,6 +440,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-spills", action="store_true",
                    help="report register spills without failing on them (for older Tritons whose "
                         "code generation the shipped configs are not tuned for)")
+    p.add_argument("--allow-byte-loads", action="store_true",
+                   help="report packed streams loaded a byte at a time without failing on them (for "
+                        "older Tritons, which do not vectorize those loads)")
     p.add_argument("--jobs", "-j", type=int, default=0,
                    help="parallel compiles (default: CPU count, at most 4; 1 = in this process)")
     p.add_argument("--ptxas", help="ptxas to use (default: the one Triton uses)")
@@ -491,10 +509,11 @@ def _fmt_int(v: int | None) -> str:
 
 
 def _table(rows: list[Row]) -> str:
-    head = ["kernel", "config", "arch", "regs", "spill st/ld", "smem B", "tensor cores", "fma-free", "status"]
+    head = ["kernel", "config", "arch", "regs", "spill st/ld", "smem B", "tensor cores", "fma-free", "byte lds",
+            "status"]
     body = [[r.kernel, r.config, f"sm_{r.arch}", _fmt_int(r.registers),
              "?" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}",
-             _fmt_int(r.shared), r.tensor_cores, r.fma_free, r.status] for r in rows]
+             _fmt_int(r.shared), r.tensor_cores, r.fma_free, _fmt_int(r.byte_loads), r.status] for r in rows]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head) - 1)]
     lines = []
     for cells in [head] + body:
@@ -607,10 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compile-check: triton {triton.__version__}, ptxas {_PTXAS['version']} ({path}), "
           f"{len(specs)} spec(s) x {len(archs)} arch(s), {min(jobs, len(tasks))} job(s)", flush=True)
     rows = _run_tasks(tasks, jobs)
-    if args.allow_spills:
-        for r in rows:
-            r.warnings += [f for f in r.failures if f.startswith("spills ")]
-            r.failures = [f for f in r.failures if not f.startswith("spills ")]
+    allowed = (["spills "] if args.allow_spills else []) + ([_BYTE_LOADS_FAILURE] if args.allow_byte_loads else [])
+    for r in rows:
+        r.warnings += [f for f in r.failures if any(a in f for a in allowed)]
+        r.failures = [f for f in r.failures if not any(a in f for a in allowed)]
     elapsed = time.perf_counter() - t0
 
     print(_table(rows))

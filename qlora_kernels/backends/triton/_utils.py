@@ -8,6 +8,7 @@ kernel then moves bf16 through its raw 16 bits and rounds to nearest even by han
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class KernelSpec:
     # Kernels whose rounding must match reference.py are launched with enable_fp_fusion=False
     # (no FMA contraction of a*b+c); the gate compiles them the same way and checks for no fma.
     exact_fp32: bool = False
+    # At most this many single-byte global loads in the PTX (None: not checked). Set on the
+    # launch_variant of kernels that stream packed 4-bit bytes: those must load them in vectors.
+    max_byte_loads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -70,3 +74,14 @@ class KernelSpec:
         parts = [f"{k}={v}" for k, v in self.constexprs.items() if k != "INTERPRET"]
         parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
         return ",".join(parts)
+
+
+def launch_variant(spec: KernelSpec, divisible_by_16: tuple[str, ...], equal_to_1: tuple[str, ...] = (),
+                   max_byte_loads: int | None = None) -> KernelSpec:
+    """`spec` as Triton's JIT specializes it for a real model's shapes: the int arguments named in
+    `divisible_by_16` multiples of 16, those in `equal_to_1` equal to 1 (unit strides). Named
+    `<name>@ints16` (see compile_check's module doc)."""
+    extra = dict(spec.extra)
+    extra["divisible_by_16"] = tuple(divisible_by_16)
+    extra["equal_to_1"] = tuple(equal_to_1)
+    return dataclasses.replace(spec, name=f"{spec.name}@ints16", extra=extra, max_byte_loads=max_byte_loads)

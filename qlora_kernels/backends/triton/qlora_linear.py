@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ...formats import get_code
-from ._utils import KernelSpec, interpreting, triton_version
+from ._utils import KernelSpec, interpreting, launch_variant, triton_version
 
 # Operand kinds of tl.dot (constexpr values).
 KIND_FP32, KIND_BF16, KIND_FP16 = 0, 1, 2
@@ -128,9 +128,17 @@ def dequant_tile(
     n_ok = offs_n < N
     row = offs_n.to(tl.int64) * K  # flat index of each row's first element
     if PAIRED:
-        kk = k0 + 2 * tl.arange(0, BK // 2)
-        bmask = n_ok[:, None] & (kk < K)[None, :]
-        byte = tl.load(packed_ptr + (row[:, None] + kk[None, :]) // 2, mask=bmask, other=0)
+        if ALIGNED:
+            # Bytes addressed from the tile's first one (K and k0 are even): with K a multiple of
+            # 16, Triton proves each row's bytes contiguous and aligned and loads them in vectors.
+            kb = tl.arange(0, BK // 2)
+            bmask = n_ok[:, None] & (kb < (K - k0) // 2)[None, :]
+            byte = tl.load(packed_ptr + (row + k0)[:, None] // 2 + kb[None, :], mask=bmask, other=0)
+        else:
+            # Blocks crossing rows (rare shapes): the form above spilled here under triton 3.6 on sm_80.
+            kk = k0 + 2 * tl.arange(0, BK // 2)
+            bmask = n_ok[:, None] & (kk < K)[None, :]
+            byte = tl.load(packed_ptr + (row[:, None] + kk[None, :]) // 2, mask=bmask, other=0)
         hi = tl.load(code_ptr + (byte >> 4))
         lo = tl.load(code_ptr + (byte & 0xF))
         vals = tl.reshape(tl.join(hi, lo), (BN, BK))  # element 2j is the high nibble
@@ -525,10 +533,29 @@ def qlora_linear_bwd(
 IMPLS = {"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd}
 
 
+# Single-byte global loads allowed where the packed weight loads in vectors (the u8 double-quantized
+# scales of a tile's rows: the vectorized decode has 2-3, a byte-at-a-time one 27-40).
+GEMM_MAX_BYTE_LOADS = 8
+# The int arguments that a real model's launch makes multiples of 16 or 1, per kernel.
+_REAL_SHAPE_INTS = {
+    "qlora_fwd": (("N", "K", "stride_xm", "stride_ym"), ("stride_xk", "stride_br")),
+    "qlora_dx": (("N", "K", "stride_dym", "stride_ar", "stride_dxm"), ("stride_dyn", "stride_ak")),
+    "qlora_fwd_small_m": (("N", "K", "stride_xm", "stride_ym"), ("stride_xk", "stride_br")),
+}
+
+
+def real_shape_variant(spec: KernelSpec) -> KernelSpec:
+    """A GEMM/GEMV spec as Triton specializes it for a model's shapes (N, K and row strides
+    multiples of 16, unit inner strides), with the packed weight required to load in vectors."""
+    div16, ones = _REAL_SHAPE_INTS[spec.name.split("[", 1)[0]]
+    return launch_variant(spec, div16, ones, max_byte_loads=GEMM_MAX_BYTE_LOADS)
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every tile config of the two GEMM kernels for each activation/LoRA dtype pair, in the usual
     weight layout (double-quantized, K a multiple of the blocksize), plus one spec per other layout
-    path (blocks crossing rows; odd K) and per blocksize regime (NSB) of dequant_tile."""
+    path (blocks crossing rows; odd K) and per blocksize regime (NSB) of dequant_tile; each usual-
+    layout spec also as it runs on a real model's shapes (real_shape_variant)."""
     specs: list[KernelSpec] = []
     w_sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "ncode_ptr": "*fp32",
              "offset_ptr": "*fp32", "code_ptr": "*fp32"}
@@ -581,7 +608,10 @@ def compile_specs() -> list[KernelSpec]:
             for xdt, ldt, blocksize, paired, aligned in variants[cfg_name.startswith("narrow")]:
                 # As the launchers decide it (paired_decode: even K, and not fp32 on Triton 3.2).
                 paired = paired and paired_decode(2, xdt)
-                specs.append(make(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned))
+                spec = make(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned)
+                specs.append(spec)
+                if paired and aligned:
+                    specs.append(real_shape_variant(spec))
     for ldt in (torch.bfloat16, torch.float32, torch.float16):
         lt = _TYPE_NAME[ldt]
         for pt in ("bf16", "fp32", "fp16"):

@@ -157,7 +157,8 @@ IMPLS: dict = {}  # reached through qlora_linear.qlora_linear_fwd (M <= 16), not
 
 def compile_specs() -> list[KernelSpec]:
     """The GPU config for each activation/LoRA dtype pair and each SPLIT_K mode, in the usual weight
-    layout, plus the other dequant_tile layout paths. The tensor cores here run mma with 16 rows
+    layout (also as it runs on a model's shapes: qlora_linear.real_shape_variant), plus the other
+    dequant_tile layout paths. The tensor cores here run mma with 16 rows
     (wgmma needs 64): not required of a memory-bound kernel, so needs_tensor_cores stays False."""
     cfg = GPU_CONFIG
     specs = []
@@ -191,4 +192,6 @@ def compile_specs() -> list[KernelSpec]:
                         "Y_BF16": split == 1 and xdt == torch.bfloat16, "INTERPRET": False},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, exact_fp32=True,
         ))
+        if paired and aligned:
+            specs.append(qlora_linear.real_shape_variant(specs[-1]))
     return specs

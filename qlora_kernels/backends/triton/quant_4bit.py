@@ -24,7 +24,7 @@ import triton.language as tl
 from ...formats import get_code, num_blocks
 from ...reference import sorted_levels
 from ._common import row_absmax, store_cast
-from ._utils import KernelSpec, interpreting
+from ._utils import KernelSpec, interpreting, launch_variant
 
 # Elements per program: quantize keeps whole blocks (absmax needs the full block) in one program.
 QUANT_ELEMS = 2048
@@ -73,14 +73,16 @@ def _quantize_4bit_kernel(
 
 @triton.jit
 def _dequantize_4bit_kernel(
-    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr, n,
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr, n, nbytes,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, NESTED: tl.constexpr,
     OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # nbytes = ceil(n / 2) comes as an argument, not computed here: Triton then knows it is a
+    # multiple of 16 when it is, so the masked byte loads below become vector loads.
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * (ROWS * COLS) + tl.arange(0, ROWS) * COLS  # [ROWS] first element
-    byte_offs = row_start[:, None] // 2 + tl.arange(0, COLS // 2)[None, :]
-    nbytes = (n + 1) // 2
+    byte_offs = (pid.to(tl.int64) * (ROWS * COLS // 2) + tl.arange(0, ROWS) * (COLS // 2))[:, None] \
+        + tl.arange(0, COLS // 2)[None, :]
     packed = tl.load(packed_ptr + byte_offs, mask=byte_offs < nbytes, other=0)
 
     hi = tl.load(code_ptr + (packed >> 4))
@@ -150,7 +152,7 @@ def dequantize_4bit(
     _dequantize_4bit_kernel[grid](
         packed.reshape(-1), absmax,
         nested_absmax if nested else absmax, nested_code if nested else code,
-        offset.reshape(1).float() if nested else absmax, code, out, n,
+        offset.reshape(1).float() if nested else absmax, code, out, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, ROWS=rows, COLS=cols, NESTED=nested,
         OUT_BF16=dtype == torch.bfloat16, INTERPRET=interpreting(),
         num_warps=DEQUANT_WARPS, enable_fp_fusion=False,
@@ -163,8 +165,13 @@ IMPLS = {"quantize_4bit": quantize_4bit, "dequantize_4bit": dequantize_4bit}
 _IN_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# The only byte loads left once the packed bytes load in vectors: the u8 double-quantized scales.
+DEQUANT_MAX_BYTE_LOADS = 2
+
+
 def compile_specs() -> list[KernelSpec]:
-    """Every (kernel, constexpr) combination the launchers above can produce."""
+    """Every (kernel, constexpr) combination the launchers above can produce, plus the dequantize
+    kernel as it runs on a real model's weights (n a multiple of 32), for two tile shapes."""
     specs = []
     for bs in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         for tname in _IN_TYPES:
@@ -182,9 +189,11 @@ def compile_specs() -> list[KernelSpec]:
                     name="dequantize_4bit", fn=_dequantize_4bit_kernel,
                     signature={"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
                                "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
-                               "code_ptr": "*fp32", "out_ptr": f"*{tname}", "n": "i32"},
+                               "code_ptr": "*fp32", "out_ptr": f"*{tname}", "n": "i32", "nbytes": "i32"},
                     constexprs={"BLOCKSIZE": bs, "ROWS": rows, "COLS": cols, "NESTED": nested,
                                 "OUT_BF16": tname == "bf16", "INTERPRET": False},
                     num_warps=DEQUANT_WARPS, exact_fp32=True,
                 ))
+    specs += [launch_variant(s, divisible_by_16=("n", "nbytes"), max_byte_loads=DEQUANT_MAX_BYTE_LOADS)
+              for s in specs if s.name == "dequantize_4bit" and s.constexprs["BLOCKSIZE"] in (64, 4096)]
     return specs
