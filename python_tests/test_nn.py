@@ -395,3 +395,93 @@ def test_replace_linear_forms_and_report(capsys):
     assert toy.qlora_replaced == ["body.0", "body.2"]
     assert "out" in toy.qlora_replace_report.skipped
     assert not toy.emb.weight.requires_grad
+
+
+# --- merge_and_unload / unload (PEFT's names) -------------------------------------------------
+
+
+def _trained_tiny_llama():
+    model = _tiny_llama(hidden=64)
+    replace_linear(model, target_modules=list(LLAMA_PROJ), r=4, compute_dtype=torch.float32)
+    for mod in model.modules():
+        if isinstance(mod, QLoRALinear):
+            _randomize_lora(mod)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+    return model, ids
+
+
+def test_merge_and_unload_gives_plain_linears_with_the_same_outputs():
+    model, ids = _trained_tiny_llama()
+    names = list(model.qlora_replaced)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        merged_weights = {n: model.get_submodule(n).merge().weight.clone() for n in names}
+    assert qk.merge_and_unload(model) is model
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    assert model.qlora_replaced == []
+    for n in names:
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and not lin.weight.requires_grad
+        torch.testing.assert_close(lin.weight, merged_weights[n], rtol=0, atol=0)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    # The same math in another order (one fp32 GEMM with W + s B A instead of two paths).
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(before, _dequantized_copy_logits(ids)), "the adapters must have changed the output"
+
+
+def _dequantized_copy_logits(ids):
+    # The same model with its adapters unloaded: what the merge must differ from.
+    model, _ = _trained_tiny_llama()
+    qk.unload(model)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_merge_and_unload_requantize_keeps_the_model_4bit():
+    model, ids = _trained_tiny_llama()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.eval()
+    qk.merge_and_unload(model, requantize=True)
+    layers = [model.get_submodule(n) for n in model.qlora_replaced]
+    assert len(layers) == 14 and all(isinstance(m, QLoRALinear) for m in layers)
+    assert all(torch.count_nonzero(m.lora_B) == 0 and m.requantization_error.rms > 0 for m in layers)
+    assert all(not m.training for m in layers)  # the mode of the layer it replaced
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    # Re-quantizing the merged weight costs one more NF4 rounding: about what the first one cost
+    # (the original fp32 model against its quantized base).
+    with torch.no_grad():
+        original = _tiny_llama(hidden=64)(input_ids=ids).logits
+    first = ((_dequantized_copy_logits(ids) - original).norm() / original.norm()).item()
+    again = ((after - before).norm() / before.norm()).item()
+    assert 0 < again < 2 * first, (again, first)
+
+
+def test_unload_restores_the_dequantized_base_and_drops_the_adapters():
+    model, ids = _trained_tiny_llama()
+    names = list(model.qlora_replaced)
+    bases = {n: model.get_submodule(n).dequantize(torch.float32) for n in names}
+    expected_model = _dequantized_copy(model, _tiny_llama(hidden=64))
+    assert qk.unload(model) is model
+    for n in names:
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and not lin.weight.requires_grad
+        torch.testing.assert_close(lin.weight, bases[n], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected_model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_merge_and_unload_bad_input_leaves_model_unchanged():
+    plain = _tiny_llama(hidden=64)
+    snap = _snapshot(plain)
+    for fn in (qk.merge_and_unload, qk.unload):
+        with pytest.raises(ValueError, match="no QLoRALinear"):
+            fn(plain)
+        _assert_unchanged(plain, snap)
+        with pytest.raises(TypeError, match="nn.Module"):
+            fn({"not": "a model"})
+        with pytest.raises(ValueError, match="not a QLoRALinear itself"):
+            fn(QLoRALinear(64, 32, r=4))

@@ -495,6 +495,69 @@ def replace_linear(
     return model
 
 
+# --- merge_and_unload / unload ------------------------------------------------------------------
+
+
+def _swap_qlora_layers(model: nn.Module, build, what: str) -> nn.Module:
+    """Replace every QLoRALinear of `model` by build(layer), all built before any is swapped."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes an nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+    if not layers:
+        raise ValueError(f"{what}: the model has no QLoRALinear layer (was replace_linear run on it?)")
+    if any(n == "" for n, _ in layers):
+        raise ValueError(f"{what} takes a model that contains QLoRALinear layers, not a QLoRALinear itself: "
+                         "use its merge() / merge_and_requantize()")
+    # Built first, swapped after: an error (e.g. out of memory) leaves the model as it was.
+    new_layers = [(name, build(layer).train(layer.training)) for name, layer in layers]
+    for name, layer in new_layers:
+        _set_submodule(model, name, layer)
+    if not any(isinstance(m, QLoRALinear) for m in model.modules()):
+        model.qlora_replaced = []
+    logger.info("%s: %d layer(s)", what, len(new_layers))
+    return model
+
+
+def _frozen(layer: nn.Module) -> nn.Module:
+    # The base weights were frozen under QLoRA; a merged/unloaded layer stays frozen, like PEFT's.
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return layer
+
+
+def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """Fold each QLoRALinear's adapter into its base weight, in place, as PEFT's merge_and_unload.
+
+    requantize=False: each becomes an nn.Linear with W + s * B @ A (summed in fp32, rounded once to
+    the layer's compute dtype): a plain model to save or serve, at 16 bits per weight.
+    requantize=True: each becomes a QLoRALinear whose NF4 base is that merged weight re-quantized,
+    with a fresh adapter (B = 0, trainable) and its `requantization_error`: the model stays
+    4-bit, e.g. to train a next adapter on top.
+    Merged nn.Linear weights come back frozen (requires_grad False), as the base was.
+    Raises TypeError for a non-module and ValueError when the model has no QLoRALinear.
+    """
+    if requantize:
+        return _swap_qlora_layers(model, QLoRALinear.merge_and_requantize, "merge_and_unload(requantize=True)")
+    return _swap_qlora_layers(model, lambda layer: _frozen(layer.merge()), "merge_and_unload")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter, in place: each QLoRALinear becomes an nn.Linear holding its dequantized
+    base weight (compute dtype) and bias, frozen; the LoRA weights are discarded (save_adapter
+    first to keep them). As PEFT's unload."""
+
+    def base_linear(layer: QLoRALinear) -> nn.Linear:
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device=layer.packed_weight.device, dtype=layer.compute_dtype)
+        with torch.no_grad():
+            lin.weight.copy_(layer.dequantize(torch.float32))
+            if layer.bias is not None:
+                lin.bias.copy_(layer.bias)
+        return _frozen(lin)
+
+    return _swap_qlora_layers(model, base_linear, "unload")
+
+
 # --- memory_report ----------------------------------------------------------------------------
 
 
