@@ -305,16 +305,19 @@ class QLoRALinear(nn.Module):
         with torch.no_grad():
             return self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
 
-    def merge(self) -> nn.Linear:
-        """An nn.Linear with W + s * B @ A (summed in fp32, rounded once to the compute dtype)."""
-        dev = self.packed_weight.device
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev,
-                        dtype=self.compute_dtype)
+    def _as_linear(self, weight_fp32: torch.Tensor) -> nn.Linear:
+        """An nn.Linear of the compute dtype holding `weight_fp32` (rounded once) and this bias."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.packed_weight.device, dtype=self.compute_dtype)
         with torch.no_grad():
-            lin.weight.copy_(self._merged_weight_fp32())
+            lin.weight.copy_(weight_fp32)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+    def merge(self) -> nn.Linear:
+        """An nn.Linear with W + s * B @ A (summed in fp32, rounded once to the compute dtype)."""
+        return self._as_linear(self._merged_weight_fp32())
 
     def merge_and_requantize(self) -> "QLoRALinear":
         """A new QLoRALinear whose base is W + s * B @ A re-quantized (fresh adapter, same settings).
@@ -546,16 +549,8 @@ def unload(model: nn.Module) -> nn.Module:
     base weight (compute dtype) and bias, frozen; the LoRA weights are discarded (save_adapter
     first to keep them). As PEFT's unload."""
 
-    def base_linear(layer: QLoRALinear) -> nn.Linear:
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device=layer.packed_weight.device, dtype=layer.compute_dtype)
-        with torch.no_grad():
-            lin.weight.copy_(layer.dequantize(torch.float32))
-            if layer.bias is not None:
-                lin.bias.copy_(layer.bias)
-        return _frozen(lin)
-
-    return _swap_qlora_layers(model, base_linear, "unload")
+    return _swap_qlora_layers(model, lambda layer: _frozen(layer._as_linear(layer.dequantize(torch.float32))),
+                              "unload")
 
 
 # --- memory_report ----------------------------------------------------------------------------
