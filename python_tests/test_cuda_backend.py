@@ -19,6 +19,7 @@ from qlora_kernels import reference as ref
 from qlora_kernels.backends import cuda as C
 from qlora_kernels.backends import use_backend
 from qlora_kernels.backends.cuda import _lib
+from qlora_kernels.backends.linear_strategy import use_linear_strategy
 from qlora_kernels.formats import BLOCKSIZES_4BIT, get_code
 
 from csrc_emulation import emulated_cuda_backend, guarded_copy
@@ -434,6 +435,16 @@ def test_qlora_linear_fwd_op_small_m_and_delegation():
             continue
         lora = s * (t_exact @ B.double().t())
         _assert_within_rule(y, x, w32, lora, bias.float(), f"op m={m}")
+    # The dequant_matmul strategy forced: csrc's GEMV steps aside at every M for Triton's
+    # implementation of that strategy (dequantize, with csrc's kernel here, then a torch matmul).
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    with use_linear_strategy("dequant_matmul"):
+        with use_backend("cuda"):
+            y, _ = torch.ops.qlora.qlora_linear_fwd(dev(x), None, *wargs, dev(A), dev(B), s, dev(bias))
+        with use_backend("triton"):
+            y_tri, _ = torch.ops.qlora.qlora_linear_fwd(dev(x), None, *wargs, dev(A), dev(B), s, dev(bias))
+    sync()
+    assert_bits_equal(y, y_tri, "M=1 under dequant_matmul handed to Triton")
 
 
 # --- AdamW steps: bit-identical to reference.adamw_step_* (run on the CPU) ---

@@ -216,7 +216,7 @@ def test_small_m_split_k(split_k, poisoned_outputs):
 def test_split_k_is_off_under_deterministic_algorithms(monkeypatch):
     """Split-K sums with atomics (low bits depend on timing): a run that asks torch for
     deterministic algorithms gets SPLIT_K = 1 where it would otherwise split (one N tile, long K)."""
-    monkeypatch.setattr(tql_small, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(tql_small, "sm_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
     assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) > 1
     prev = torch.are_deterministic_algorithms_enabled()
@@ -225,6 +225,39 @@ def test_split_k_is_off_under_deterministic_algorithms(monkeypatch):
         assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) == 1
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("kind", [tql.KIND_FP32, tql.KIND_BF16])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_lora_down_split_reduction(kind, splits, poisoned_outputs):
+    """The LoRA reductions with their reduction split (as the LoRA weight gradients run on a GPU):
+    P a transposed view (X^T), L not a multiple of the 64-row chunk, parts of uneven length."""
+    x = torch.randn(300, 200).to(torch.bfloat16)  # [M, K]
+    q = torch.randn(300, 5)  # s * U [M, r], fp32
+    got = tql.lora_down(x.t(), q, kind, splits)  # dA^T [K, r]
+    qk_ = q if kind == tql.KIND_FP32 else q.to(torch.bfloat16)
+    exact = x.double().t() @ qk_.double()
+    # fp32 accumulation of exact products (tf32x3 ~ fp32): error ~ L * 2^-24 * |terms|
+    bound = 300 * 2.0**-23 * (x.double().abs().t() @ qk_.double().abs())
+    assert got.dtype == torch.float32 and got.shape == (200, 5)
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_lora_weight_grads_split_on_gpu_shapes(monkeypatch, poisoned_outputs):
+    """fp32 adapters on bf16 activations with the reduction split in three (a GPU's choice at
+    these sizes, lora_grad_splits): dA and dB still meet the rule."""
+    monkeypatch.setattr(tql, "lora_grad_splits", lambda out_rows, l, device: 3)
+    inp = make_inputs(Case((300,), 200, 320, 8, ldt=torch.float32))
+    assert_within_rule(run_qlora_linear(inp, "triton"), torch_low_precision(inp), truth(inp), "split dA/dB")
+
+
+def test_lora_grad_splits_fill_the_gpu(monkeypatch):
+    monkeypatch.setattr(tql, "sm_count", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    # dA^T of a 4096-wide layer at M=4096: 64 row programs alone would leave half the SMs idle.
+    assert tql.lora_grad_splits(4096, 4096, gpu) * 64 >= 4 * 132 - 64
+    assert tql.lora_grad_splits(4096, 200, gpu) == 1  # too few rows to split
+    assert tql.lora_grad_splits(4096, 4096, torch.device("cpu")) == 1
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -107,16 +107,10 @@ def _auto_order(device: torch.device, op: str) -> tuple[str, ...]:
 def get_impl(op: str, device: torch.device) -> tuple[str, Callable]:
     """(backend name, implementation) of `op` for tensors on `device`.
 
-    On the kernel backends, the QLoRA linear ops also choose per call between the fused kernels
-    and dequantize + cuBLAS (linear_strategy.py).
+    The kernel backends' QLoRA linear ops also choose per call between the fused kernels and
+    dequantize + cuBLAS for their base GEMM (linear_strategy.py).
     """
-    name, fn = _select(op, device)
-    if name != "reference":
-        from .linear_strategy import LINEAR_OPS, with_strategy
-
-        if op in LINEAR_OPS:
-            fn = with_strategy(op, fn)
-    return name, fn
+    return _select(op, device)
 
 
 def _select(op: str, device: torch.device) -> tuple[str, Callable]:

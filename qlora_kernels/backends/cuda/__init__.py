@@ -22,6 +22,7 @@ import torch
 
 from ... import reference as ref
 from ...formats import check_blocksize, check_quant_type, get_code, num_blocks
+from ..linear_strategy import choose as choose_strategy
 from . import _lib
 
 DTYPE_CODES = {
@@ -358,8 +359,9 @@ def qlora_linear_fwd(
 ):
     """The op qlora_linear_fwd: csrc's GEMV for M <= 16. T = X_lora A^T (which the op returns) is
     one small torch matmul in fp32; s * T B^T is added in the GEMV's epilogue, in its fp32
-    accumulator before the one rounding, as the Triton kernels do. Larger M: Triton's."""
-    if x.dim() == 2 and x.shape[0] > GEMV_MAX_M:
+    accumulator before the one rounding, as the Triton kernels do. Larger M, or the dequant_matmul
+    linear strategy (linear_strategy.py): Triton's implementation, which runs that strategy."""
+    if x.dim() == 2 and (x.shape[0] > GEMV_MAX_M or choose_strategy(x.shape[0], x.device) == "dequant_matmul"):
         return _triton_qlora_linear_fwd(x.device)(
             x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
             lora_A, lora_B, scale, bias)

@@ -9,6 +9,7 @@ kernel then moves bf16 through its raw 16 bits and rounds to nearest even by han
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -85,3 +86,13 @@ def launch_variant(spec: KernelSpec, divisible_by_16: tuple[str, ...], equal_to_
     extra["divisible_by_16"] = tuple(divisible_by_16)
     extra["equal_to_1"] = tuple(equal_to_1)
     return dataclasses.replace(spec, name=f"{spec.name}@ints16", extra=extra, max_byte_loads=max_byte_loads)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())

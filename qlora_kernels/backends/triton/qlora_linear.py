@@ -8,8 +8,13 @@ Forward, for X [M, K], W [N, K] stored 4-bit, A [r, K], B [N, r]:
 Backward, for dY [M, N]:
     U = dY @ B                   _lora_down_kernel  -> fp32 [M, r]
     dX = dY @ W + s*U @ A        _dx_kernel: the same tile dequantizer, reduction over N
-    dA = s*U^T @ X_lora, dB = s*dY^T @ T: plain torch matmuls (r is small: they are cheap GEMMs
-    whose cost cuBLAS already reaches; nothing to fuse into them without a second pass over dY).
+    dA = s*U^T @ X_lora, dB = s*dY^T @ T: torch matmuls (cuBLAS) when X and dY already have the
+                                 LoRA dtype; else _lora_down_kernel over X^T / dY^T, converting
+                                 tiles in registers instead of writing upcast copies, with the
+                                 M-row reduction split across the SMs (lora_weight_grads)
+The "dequant_matmul" linear strategy (linear_strategy.py, chosen per call by M) replaces only the
+two base GEMMs: dequantize_4bit, a torch matmul, then _lora_epilogue_kernel adds s*T @ B^T + b
+(or s*U @ A) in fp32 in place, as the fused kernels' epilogue does.
 
 Numerics: the tensor-core operands are the activation dtype (bf16/fp16; fp32 activations use
 tf32x3, about fp32 accuracy), accumulation is fp32. The dequantized weight tile equals
@@ -36,6 +41,7 @@ Where a weight tile's scales come from (flat element index i = n*K + k, block i 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -44,7 +50,8 @@ import triton
 import triton.language as tl
 
 from ...formats import get_code
-from ._utils import KernelSpec, interpreting, launch_variant, triton_version
+from ..linear_strategy import choose as choose_strategy
+from ._utils import KernelSpec, interpreting, launch_variant, sm_count, triton_version
 
 # Operand kinds of tl.dot (constexpr values).
 KIND_FP32, KIND_BF16, KIND_FP16 = 0, 1, 2
@@ -203,26 +210,32 @@ def lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, st
 
 @triton.jit
 def _lora_down_kernel(
-    p_ptr, q_ptr, c_ptr, M, L, R,
+    p_ptr, q_ptr, c_ptr, M, L, R, L_PER_SPLIT,
     stride_pm, stride_pl, stride_ql, stride_qr,
     BM: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr, KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """C [M, R] fp32 (row stride R) = P [M, L] @ Q [L, R]: T = X @ A^T and U = dY @ B."""
+    """C[s] [M, R] fp32 (row stride R) = P[:, Ls] @ Q[Ls, :] over the split Ls = [s*L_PER_SPLIT,
+    (s+1)*L_PER_SPLIT) of the reduction, s = program_id(1): T = X @ A^T and U = dY @ B unsplit;
+    dA^T = X^T @ (s U) and dB = dY^T @ (s T), whose reduction runs over the M rows, split."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BM + tl.arange(0, BM)
     offs_r = tl.arange(0, RP)
     m_ok = offs_m < M
     r_ok = offs_r < R
+    l_start = split * L_PER_SPLIT
+    l_end = tl.minimum(L, l_start + L_PER_SPLIT)
     p_rows = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm
     acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for l0 in range(0, L, BL):
+    for l0 in range(l_start, l_end, BL):
         offs_l = l0 + tl.arange(0, BL)
-        l_ok = offs_l < L
+        l_ok = offs_l < l_end
         p = tl.load(p_rows + offs_l[None, :].to(tl.int64) * stride_pl, mask=m_ok[:, None] & l_ok[None, :], other=0.0)
         q = tl.load(q_ptr + offs_l.to(tl.int64)[:, None] * stride_ql + offs_r[None, :] * stride_qr,
                     mask=l_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot_acc(as_operand(p, KIND, INTERPRET), as_operand(q, KIND, INTERPRET), acc, KIND)
-    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+    c = c_ptr + split.to(tl.int64) * M * R + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    tl.store(c, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -236,6 +249,28 @@ def lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_t
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _lora_epilogue_kernel(
+    y_ptr, t_ptr, b_ptr, bias_ptr,
+    M, N, R, scale, stride_ym, stride_tm, stride_bn, stride_br,
+    BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, L_KIND: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Y [M, N] (+)= s * T @ B^T (+ bias) in place, summed in fp32 and rounded once: the fused
+    forward's epilogue over a Y that cuBLAS computed (the dequant_matmul strategy), so both
+    strategies run the LoRA term with the same operands and precision."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    acc = tl.load(y, mask=mask, other=0.0).to(tl.float32)
+    acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
+                        scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
+    store_out(y, acc, mask, Y_BF16, INTERPRET)
 
 
 @triton.jit
@@ -360,6 +395,11 @@ DX_GPU_CONFIGS = {
 # Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
 INTERPRET_CONFIG = GemmConfig(64, 64, 64)
 LORA_DOWN_BM, LORA_DOWN_BL, LORA_DOWN_WARPS = 64, 64, 4
+# Split reductions of the LoRA weight gradients (lora_grad_splits).
+LORA_GRAD_PROGRAMS_PER_SM = 4
+LORA_GRAD_MIN_ROWS = 4 * LORA_DOWN_BL
+# _lora_epilogue_kernel: a memory-bound pass over Y (read once, written once).
+LORA_EPILOGUE_BM, LORA_EPILOGUE_BN, LORA_EPILOGUE_WARPS = 64, 64, 8
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
@@ -432,17 +472,73 @@ def _check_inputs(x, lora_A, lora_B, shape):
         raise ValueError(f"LoRA rank {lora_A.shape[0]} > 128 is not supported by the Triton kernels")
 
 
-def lora_down(p: torch.Tensor, q: torch.Tensor, kind: int) -> torch.Tensor:
-    """fp32 [M, r] = p [M, L] @ q [L, r] (q may be a transposed view)."""
+def lora_down(p: torch.Tensor, q: torch.Tensor, kind: int, splits: int = 1) -> torch.Tensor:
+    """fp32 [M, r] = p [M, L] @ q [L, r] (either may be a strided view). The L reduction is cut
+    into up to `splits` parts summed afterwards by torch (deterministic, unlike atomics)."""
     m, l = p.shape
     r = q.shape[1]
-    c = empty((m, r), torch.float32, p.device)
-    _lora_down_kernel[(triton.cdiv(m, LORA_DOWN_BM),)](
-        p, q, c, m, l, r, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+    per = triton.cdiv(triton.cdiv(max(l, 1), max(1, splits)), LORA_DOWN_BL) * LORA_DOWN_BL
+    splits = max(1, triton.cdiv(l, per))
+    c = empty((splits, m, r), torch.float32, p.device)
+    _lora_down_kernel[(triton.cdiv(m, LORA_DOWN_BM), splits)](
+        p, q, c, m, l, r, per, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         BM=LORA_DOWN_BM, BL=LORA_DOWN_BL, RP=lora_rank_pad(r), KIND=kind, INTERPRET=interpreting(),
         num_warps=LORA_DOWN_WARPS,
     )
-    return c
+    return c[0] if splits == 1 else c.sum(0)
+
+
+def lora_grad_splits(out_rows: int, l: int, device: torch.device) -> int:
+    """Parts of the M-row reduction of dA^T [K, r] / dB [N, r]: their cdiv(K or N, 64) programs
+    alone leave most SMs idle, so the rows are split for LORA_GRAD_PROGRAMS_PER_SM programs per
+    SM, never into parts under LORA_GRAD_MIN_ROWS rows. 1 off the GPU."""
+    if device.type != "cuda":
+        return 1
+    want = triton.cdiv(LORA_GRAD_PROGRAMS_PER_SM * sm_count(device), triton.cdiv(out_rows, LORA_DOWN_BM))
+    return max(1, min(want, l // LORA_GRAD_MIN_ROWS))
+
+
+def lora_weight_grads(grad_out, x_lora, t, u, lora_A, lora_B, scale):
+    """(dA = s * U^T @ X_lora [r, K] like lora_A, dB = s * dY^T @ T [N, r] like lora_B): operands
+    in lora_A's dtype, fp32 accumulation, s applied to the small factor in fp32 first.
+
+    When the activations already have that dtype, cuBLAS runs them. Otherwise (fp32 adapters on
+    bf16 activations, QLoRALinear's default) _lora_down_kernel reads X and dY as they are and
+    converts tiles in registers: a torch matmul would first write fp32 copies of both, two
+    [M, K]/[M, N] tensors twice the size of the activations, per layer and step."""
+    ldt = lora_A.dtype
+    if x_lora.dtype == ldt and grad_out.dtype == ldt:
+        da = torch.matmul((u * scale).t().to(ldt), x_lora)
+        db = torch.matmul(grad_out.t(), (t * scale).to(ldt))
+        return da, db.to(lora_B.dtype)
+    kind, m, dev = _KIND_OF[ldt], grad_out.shape[0], grad_out.device
+    n, k = grad_out.shape[1], x_lora.shape[1]
+    da_t = lora_down(x_lora.t(), u * scale, kind, lora_grad_splits(k, m, dev))  # dA^T = X^T @ (s U)
+    db = lora_down(grad_out.t(), t * scale, kind, lora_grad_splits(n, m, dev))
+    return da_t.t().contiguous().to(ldt), db.to(lora_B.dtype)
+
+
+def lora_epilogue(y, t, b, stride_bn, stride_br, l_kind, scale, bias=None) -> torch.Tensor:
+    """y [M, N] += s * t [M, r] @ b^T (+ bias) in place, in fp32 with one rounding (b^T [r, N] read
+    through stride_bn / stride_br, so A [r, K] serves as the b of dX's s * U @ A)."""
+    m, n = y.shape
+    has_lora = t is not None
+    r = t.shape[1] if has_lora else 1
+    grid = (triton.cdiv(m, LORA_EPILOGUE_BM), triton.cdiv(n, LORA_EPILOGUE_BN))
+    _lora_epilogue_kernel[grid](
+        y, t if has_lora else y, b, bias if bias is not None else y,
+        m, n, r, float(scale), y.stride(0), t.stride(0) if has_lora else 0, stride_bn, stride_br,
+        BM=LORA_EPILOGUE_BM, BN=LORA_EPILOGUE_BN, RP=lora_rank_pad(r), L_KIND=l_kind,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, Y_BF16=y.dtype == torch.bfloat16,
+        INTERPRET=interpreting(), num_warps=LORA_EPILOGUE_WARPS, enable_fp_fusion=False,
+    )
+    return y
+
+
+def dequantized_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype):
+    """dequant(W) [N, K] in `dtype` through the op (so the fastest dequantize backend runs it)."""
+    return torch.ops.qlora.dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                           quant_type, list(shape), dtype)
 
 
 def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Optional[GemmConfig] = None):
@@ -476,6 +572,14 @@ def qlora_linear_fwd(
         return x.new_empty((0, int(shape[0]))), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32)
     lkind = _KIND_OF[lora_A.dtype]
     t = lora_down(x if x_lora is None else x_lora, lora_A.t(), lkind)
+    if choose_strategy(x.shape[0], x.device) == "dequant_matmul":
+        # Y = X @ W^T by torch (cuBLAS on a GPU) on a dequantized copy of W, then the fused
+        # forward's epilogue: the LoRA term and bias in fp32 with the same operands as the kernels.
+        w = dequantized_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+                               x.dtype)
+        y = lora_epilogue(torch.mm(x, w.t()), t, lora_B, lora_B.stride(0), lora_B.stride(1),
+                          _KIND_OF[lora_B.dtype], scale, bias)
+        return y, t
     args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
     if x.shape[0] <= SMALL_M:
         from .qlora_linear_small_m import small_m_fwd
@@ -516,18 +620,21 @@ def qlora_linear_bwd(
     _check_inputs(x_lora, lora_A, lora_B, shape)
     if grad_out.shape[0] == 0:
         return x_lora.new_empty((0, int(shape[1]))), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    ldt = lora_A.dtype
-    u = lora_down(grad_out, lora_B, _KIND_OF[ldt])  # U = dY @ B, fp32 [M, r]
-    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
-    if compute_dx:
-        dx = dx_gemm(grad_out, u if lora_dx else None, args, blocksize, shape, lora_A, scale, x_lora.dtype)
-    else:
+    u = lora_down(grad_out, lora_B, _KIND_OF[lora_A.dtype])  # U = dY @ B, fp32 [M, r]
+    if not compute_dx:
         dx = x_lora.new_empty((0, int(shape[1])))
-    # The LoRA weight gradients in the LoRA dtype (fp32 accumulation inside the matmul), scaled
-    # in fp32 before the one rounding to that dtype.
-    da = torch.matmul((u * scale).t().to(ldt), x_lora.to(ldt))
-    db = torch.matmul(grad_out.t().to(ldt), (t * scale).to(ldt))
-    return dx, da, db.to(lora_B.dtype)
+    elif choose_strategy(grad_out.shape[0], grad_out.device) == "dequant_matmul":
+        w = dequantized_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+                               grad_out.dtype)
+        dx = torch.mm(grad_out, w)
+        if lora_dx:  # + s * U @ A, A [r, K] read as the "B^T" of the epilogue
+            lora_epilogue(dx, u, lora_A, lora_A.stride(1), lora_A.stride(0), _KIND_OF[lora_A.dtype], scale)
+        dx = dx.to(x_lora.dtype)
+    else:
+        args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
+        dx = dx_gemm(grad_out, u if lora_dx else None, args, blocksize, shape, lora_A, scale, x_lora.dtype)
+    da, db = lora_weight_grads(grad_out, x_lora, t, u, lora_A, lora_B, scale)
+    return dx, da, db
 
 
 IMPLS = {"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd}
@@ -615,11 +722,30 @@ def compile_specs() -> list[KernelSpec]:
     for ldt in (torch.bfloat16, torch.float32, torch.float16):
         lt = _TYPE_NAME[ldt]
         for pt in ("bf16", "fp32", "fp16"):
-            specs.append(KernelSpec(
+            down = KernelSpec(
                 name=f"qlora_lora_down[p={pt},q={lt}]", fn=_lora_down_kernel,
                 signature={"p_ptr": f"*{pt}", "q_ptr": f"*{lt}", "c_ptr": "*fp32", "M": "i32", "L": "i32",
-                           "R": "i32", "stride_pm": "i32", "stride_pl": "i32", "stride_ql": "i32", "stride_qr": "i32"},
+                           "R": "i32", "L_PER_SPLIT": "i32", "stride_pm": "i32", "stride_pl": "i32",
+                           "stride_ql": "i32", "stride_qr": "i32"},
                 constexprs={"BM": LORA_DOWN_BM, "BL": LORA_DOWN_BL, "RP": 16, "KIND": _KIND_OF[ldt], "INTERPRET": False},
                 num_warps=LORA_DOWN_WARPS, needs_tensor_cores=True,
+            )
+            specs.append(down)
+            if pt != lt:
+                # As the LoRA weight gradients launch it (lora_weight_grads): P = X^T or dY^T, a
+                # transposed view (unit row stride), Q = s * U or s * T, fp32 and contiguous.
+                specs.append(dataclasses.replace(launch_variant(
+                    down, ("M", "L_PER_SPLIT", "stride_pl"), ("stride_pm", "stride_qr")),
+                    name=f"qlora_lora_down[p={pt}^T,q={lt}]@ints16",
+                    signature={**down.signature, "q_ptr": "*fp32"}))
+        for xt in ("bf16", "fp16", "fp32"):
+            specs.append(KernelSpec(
+                name=f"qlora_lora_epilogue[y={xt},lora={lt}]", fn=_lora_epilogue_kernel,
+                signature={"y_ptr": f"*{xt}", "t_ptr": "*fp32", "b_ptr": f"*{lt}", "bias_ptr": f"*{xt}", "M": "i32",
+                           "N": "i32", "R": "i32", "scale": "fp32", "stride_ym": "i32", "stride_tm": "i32",
+                           "stride_bn": "i32", "stride_br": "i32"},
+                constexprs={"BM": LORA_EPILOGUE_BM, "BN": LORA_EPILOGUE_BN, "RP": 16, "L_KIND": _KIND_OF[ldt],
+                            "HAS_LORA": True, "HAS_BIAS": True, "Y_BF16": xt == "bf16", "INTERPRET": False},
+                num_warps=LORA_EPILOGUE_WARPS, needs_tensor_cores=True, exact_fp32=True,
             ))
     return specs

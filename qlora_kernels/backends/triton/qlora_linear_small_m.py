@@ -18,7 +18,6 @@ is deterministic.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import qlora_linear
-from ._utils import KernelSpec, interpreting
+from ._utils import KernelSpec, interpreting, sm_count
 from .qlora_linear import (
     _KIND_OF,
     _TYPE_NAME,
@@ -104,18 +103,13 @@ PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def pick_split_k(n: int, k: int, cfg: SmallMConfig, device: torch.device) -> int:
     """SPLIT_K for an [N, K] weight: 1 off the GPU and under torch.use_deterministic_algorithms
     (atomics make the low bits of a split-K sum depend on timing), else enough K splits for
     PROGRAMS_PER_SM programs per SM."""
     if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     n_tiles = triton.cdiv(n, cfg.BN)
     want = triton.cdiv(PROGRAMS_PER_SM * sms, n_tiles)
     k_tiles = triton.cdiv(k, cfg.BK)
