@@ -220,6 +220,15 @@ def test_constructor_arguments_are_checked():
         QLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
 
 
+def test_non_float_input_is_refused_as_nn_linear_refuses_it():
+    layer = QLoRALinear(64, 32, r=4)
+    ids = torch.arange(64).reshape(1, 64)  # e.g. token ids passed by mistake
+    with pytest.raises(RuntimeError):
+        nn.Linear(64, 32)(ids)
+    with pytest.raises(TypeError, match="floating-point input.*int64"):
+        layer(ids)
+
+
 def test_triton_interpreter_runs_the_layer_end_to_end():
     # The GPU path (fp32 adapters on bf16 activations, as the layer keeps them) through the real
     # Triton kernels under the interpreter, on a MiniLM weight, by the same rule.

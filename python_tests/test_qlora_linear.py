@@ -287,6 +287,28 @@ def test_dropout_path(backend):
         assert (g.double() - e).abs().max().item() <= tol, name
 
 
+@pytest.mark.parametrize("xdt,ldt", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_lora_input_grad_by_the_rule(xdt, ldt, strided, poisoned_outputs):
+    """The op behind LoRA dropout's dX term, s * (dY B) A, on both backends against float64, held to
+    the rule with PyTorch's formula in the LoRA dtype (what autograd.py ran before the op)."""
+    wide = torch.randn(37, 400 if strided else 200).to(xdt)
+    gy = wide[:, ::2] if strided else wide
+    A = (torch.randn(8, 320) / math.sqrt(320)).to(ldt)
+    B = (torch.randn(200, 8) * 0.1).to(ldt)
+    s = 0.7
+    exact = ref.lora_input_grad(gy, A, B, s, torch.float64)
+    low = ((gy.to(ldt) @ B) * s @ A).to(xdt)
+    for backend in ("reference", "triton"):
+        with use_backend(backend):
+            got = torch.ops.qlora.lora_input_grad(gy, A, B, s, xdt)
+        assert got.dtype == xdt and got.shape == (37, 320), backend
+        err = (got.double() - exact).abs().max().item()
+        err_torch = (low.double() - exact).abs().max().item()
+        assert err <= 2 * err_torch + ATOL_REL * exact.abs().max().item(), (backend, err, err_torch)
+
+
 def test_eval_ignores_dropout():
     inp = make_inputs(Case((3,), 64, 128, 4, xdt=torch.float32, ldt=torch.float32))
     with use_backend("reference"):
@@ -343,6 +365,7 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.qlora.qlora_linear_fwd.default, fwd)
         torch.library.opcheck(torch.ops.qlora.qlora_linear_bwd.default, bwd)
         torch.library.opcheck(torch.ops.qlora.qlora_linear_bwd.default, bwd[:-2] + (False, True))
+        torch.library.opcheck(torch.ops.qlora.lora_input_grad.default, (bwd[0], inp.A, inp.B, inp.scale, inp.x.dtype))
 
 
 class _TinyQLoRALinear(torch.nn.Module):

@@ -45,3 +45,20 @@ def test_bad_backend_argument(argv):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
+
+
+def test_validate_checks_the_linear_gradients(monkeypatch):
+    """A backward whose dA is off by 0.1% fails its "dA" rows, while Y and dX still pass."""
+    from qlora_kernels.backends.triton import qlora_linear
+
+    real = qlora_linear.IMPLS["qlora_linear_bwd"]
+
+    def wrong_da(*args):
+        dx, da, db = real(*args)
+        return dx, da * (1 + 2.0**-10), db
+
+    monkeypatch.setitem(qlora_linear.IMPLS, "qlora_linear_bwd", wrong_da)
+    rows = validate.validate(["triton"], quick=True, out=io.StringIO())
+    linear = [r for r in rows if r.op.startswith("qlora_linear")]
+    assert {r.op.split()[-1] for r in linear if not r.ok} == {"dA"}
+    assert any(r.ok for r in linear if r.op.endswith(" Y")) and any(r.ok for r in linear if r.op.endswith(" dX"))

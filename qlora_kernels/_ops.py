@@ -111,7 +111,11 @@ def op_names() -> tuple[str, ...]:
 #       dX = dY @ dequant(W) (+ s * (dY @ B) @ A when lora_dx); compute_dx False skips that GEMM
 #       (an input that needs no gradient, e.g. the first layer's) and returns dX as [0, K].
 #       dbias is dY summed (autograd.py).
-# Spec: reference.qlora_linear_forward / qlora_linear_backward. x is 2-D: callers flatten.
+#   lora_input_grad(grad_out [M, N], lora_A [r, K], lora_B [N, r], scale, dtype) -> [M, K] of dtype
+#       s * (dY @ B) @ A: the LoRA part of dX on its own, for LoRA dropout (lora_dx False above),
+#       where autograd routes it through the dropout mask.
+# Spec: reference.qlora_linear_forward / qlora_linear_backward / lora_input_grad. x is 2-D: callers
+# flatten.
 
 _W_ARGS = (
     "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
@@ -126,6 +130,7 @@ QLORA_LINEAR_SCHEMAS = {
         f"(Tensor grad_out, Tensor x_lora, Tensor t, {_W_ARGS}, Tensor lora_A, Tensor lora_B, float scale, "
         "bool compute_dx, bool lora_dx) -> (Tensor, Tensor, Tensor)"
     ),
+    "lora_input_grad": "(Tensor grad_out, Tensor lora_A, Tensor lora_B, float scale, ScalarType dtype) -> Tensor",
 }
 
 for _name, _schema in QLORA_LINEAR_SCHEMAS.items():
@@ -148,6 +153,11 @@ def _(grad_out, x_lora, t, packed, absmax, nested_absmax, nested_code, offset, b
       shape, lora_A, lora_B, scale, compute_dx, lora_dx):
     dx = grad_out.new_empty((grad_out.shape[0] if compute_dx else 0, shape[1]), dtype=x_lora.dtype)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+@torch.library.register_fake(f"{LIB_NAME}::lora_input_grad")
+def _(grad_out, lora_A, lora_B, scale, dtype):
+    return grad_out.new_empty((grad_out.shape[0], lora_A.shape[1]), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------

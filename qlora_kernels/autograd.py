@@ -52,9 +52,9 @@ class QLoRALinearFunction(torch.autograd.Function):
         )
         dx_lora = None
         if ctx.separate_lora_input and ctx.needs_input_grad[1]:
-            # Unfused: s * (dY B) A in the LoRA dtype, as the forward's LoRA path ran.
-            ldt = lora_A.dtype
-            dx_lora = ((grad_y.to(ldt) @ lora_B) * s @ lora_A).to(x_l.dtype)
+            # s * (dY B) A on its own (the fused dX kernel left it out), for autograd to route
+            # through the dropout mask.
+            dx_lora = torch.ops.qlora.lora_input_grad(grad_y, lora_A, lora_B, s, x_l.dtype)
         dbias = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[13]:
             dbias = grad_y.float().sum(0).to(ctx.bias_dtype)

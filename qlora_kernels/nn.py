@@ -292,6 +292,9 @@ class QLoRALinear(nn.Module):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            # nn.Linear refuses these too; a silent cast would turn e.g. token ids into features.
+            raise TypeError(f"QLoRALinear takes a floating-point input, got {getattr(x, 'dtype', type(x).__name__)}")
         cd = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cd)
         return qlora_linear(

@@ -300,6 +300,18 @@ def qlora_linear_backward(
     return dx, da, db, dy.sum(0)
 
 
+def lora_input_grad(
+    grad_out: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """s * (dY @ B) @ A [M, K] in `compute_dtype`: the LoRA part of dX on its own (LoRA dropout)."""
+    cd = compute_dtype
+    return scale * ((grad_out.to(cd) @ lora_B.to(cd)) @ lora_A.to(cd))
+
+
 # ---------------------------------------------------------------------------------------------
 # AdamW (issue 5): one optimizer step with fp32 states or blockwise 8-bit states
 # ---------------------------------------------------------------------------------------------

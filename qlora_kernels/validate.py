@@ -68,36 +68,55 @@ def _compare_quant(expected, actual) -> float:
 
 
 def _linear_checks(device: torch.device, quick: bool):
+    """The QLoRA linear, forward and backward (Y, dX, dA, dB), for activation/LoRA dtype pairs
+    (bf16 activations with fp32 adapters: QLoRALinear's default)."""
     import qlora_kernels as qk
+
+    from . import reference as ref
 
     if not hasattr(qk, "qlora_linear"):
         return
     shapes = [(1, 320, 200, 16), (37, 256, 128, 8)] if quick else [
         (1, 320, 200, 16), (37, 256, 128, 8), (129, 320, 200, 64), (16, 512, 384, 1)]
+    f32, bf16 = torch.float32, torch.bfloat16
     for m, k, n, r in shapes:
-        for dtype in (torch.float32, torch.bfloat16):
+        for xdt, ldt in ((f32, f32), (bf16, bf16), (bf16, f32)):
             w = torch.randn(n, k, device=device) * 0.05
             packed, state = qk.quantize_4bit(w)
-            x = torch.randn(m, k, device=device).to(dtype)
-            a = (torch.randn(r, k, device=device) * 0.05).to(dtype)
-            b = (torch.randn(n, r, device=device) * 0.05).to(dtype)
-            bias = torch.randn(n, device=device).to(dtype)
+            x = torch.randn(m, k, device=device).to(xdt)
+            a = (torch.randn(r, k, device=device) * 0.05).to(ldt)
+            b = (torch.randn(n, r, device=device) * 0.05).to(ldt)
+            bias = torch.randn(n, device=device).to(xdt)
+            gy = torch.randn(m, n, device=device).to(xdt)
 
-            def run(backend, x=x, a=a, b=b, bias=bias, packed=packed, state=state):
+            def leaves(x=x, a=a, b=b):
+                return [t.detach().clone().requires_grad_() for t in (x, a, b)]
+
+            def run(backend, gy=gy, bias=bias, packed=packed, state=state):
+                xx, aa, bb = leaves()
                 with qk.use_backend(backend):
-                    return qk.qlora_linear(x, packed, state, a, b, 2.0, bias)
+                    y = qk.qlora_linear(xx, packed, state, aa, bb, 2.0, bias)
+                    y.backward(gy)
+                return [y.detach(), xx.grad, aa.grad, bb.grad]
 
-            def exact(x=x, a=a, b=b, bias=bias, packed=packed, state=state):
+            def exact(x=x, a=a, b=b, gy=gy, bias=bias, packed=packed, state=state):
                 with qk.use_backend("reference"):
                     wd = qk.dequantize_4bit(packed, state, dtype=torch.float32).double()
-                xd, ad, bd = x.double(), a.double(), b.double()
-                return xd @ wd.T + 2.0 * (xd @ ad.T) @ bd.T + bias.double()
+                y, t = ref.qlora_linear_forward(x, wd, a, b, 2.0, bias, compute_dtype=torch.float64)
+                dx, da, db, _ = ref.qlora_linear_backward(gy, x, t, wd, a, b, 2.0, compute_dtype=torch.float64)
+                return [y, dx, da, db]
 
-            def lowp(x=x, a=a, b=b, bias=bias, packed=packed, state=state):
+            def lowp(gy=gy, bias=bias, packed=packed, state=state, xdt=xdt, ldt=ldt):
+                # As bitsandbytes + PEFT compute it: W dequantized to the activation dtype, the
+                # LoRA path in the adapters' dtype, autograd for the gradients.
                 with qk.use_backend("reference"):
-                    wl = qk.dequantize_4bit(packed, state, dtype=x.dtype)
-                return torch.nn.functional.linear(x, wl, bias) + 2.0 * (x @ a.T) @ b.T
+                    wl = qk.dequantize_4bit(packed, state, dtype=xdt)
+                xx, aa, bb = leaves()
+                y = torch.nn.functional.linear(xx, wl, bias) + (2.0 * (xx.to(ldt) @ aa.T) @ bb.T).to(xdt)
+                y.backward(gy)
+                return [y.detach(), xx.grad, aa.grad, bb.grad]
 
+            dtype = str(xdt).removeprefix("torch.") + ("" if ldt == xdt else "/" + str(ldt).removeprefix("torch."))
             yield f"qlora_linear r{r}", f"{m}x{k}->{n}", dtype, run, exact, lowp
 
 
@@ -171,17 +190,18 @@ def validate(backends: Optional[list[str]] = None, quick: bool = False, out=None
             rows.append(Row(label, name, shape, str(dtype).removeprefix("torch."), err, 0.0, err == 0.0,
                             "bit-identical" if err == 0.0 else "bytes differ"))
     for label, shape, dtype, run, exact, lowp in _linear_checks(device, quick):
-        ref64 = exact()
-        scale = ref64.abs().max().item() or 1.0
-        lowp_err = (lowp().double() - ref64).abs().max().item() / scale
-        bound = 2.0 * lowp_err + 1e-6
+        # Each output by the numerics rule (DESIGN.md section 6): error <= 2x PyTorch's low-precision error.
+        ref64, low = exact(), lowp()
         for name in usable:
-            y = _attempt(run, name, rows, label, shape, dtype)
-            if y is None:
+            outs = _attempt(run, name, rows, label, shape, dtype)
+            if outs is None:
                 continue
-            err = (y.double() - ref64).abs().max().item() / scale
-            ok = bool(torch.isfinite(y).all()) and err <= bound
-            rows.append(Row(label, name, shape, str(dtype).removeprefix("torch."), err, bound, ok))
+            for what, got, e, lo in zip(("Y", "dX", "dA", "dB"), outs, ref64, low):
+                scale = e.abs().max().item() or 1.0
+                bound = 2.0 * (lo.double() - e).abs().max().item() / scale + 1e-6
+                err = (got.double() - e).abs().max().item() / scale
+                ok = bool(torch.isfinite(got).all()) and err <= bound
+                rows.append(Row(f"{label} {what}", name, shape, dtype, err, bound, ok))
     _print_table(rows, out)
     return rows
 
@@ -200,13 +220,13 @@ def _attempt(run, backend, rows, label, shape, dtype):
 
 
 def _print_table(rows: list[Row], out) -> None:
-    header = f"{'op':22s} {'backend':9s} {'shape':14s} {'dtype':9s} {'max rel err':>11s} {'bound':>9s}  result"
+    header = f"{'op':22s} {'backend':9s} {'shape':14s} {'dtype':16s} {'max rel err':>11s} {'bound':>9s}  result"
     print(header, file=out)
     print("-" * len(header), file=out)
     for r in rows:
         result = ("n/a" if r.note.startswith("n/a") else "pass") if r.ok else "FAIL"
         note = f" ({r.note.removeprefix('n/a: ')})" if r.note else ""
-        print(f"{r.op:22s} {r.backend:9s} {r.shape:14s} {r.dtype:9s} {r.err:11.3e} {r.bound:9.2e}  {result}{note}", file=out)
+        print(f"{r.op:22s} {r.backend:9s} {r.shape:14s} {r.dtype:16s} {r.err:11.3e} {r.bound:9.2e}  {result}{note}", file=out)
     failed = sum(not r.ok for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed", file=out)
 

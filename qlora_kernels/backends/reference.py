@@ -60,7 +60,12 @@ def qlora_linear_bwd(
     return dx.to(x_lora.dtype), da.to(lora_A.dtype), db.to(lora_B.dtype)
 
 
-IMPLS.update({"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd})
+def lora_input_grad(grad_out, lora_A, lora_B, scale, dtype):
+    return ref.lora_input_grad(grad_out, lora_A, lora_B, scale, torch.float32).to(dtype)
+
+
+IMPLS.update({"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd,
+              "lora_input_grad": lora_input_grad})
 
 
 # --- AdamW steps (issue 5): reference.adamw_step_* mutate their arguments in place ---

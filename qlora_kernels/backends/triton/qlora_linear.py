@@ -42,6 +42,7 @@ Where a weight tile's scales come from (flat element index i = n*K + k, block i 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -256,18 +257,23 @@ def _lora_epilogue_kernel(
     y_ptr, t_ptr, b_ptr, bias_ptr,
     M, N, R, scale, stride_ym, stride_tm, stride_bn, stride_br,
     BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, L_KIND: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, Y_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """Y [M, N] (+)= s * T @ B^T (+ bias) in place, summed in fp32 and rounded once: the fused
-    forward's epilogue over a Y that cuBLAS computed (the dequant_matmul strategy), so both
-    strategies run the LoRA term with the same operands and precision."""
+    """Y [M, N] += s * T @ B^T (+ bias) in place (ACCUMULATE; else Y = ...), summed in fp32 and
+    rounded once: the fused forward's epilogue over a Y that cuBLAS computed (the dequant_matmul
+    strategy), so both strategies run the LoRA term with the same operands and precision; and the
+    LoRA part of dX alone, s * U @ A, when LoRA dropout separates it (lora_input_grad)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    acc = tl.load(y, mask=mask, other=0.0).to(tl.float32)
+    if ACCUMULATE:
+        acc = tl.load(y, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
                         scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
     store_out(y, acc, mask, Y_BF16, INTERPRET)
@@ -518,9 +524,10 @@ def lora_weight_grads(grad_out, x_lora, t, u, lora_A, lora_B, scale):
     return da_t.t().contiguous().to(ldt), db.to(lora_B.dtype)
 
 
-def lora_epilogue(y, t, b, stride_bn, stride_br, l_kind, scale, bias=None) -> torch.Tensor:
-    """y [M, N] += s * t [M, r] @ b^T (+ bias) in place, in fp32 with one rounding (b^T [r, N] read
-    through stride_bn / stride_br, so A [r, K] serves as the b of dX's s * U @ A)."""
+def lora_epilogue(y, t, b, stride_bn, stride_br, l_kind, scale, bias=None, accumulate=True) -> torch.Tensor:
+    """y [M, N] += s * t [M, r] @ b^T (+ bias) in place (accumulate=False: y = ...), in fp32 with one
+    rounding (b^T [r, N] read through stride_bn / stride_br, so A [r, K] serves as the b of dX's
+    s * U @ A)."""
     m, n = y.shape
     has_lora = t is not None
     r = t.shape[1] if has_lora else 1
@@ -529,7 +536,7 @@ def lora_epilogue(y, t, b, stride_bn, stride_br, l_kind, scale, bias=None) -> to
         y, t if has_lora else y, b, bias if bias is not None else y,
         m, n, r, float(scale), y.stride(0), t.stride(0) if has_lora else 0, stride_bn, stride_br,
         BM=LORA_EPILOGUE_BM, BN=LORA_EPILOGUE_BN, RP=lora_rank_pad(r), L_KIND=l_kind,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, Y_BF16=y.dtype == torch.bfloat16,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, Y_BF16=y.dtype == torch.bfloat16,
         INTERPRET=interpreting(), num_warps=LORA_EPILOGUE_WARPS, enable_fp_fusion=False,
     )
     return y
@@ -637,7 +644,23 @@ def qlora_linear_bwd(
     return dx, da, db
 
 
-IMPLS = {"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd}
+def lora_input_grad(grad_out, lora_A, lora_B, scale, dtype):
+    """The op lora_input_grad: s * (dY @ B) @ A [M, K] in `dtype`, U = dY @ B in fp32 and the
+    product accumulated in fp32 (lora_A's dtype as operands), written once, no fp32 copies."""
+    if grad_out.dim() != 2 or lora_B.shape[0] != grad_out.shape[1] or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)}, lora_A {tuple(lora_A.shape)} and lora_B "
+                         f"{tuple(lora_B.shape)} do not chain")
+    m, k = grad_out.shape[0], lora_A.shape[1]
+    if m == 0:
+        return grad_out.new_empty((0, k), dtype=dtype)
+    kind = _KIND_OF[lora_A.dtype]
+    u = lora_down(grad_out, lora_B, kind)
+    return lora_epilogue(empty((m, k), dtype, grad_out.device), u, lora_A, lora_A.stride(1), lora_A.stride(0),
+                         kind, scale, accumulate=False)
+
+
+IMPLS = {"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd,
+         "lora_input_grad": lora_input_grad}
 
 
 # Single-byte global loads allowed where the packed weight loads in vectors (the u8 double-quantized
@@ -738,14 +761,16 @@ def compile_specs() -> list[KernelSpec]:
                     down, ("M", "L_PER_SPLIT", "stride_pl"), ("stride_pm", "stride_qr")),
                     name=f"qlora_lora_down[p={pt}^T,q={lt}]@ints16",
                     signature={**down.signature, "q_ptr": "*fp32"}))
-        for xt in ("bf16", "fp16", "fp32"):
+        for xt, accumulate in itertools.product(("bf16", "fp16", "fp32"), (True, False)):
             specs.append(KernelSpec(
-                name=f"qlora_lora_epilogue[y={xt},lora={lt}]", fn=_lora_epilogue_kernel,
+                name=f"qlora_lora_epilogue[y={xt},lora={lt},{'add' if accumulate else 'set'}]",
+                fn=_lora_epilogue_kernel,
                 signature={"y_ptr": f"*{xt}", "t_ptr": "*fp32", "b_ptr": f"*{lt}", "bias_ptr": f"*{xt}", "M": "i32",
                            "N": "i32", "R": "i32", "scale": "fp32", "stride_ym": "i32", "stride_tm": "i32",
                            "stride_bn": "i32", "stride_br": "i32"},
                 constexprs={"BM": LORA_EPILOGUE_BM, "BN": LORA_EPILOGUE_BN, "RP": 16, "L_KIND": _KIND_OF[ldt],
-                            "HAS_LORA": True, "HAS_BIAS": True, "Y_BF16": xt == "bf16", "INTERPRET": False},
+                            "HAS_LORA": True, "HAS_BIAS": accumulate, "ACCUMULATE": accumulate,
+                            "Y_BF16": xt == "bf16", "INTERPRET": False},
                 num_warps=LORA_EPILOGUE_WARPS, needs_tensor_cores=True, exact_fp32=True,
             ))
     return specs
