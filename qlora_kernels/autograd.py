@@ -57,6 +57,6 @@ class QLoRALinearFunction(torch.autograd.Function):
             dx_lora = torch.ops.qlora.lora_input_grad(grad_y, lora_A, lora_B, s, x_l.dtype)
         dbias = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[13]:
-            dbias = grad_y.float().sum(0).to(ctx.bias_dtype)
+            dbias = grad_y.sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # no fp32 copy of dY
         return (dx if ctx.needs_input_grad[0] else None, dx_lora, None, None, None, None, None, None, None, None,
                 da if ctx.needs_input_grad[10] else None, db if ctx.needs_input_grad[11] else None, None, dbias)
