@@ -35,9 +35,11 @@ QUANT_WARPS = 4
 
 @triton.jit
 def _quantize_4bit_kernel(
-    x_ptr, midpoints_ptr, order_ptr, packed_ptr, absmax_ptr, n,
+    x_ptr, midpoints_ptr, order_ptr, packed_ptr, absmax_ptr, n, nbytes,
     BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
 ):
+    # nbytes = ceil(n / 2) is an argument for the reason _dequantize_4bit_kernel's is: computed
+    # here, Triton cannot prove the packed bytes aligned and stores them one at a time.
     pid = tl.program_id(0)
     block = pid.to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # [BPP]
     col = tl.arange(0, BLOCKSIZE)
@@ -68,7 +70,7 @@ def _quantize_4bit_kernel(
     hi, lo = tl.split(tl.reshape(q, (BLOCKS_PER_PROG, BLOCKSIZE // 2, 2)))
     packed = (hi << 4) | lo
     byte_offs = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    tl.store(packed_ptr + byte_offs, packed, mask=byte_offs < (n + 1) // 2)
+    tl.store(packed_ptr + byte_offs, packed, mask=byte_offs < nbytes)
 
 
 @triton.jit
@@ -126,7 +128,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     bpp = _blocks_per_program(blocksize)
     grid = (triton.cdiv(nb, bpp),)
     _quantize_4bit_kernel[grid](
-        x, midpoints, order.to(torch.int32), packed, absmax, n,
+        x, midpoints, order.to(torch.int32), packed, absmax, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROG=bpp, num_warps=_quant_warps(blocksize), enable_fp_fusion=False,
     )
     return packed, absmax
@@ -178,7 +180,7 @@ def compile_specs() -> list[KernelSpec]:
             specs.append(KernelSpec(
                 name="quantize_4bit", fn=_quantize_4bit_kernel,
                 signature={"x_ptr": f"*{tname}", "midpoints_ptr": "*fp32", "order_ptr": "*i32",
-                           "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i32"},
+                           "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i32", "nbytes": "i32"},
                 constexprs={"BLOCKSIZE": bs, "BLOCKS_PER_PROG": _blocks_per_program(bs)},
                 num_warps=_quant_warps(bs), exact_fp32=True,
             ))
