@@ -95,3 +95,19 @@ def test_measured_order_applies_to_its_gpu_and_op_only(gpu_named):
     assert backends._auto_order(gpu_named, "dequantize_4bit") == ("triton", "cuda", "reference")
     assert backends._auto_order(gpu_named, "quantize_4bit") == ("cuda", "triton", "reference")  # A100's entry
     assert backends._auto_order(torch.device("cpu"), "dequantize_4bit") == ("reference",)
+
+
+def test_linear_cases_run_and_time_fp32_adapters_at_their_case(monkeypatch):
+    """Every linear case the bench yields runs (shrunk, on the CPU); the fp32-adapter pair appears
+    at FP32_ADAPTER_CASE only and is paired in the ratio lines."""
+    monkeypatch.setattr(bench, "FP32_ADAPTER_CASE", (8, (64, 32)))
+    fp32 = []
+    # The cases' functions close over the loop's tensors: each runs before the next is made, as in run().
+    for op, impl, shape, m, dtype, fn, nbytes, flops in bench.linear_cases(
+            torch.device("cpu"), True, [(64, 32), (64, 48)], [8, 3], r=4):
+        fn()
+        if "fp32 adapters" in impl:
+            fp32.append((op, impl, shape, m))
+    assert set(fp32) == {("fwd+bwd", "ours, fp32 adapters", "32x64", 8), ("fwd+bwd", "bf16 lora, fp32 adapters", "32x64", 8)}
+    rows = [row("fwd+bwd", c[1], 2.0 if c[1].startswith("ours") else 3.0, m=8, shape="64x32") for c in fp32]
+    assert "ratio fwd+bwd 64x32 M=8: bf16 lora, fp32 adapters / ours, fp32 adapters = 1.50x" in bench.ratio_lines(rows)

@@ -43,6 +43,8 @@ LORA_RANKS = (8, 16, 64)
 BLOCKSIZE = 64
 QUICK_SHAPES = ((4096, 4096), (4096, 11008))
 QUICK_M = (1, 16, 4096)
+# (M, shape as listed in the shapes) at which fwd+bwd is also timed with fp32 adapters (QLoRALinear's default).
+FP32_ADAPTER_CASE = (4096, (4096, 4096))
 # At and below this M the forward is also timed replayed from a CUDA graph ("fwd graphed").
 DECODE_M = 16
 CPU_DEQUANT_SHAPE = (11008, 4096)  # (N, K) of the CPU side-by-side
@@ -305,6 +307,20 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
                 if differentiable:
                     yield ("bwd", impl, sid, m, dtype, _bwd_only(fn, x, a, b), 2 * nbytes, 2 * flops)
                     yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a, b), 3 * nbytes, 3 * flops)
+            if (m, (n, k)) == FP32_ADAPTER_CASE:
+                # QLoRALinear's default (and PEFT's without autocast): fp32 adapters on bf16
+                # activations, where the LoRA path runs in fp32. Ours as the op dispatches it.
+                a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+
+                def ours_fp32_adapters():
+                    return qk.qlora_linear(x, packed, state, a32, b32, s)
+
+                def peft_fp32_adapters():
+                    return torch.nn.functional.linear(x, w) + (s * ((x.float() @ a32.T) @ b32.T)).to(dtype)
+
+                for impl, fn in (("ours, fp32 adapters", ours_fp32_adapters),
+                                 ("bf16 lora, fp32 adapters", peft_fp32_adapters)):
+                    yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a32, b32), 3 * bytes_q, 3 * flops)
 
 
 def _cuda_gemv_max_m() -> int:
@@ -551,6 +567,10 @@ def ratio_lines(results: list[Result]) -> list[str]:
              ("fwd graphed", "dense bf16", "fused"), ("fwd graphed", "bitsandbytes+peft", "fused"),
              ("bwd", "bf16 lora", "fused"), ("fwd+bwd", "bf16 lora", "fused"),
              ("fwd+bwd", "bitsandbytes+peft", "fused"),
+             # the other linear strategy, which the dispatch may pick at large M
+             ("fwd", "unfused chain", "dequant+cuBLAS"), ("fwd+bwd", "bf16 lora", "dequant+cuBLAS"),
+             ("fwd+bwd", "bitsandbytes+peft", "dequant+cuBLAS"),
+             ("fwd+bwd", "bf16 lora, fp32 adapters", "ours, fp32 adapters"),
              ("adamw step", "torch fused AdamW", "PagedAdamW"),
              ("adamw step", "bitsandbytes PagedAdamW8bit", "PagedAdamW8bit"),
              ("train step", "bitsandbytes+peft (CPU)", "qlora_kernels (reference backend)")]
