@@ -43,7 +43,7 @@ LORA_RANKS = (8, 16, 64)
 BLOCKSIZE = 64
 QUICK_SHAPES = ((4096, 4096), (4096, 11008))
 QUICK_M = (1, 16, 4096)
-# (M, shape as listed in the shapes) at which fwd+bwd is also timed with fp32 adapters (QLoRALinear's default).
+# (M, (N, K)) at which linear_cases also times fwd+bwd with fp32 adapters (QLoRALinear's default).
 FP32_ADAPTER_CASE = (4096, (4096, 4096))
 # At and below this M the forward is also timed replayed from a CUDA graph ("fwd graphed").
 DECODE_M = 16
