@@ -191,6 +191,20 @@ def test_fma_detection(line, fused):
     assert bool(compile_check._FMA_RE.search(code)) is fused
 
 
+@pytest.mark.parametrize("line, signed", [
+    # Triton 3.2's PTX for `tl.load(code_ptr + q)` with q uint8: the byte sign-extended, then scaled.
+    ("\tcvt.s32.s8 \t%r11, %r10;", True),
+    ("\tcvt.s64.s8 \t%rd2, %rs1;", True),
+    # 3.6+ for the same code, and any release for q.to(tl.int32): zero-extension.
+    ("\tcvt.u32.u16 \t%r10, %rs1;", False),
+    ("\tcvt.s64.s32 \t%rd7, %r9;", False),
+    # 3.2 before a byte store through shared memory (a layout change): only the low byte is kept.
+    ("\tcvt.s16.s8 \t%rs17, %rs1;", False),
+])
+def test_signed_byte_detection(line, signed):
+    assert bool(compile_check._SIGNED_BYTE_RE.search(line)) is signed
+
+
 @pytest.mark.parametrize("triton_version", ["pinned", *extra_tritons()])
 def test_package_kernels_pass_the_gate(tmp_path, triton_version):
     """Every (kernel, config) the package ships compiles for sm_80 and sm_90 without spills, within

@@ -7,7 +7,8 @@ MODULE:FUNCTION`) and each arch, triton.compile() lowers the kernel to PTX ahead
 needed), ptxas -v reports registers, spills and static shared memory, and the PTX is searched for
 tensor-core instructions and fused multiply-adds. A row fails on a compile error, any spill, shared
 memory over the chip's per-block limit, a GEMM without mma (sm_80) / wgmma (sm_90) where
-`needs_tensor_cores`, fma where `exact_fp32`, or more single-byte global loads than
+`needs_tensor_cores`, fma where `exact_fp32`, a byte sign-extension (`cvt.s32.s8`: a uint8 used
+as an offset, which Triton 3.2 reads as int8), or more single-byte global loads than
 `max_byte_loads` (`--allow-spills` and `--allow-byte-loads` report those two without failing, for
 older Tritons). A compile that kills its process (an LLVM abort) is retried alone and becomes
 a failed row naming the kernel. Exit 0: all rows ok; 1: a row failed (or the specs could not be
@@ -65,6 +66,12 @@ _COMMENT_RE = re.compile(r"//.*$", re.MULTILINE)
 # A scalar byte load from global memory (vector forms such as ld.global.v4.b32 do not match).
 _BYTE_LOADS_FAILURE = "single-byte global loads"
 _BYTE_LOAD_RE = re.compile(r"\bld\.global(?:\.(?!v\d)[a-z0-9_]+)*\.[bus]8\b")
+# A byte sign-extended to 32 or 64 bits: no kernel here has signed 8-bit data (codes, packed
+# nibbles and scales are uint8), so this is a uint8 on its way to an address, which Triton 3.2
+# computes as int8 (codes >= 128 index before the table). Casting the byte to int32 first
+# zero-extends it on every release. (cvt.s16.s8 is left alone: 3.2 also emits it before byte
+# stores to shared memory, where only the low 8 bits are kept.)
+_SIGNED_BYTE_RE = re.compile(r"\bcvt\.s(?:32|64)\.s8\b")
 
 # Set in the parent before forking workers: a fork shares them without pickling JIT functions.
 _SPECS: list[Any] = []
@@ -406,6 +413,10 @@ def _compile_and_inspect(spec: Any, arch: int, row: Row) -> None:
         row.fma_free = "no" if fmas else "yes"
         if fmas:
             row.failures.append(f"exact_fp32 kernel has {len(fmas)} fma instruction(s) ({fmas[0]})")
+    signed_bytes = _SIGNED_BYTE_RE.findall(code)
+    if signed_bytes:
+        row.failures.append(f"{len(signed_bytes)} byte(s) sign-extended ({signed_bytes[0]}): a uint8 offset read as "
+                            "int8; cast it to int32 before adding it to a pointer")
     row.byte_loads = len(_BYTE_LOAD_RE.findall(code))
     if spec.max_byte_loads is not None and row.byte_loads > spec.max_byte_loads:
         row.failures.append(f"{row.byte_loads} {_BYTE_LOADS_FAILURE} (at most {spec.max_byte_loads}): "

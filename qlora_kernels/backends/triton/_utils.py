@@ -4,6 +4,11 @@ INTERPRET: every kernel that touches bf16 takes one `INTERPRET: tl.constexpr`, t
 TRITON_INTERPRET=1, where bf16 arithmetic and fp32->bf16 casts are wrong (DESIGN.md section 4): the
 kernel then moves bf16 through its raw 16 bits and rounds to nearest even by hand. Launchers pass
 `interpreting()`; the compile gate passes False so it compiles the GPU code.
+
+uint8 offsets: a loaded uint8 (an 8-bit code, a double-quantized scale) added to a pointer as it
+is gets sign-extended by Triton 3.2 (`cvt.s32.s8` in the PTX), so codes >= 128 would index before
+their table; 3.3+ zero-extend. Kernels cast such bytes to int32 first, which zero-extends on every
+release, and the compile gate fails any PTX with a byte sign-extension.
 """
 
 from __future__ import annotations

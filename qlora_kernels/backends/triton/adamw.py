@@ -98,13 +98,14 @@ def _adamw_8bit_body(
     if FULL:
         p = tl.load(p_ptr + offs).to(tl.float32)
         g = tl.load(g_ptr + offs).to(tl.float32)
-        m = tl.load(code_m_ptr + tl.load(mq_ptr + offs)) * tl.load(mabs_ptr + block)[:, None]
-        v = tl.load(code_v_ptr + tl.load(vq_ptr + offs)) * tl.load(vabs_ptr + block)[:, None]
+        # Codes as int32 offsets (uint8 ones sign-extend under Triton 3.2: _utils.py's module doc).
+        m = tl.load(code_m_ptr + tl.load(mq_ptr + offs).to(tl.int32)) * tl.load(mabs_ptr + block)[:, None]
+        v = tl.load(code_v_ptr + tl.load(vq_ptr + offs).to(tl.int32)) * tl.load(vabs_ptr + block)[:, None]
     else:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(code_m_ptr + tl.load(mq_ptr + offs, mask=mask, other=0)) * tl.load(mabs_ptr + block, mask=block_ok, other=0.0)[:, None]
-        v = tl.load(code_v_ptr + tl.load(vq_ptr + offs, mask=mask, other=0)) * tl.load(vabs_ptr + block, mask=block_ok, other=0.0)[:, None]
+        m = tl.load(code_m_ptr + tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)) * tl.load(mabs_ptr + block, mask=block_ok, other=0.0)[:, None]
+        v = tl.load(code_v_ptr + tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)) * tl.load(vabs_ptr + block, mask=block_ok, other=0.0)[:, None]
         # Past the end the reference pads a block with zeros before taking its absmax; zero lanes
         # also stay zero through the update (code_m[0] is -1, which would make them -absmax / eps).
         m = tl.where(mask, m, 0.0)

@@ -56,7 +56,7 @@ def _dequantize_blockwise_kernel(
     q = tl.load(q_ptr + offs, mask=in_range, other=0)
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
     scale = tl.load(absmax_ptr + block, mask=block < nblocks, other=0.0)
-    out = tl.load(code_ptr + q) * scale[:, None]
+    out = tl.load(code_ptr + q.to(tl.int32)) * scale[:, None]  # int32: see _utils.py's module doc
     store_cast(out_ptr + offs, out, in_range, OUT_BF16, INTERPRET)
 
 

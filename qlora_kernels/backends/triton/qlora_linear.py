@@ -117,7 +117,8 @@ def load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, mask, NESTED: tl
     """fp32 absmax of blocks `blk` (int64, any shape); 0 where masked."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0)
-        s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + blk // 256, mask=mask, other=0.0)
+        # The uint8 code as an int32 offset: _utils.py's module doc.
+        s = tl.load(ncode_ptr + q.to(tl.int32)) * tl.load(nabsmax_ptr + blk // 256, mask=mask, other=0.0)
         s = tl.where(mask, s + offset, 0.0)
     else:
         s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)

@@ -94,7 +94,8 @@ def _dequantize_4bit_kernel(
     block = row_start // BLOCKSIZE
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=row_start < n, other=0)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=row_start < n, other=0.0)
+        # The uint8 code as an int32 offset: _utils.py's module doc.
+        scale = tl.load(nested_code_ptr + q.to(tl.int32)) * tl.load(nested_absmax_ptr + block // 256, mask=row_start < n, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=row_start < n, other=0.0)
