@@ -35,19 +35,25 @@ int check_launch(const char* what) {
     return QK_OK;
 }
 
+// SMs of device `dev`, or 108 when the runtime cannot say. A failed query's error is cleared, so
+// that the next check_launch does not report it as a launch failure.
+static int query_sm_count(int dev) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 108;
+    }
+    return n > 0 ? n : 108;
+}
+
 int sm_count() {
     int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 108;
-    if (dev >= kMaxDevices) {
-        int n = 0;
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-        return n > 0 ? n : 108;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        cudaGetLastError();
+        return 108;
     }
-    if (g_sm_count[dev] == 0) {
-        int n = 0;
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-        g_sm_count[dev] = n > 0 ? n : 108;  // a benign race: every writer stores the same value
-    }
+    if (dev >= kMaxDevices) return query_sm_count(dev);
+    if (g_sm_count[dev] == 0) g_sm_count[dev] = query_sm_count(dev);  // a benign race: all store the same
     return g_sm_count[dev];
 }
 

@@ -37,11 +37,20 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
+def _on_device(device: torch.device, fn, args):
+    """fn(*args) with `device` current: Triton launches on the current device and its current
+    stream, whatever device the tensors are on (the cuda backend guards itself too)."""
+    if device.type != "cuda":
+        return fn(*args)
+    with torch.cuda.device(device):
+        return fn(*args)
+
+
 def _dispatching(op: str):
     def impl(*args):
         device = args[0].device
         _, fn = get_impl(op, device)
-        return fn(*args)
+        return _on_device(device, fn, args)
 
     impl.__name__ = f"{op}_dispatch"
     return impl
@@ -215,8 +224,9 @@ ADAMW_MULTI_SCHEMAS = {
 
 def _dispatching_list(op: str):
     def impl(*args):
-        _, fn = get_impl(op, args[0][0].device)
-        return fn(*args)
+        device = args[0][0].device
+        _, fn = get_impl(op, device)
+        return _on_device(device, fn, args)
 
     impl.__name__ = f"{op}_dispatch"
     return impl

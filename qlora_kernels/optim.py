@@ -166,6 +166,11 @@ def _managed_pool(index: int):
                 _allocator = torch.cuda.memory.CUDAPluggableAllocator(
                     str(_lib.library_path()), "qk_managed_alloc", "qk_managed_free"
                 )
+                # Never freed, not even when interpreter shutdown clears this module: before torch
+                # ~2.11 a MemPool holds a raw pointer to its allocator and frees its cached blocks
+                # through it when the pool dies, which can be after this module's globals are gone
+                # ("pure virtual method called" at exit).
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(_allocator))
             with torch.cuda.device(index):  # a MemPool belongs to the device current at creation
                 _pools[index] = torch.cuda.MemPool(_allocator.allocator())
         return _pools[index]
@@ -181,7 +186,13 @@ def _allocate_bytes(nbytes: int, device: torch.device, paged: bool) -> tuple[tor
                 pool = _managed_pool(index)
                 with torch.cuda.use_mem_pool(pool, index):
                     buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-                return buf, True
+                if is_managed(buf):
+                    return buf, True
+                # Not from our allocator after all (torch 2.6-2.7 route every thread's allocations
+                # to an active pool): a usable buffer, but not one to prefetch.
+                _warn_once(f"qlora_kernels.optim: a state buffer from the managed pool on {device} is not "
+                           "managed memory; it is used as ordinary memory")
+                return buf, False
             except (RuntimeError, TypeError, OSError) as e:
                 if isinstance(e, torch.OutOfMemoryError):
                     raise

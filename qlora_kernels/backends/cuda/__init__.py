@@ -435,7 +435,12 @@ def _adamw_8bit_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     if device not in _state_tables:
         code_m = get_code("dynamic", device).float().contiguous()
         code_v = get_code("dynamic_unsigned", device).float().contiguous()
-        _state_tables[device] = (code_m, code_v, dynamic_map_lut(code_m), dynamic_map_lut(code_v))
+        tables = (code_m, code_v, dynamic_map_lut(code_m), dynamic_map_lut(code_v))
+        if device.type == "cuda":
+            # Built on the caller's stream but kept for every later step, on any stream: wait
+            # until they are written, once.
+            torch.cuda.current_stream(device).synchronize()
+        _state_tables[device] = tables
     return _state_tables[device]
 
 
