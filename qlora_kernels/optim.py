@@ -161,11 +161,9 @@ def _managed_pool(index: int):
     with _lock:
         if index not in _pools:
             if _allocator is None:
-                from .backends.cuda import _lib
+                from .backends import cuda as cuda_backend
 
-                _allocator = torch.cuda.memory.CUDAPluggableAllocator(
-                    str(_lib.library_path()), "qk_managed_alloc", "qk_managed_free"
-                )
+                _allocator = torch.cuda.memory.CUDAPluggableAllocator(*cuda_backend.pluggable_allocator_args())
                 # Never freed, not even when interpreter shutdown clears this module: before torch
                 # ~2.11 a MemPool holds a raw pointer to its allocator and frees its cached blocks
                 # through it when the pool dies, which can be after this module's globals are gone
@@ -204,13 +202,9 @@ def _allocate_bytes(nbytes: int, device: torch.device, paged: bool) -> tuple[tor
 
 
 def _prefetch(buf: torch.Tensor, destination: int) -> None:
-    from .backends.cuda import _lib
+    from .backends import cuda as cuda_backend
 
-    lib = _lib.get_lib()
-    with torch.cuda.device(buf.device):
-        stream = torch.cuda.current_stream(buf.device).cuda_stream
-        status = lib.qk_prefetch(buf.data_ptr(), buf.numel(), destination, stream)
-    _lib.check(status, "qk_prefetch")
+    cuda_backend.prefetch(buf, destination)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,8 +197,10 @@ def pluggable_allocator_args() -> tuple[str, str, str]:
 
 
 def prefetch(t: torch.Tensor, device: Optional[int] = None) -> None:
-    """Migrate managed tensor `t` to GPU `device` (default: its own; -1: host memory), ordered on
-    the current stream of t's device."""
+    """Migrate contiguous managed tensor `t` to GPU `device` (default: its own; -1: host memory),
+    ordered on the current stream of t's device (the paged optimizer's state buffers)."""
+    if not t.is_contiguous():
+        raise ValueError("prefetch needs a contiguous tensor (it moves the bytes from data_ptr on)")
     dev = t.device.index if device is None else device
     lib = _lib.get_lib()
     with torch.cuda.device(t.device):

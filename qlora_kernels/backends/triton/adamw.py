@@ -315,6 +315,10 @@ def _chunk_map(device: torch.device, chunks: tuple[int, ...]) -> tuple[torch.Ten
         if len(_chunk_maps) >= _CHUNK_MAP_CACHE:
             _chunk_maps.pop(next(iter(_chunk_maps)))
         _chunk_maps[key] = hit
+    if device.type == "cuda":
+        # Used on whatever stream steps now: an evicted map's memory must not be reused before
+        # that stream's kernels have read it.
+        hit[0].record_stream(torch.cuda.current_stream(device))
     return hit
 
 
