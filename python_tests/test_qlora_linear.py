@@ -232,8 +232,8 @@ def test_split_k_is_off_under_deterministic_algorithms(monkeypatch):
 def test_lora_down_split_reduction(kind, splits, poisoned_outputs):
     """The LoRA reductions with their reduction split (as the LoRA weight gradients run on a GPU):
     P a transposed view (X^T), L not a multiple of the 64-row chunk, parts of uneven length."""
-    x = torch.randn(300, 200).to(torch.bfloat16)  # [M, K]
-    q = torch.randn(300, 5)  # s * U [M, r], fp32
+    x = torch.randn(300, 200, device=DEVICE).to(torch.bfloat16)  # [M, K]
+    q = torch.randn(300, 5, device=DEVICE)  # s * U [M, r], fp32
     got = tql.lora_down(x.t(), q, kind, splits)  # dA^T [K, r]
     qk_ = q if kind == tql.KIND_FP32 else q.to(torch.bfloat16)
     exact = x.double().t() @ qk_.double()
@@ -293,10 +293,10 @@ def test_dropout_path(backend):
 def test_lora_input_grad_by_the_rule(xdt, ldt, strided, poisoned_outputs):
     """The op behind LoRA dropout's dX term, s * (dY B) A, on both backends against float64, held to
     the rule with PyTorch's formula in the LoRA dtype (what autograd.py ran before the op)."""
-    wide = torch.randn(37, 400 if strided else 200).to(xdt)
+    wide = torch.randn(37, 400 if strided else 200, device=DEVICE).to(xdt)
     gy = wide[:, ::2] if strided else wide
-    A = (torch.randn(8, 320) / math.sqrt(320)).to(ldt)
-    B = (torch.randn(200, 8) * 0.1).to(ldt)
+    A = (torch.randn(8, 320, device=DEVICE) / math.sqrt(320)).to(ldt)
+    B = (torch.randn(200, 8, device=DEVICE) * 0.1).to(ldt)
     s = 0.7
     exact = ref.lora_input_grad(gy, A, B, s, torch.float64)
     low = ((gy.to(ldt) @ B) * s @ A).to(xdt)
@@ -320,7 +320,7 @@ def test_eval_ignores_dropout():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_empty_batch(backend):
     inp = make_inputs(Case((3,), 64, 128, 4))
-    x = torch.randn(0, 5, 128, requires_grad=True)
+    x = torch.randn(0, 5, 128, device=DEVICE, requires_grad=True)
     A = inp.A.detach().requires_grad_()
     with use_backend(backend):
         y = qk.qlora_linear(x, inp.packed, inp.state, A, inp.B, inp.scale)
@@ -380,9 +380,10 @@ class _TinyQLoRALinear(torch.nn.Module):
         self.register_buffer("packed", packed)
         self.state = state
         n, k = linear.weight.shape
-        self.lora_A = torch.nn.Parameter((torch.randn(r, k, generator=generator) / math.sqrt(k)).to(dtype))
+        dev = linear.weight.device
+        self.lora_A = torch.nn.Parameter((torch.randn(r, k, generator=generator) / math.sqrt(k)).to(dev, dtype))
         # Nonzero B (as after some training) so the first step's dA is not identically zero.
-        self.lora_B = torch.nn.Parameter((torch.randn(n, r, generator=generator) * 0.02).to(dtype))
+        self.lora_B = torch.nn.Parameter((torch.randn(n, r, generator=generator) * 0.02).to(dev, dtype))
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
         self.scale = alpha / r
 
@@ -391,11 +392,11 @@ class _TinyQLoRALinear(torch.nn.Module):
 
 
 def test_torch_compile_fullgraph():
-    """torch.compile(fullgraph=True) traces qlora_linear (fake impls, autograd.Function) on CPU."""
+    """torch.compile(fullgraph=True) traces qlora_linear (fake impls, autograd.Function) on the test device."""
     g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(128, 96, bias=True)
+    lin = torch.nn.Linear(128, 96, bias=True, device=DEVICE)
     mod = _TinyQLoRALinear(lin, 8, 16.0, g)
-    x = torch.randn(2, 5, 128, requires_grad=True)
+    x = torch.randn(2, 5, 128, device=DEVICE, requires_grad=True)
     eager = mod(x)
     eager.sum().backward()
     grads = [x.grad.clone(), mod.lora_A.grad.clone(), mod.lora_B.grad.clone(), mod.bias.grad.clone()]
