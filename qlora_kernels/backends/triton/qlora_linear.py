@@ -525,19 +525,17 @@ def lora_weight_grads(grad_out, x_lora, t, u, lora_A, lora_B, scale):
     return da_t.t().contiguous().to(ldt), db.to(lora_B.dtype)
 
 
-def lora_epilogue(y, t, b, stride_bn, stride_br, l_kind, scale, bias=None, accumulate=True) -> torch.Tensor:
-    """y [M, N] += s * t [M, r] @ b^T (+ bias) in place (accumulate=False: y = ...), in fp32 with one
-    rounding (b^T [r, N] read through stride_bn / stride_br, so A [r, K] serves as the b of dX's
-    s * U @ A)."""
+def lora_epilogue(y, t, b_t, scale, bias=None, accumulate=True) -> torch.Tensor:
+    """y [M, N] += s * t [M, r] @ b_t [r, N] (+ bias) in place (accumulate=False: y = ...), in fp32
+    with one rounding, b_t's dtype as the LoRA operand kind: b_t is B^T for Y, A itself for dX."""
     m, n = y.shape
-    has_lora = t is not None
-    r = t.shape[1] if has_lora else 1
+    r = t.shape[1]
     grid = (triton.cdiv(m, LORA_EPILOGUE_BM), triton.cdiv(n, LORA_EPILOGUE_BN))
     _lora_epilogue_kernel[grid](
-        y, t if has_lora else y, b, bias if bias is not None else y,
-        m, n, r, float(scale), y.stride(0), t.stride(0) if has_lora else 0, stride_bn, stride_br,
-        BM=LORA_EPILOGUE_BM, BN=LORA_EPILOGUE_BN, RP=lora_rank_pad(r), L_KIND=l_kind,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, Y_BF16=y.dtype == torch.bfloat16,
+        y, t, b_t, bias if bias is not None else y,
+        m, n, r, float(scale), y.stride(0), t.stride(0), b_t.stride(1), b_t.stride(0),
+        BM=LORA_EPILOGUE_BM, BN=LORA_EPILOGUE_BN, RP=lora_rank_pad(r), L_KIND=_KIND_OF[b_t.dtype],
+        HAS_LORA=True, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, Y_BF16=y.dtype == torch.bfloat16,
         INTERPRET=interpreting(), num_warps=LORA_EPILOGUE_WARPS, enable_fp_fusion=False,
     )
     return y
@@ -585,8 +583,7 @@ def qlora_linear_fwd(
         # forward's epilogue: the LoRA term and bias in fp32 with the same operands as the kernels.
         w = dequantized_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
                                x.dtype)
-        y = lora_epilogue(torch.mm(x, w.t()), t, lora_B, lora_B.stride(0), lora_B.stride(1),
-                          _KIND_OF[lora_B.dtype], scale, bias)
+        y = lora_epilogue(torch.mm(x, w.t()), t, lora_B.t(), scale, bias)
         return y, t
     args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
     if x.shape[0] <= SMALL_M:
@@ -635,8 +632,8 @@ def qlora_linear_bwd(
         w = dequantized_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
                                grad_out.dtype)
         dx = torch.mm(grad_out, w)
-        if lora_dx:  # + s * U @ A, A [r, K] read as the "B^T" of the epilogue
-            lora_epilogue(dx, u, lora_A, lora_A.stride(1), lora_A.stride(0), _KIND_OF[lora_A.dtype], scale)
+        if lora_dx:  # + s * U @ A
+            lora_epilogue(dx, u, lora_A, scale)
         dx = dx.to(x_lora.dtype)
     else:
         args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
@@ -654,10 +651,8 @@ def lora_input_grad(grad_out, lora_A, lora_B, scale, dtype):
     m, k = grad_out.shape[0], lora_A.shape[1]
     if m == 0:
         return grad_out.new_empty((0, k), dtype=dtype)
-    kind = _KIND_OF[lora_A.dtype]
-    u = lora_down(grad_out, lora_B, kind)
-    return lora_epilogue(empty((m, k), dtype, grad_out.device), u, lora_A, lora_A.stride(1), lora_A.stride(0),
-                         kind, scale, accumulate=False)
+    u = lora_down(grad_out, lora_B, _KIND_OF[lora_A.dtype])
+    return lora_epilogue(empty((m, k), dtype, grad_out.device), u, lora_A, scale, accumulate=False)
 
 
 IMPLS = {"qlora_linear_fwd": qlora_linear_fwd, "qlora_linear_bwd": qlora_linear_bwd,
