@@ -195,36 +195,124 @@ def test_reference_matches_float64_by_the_rule(case):
     assert_within_rule(run_qlora_linear(inp, "reference"), torch_low_precision(inp), truth(inp), f"reference {case}")
 
 
-@pytest.mark.parametrize("split_k", [2, 3])
-def test_small_m_split_k(split_k, poisoned_outputs):
-    """The split-K (fp32 atomics) mode the GPU picks when few N tiles exist, in the GPU's tile
-    config; K tail in a split."""
-    case = Case((5,), 130, 448, 16, ldt=torch.float32)
-    inp = make_inputs(case)
+def _small_m(inp, monkeypatch, **kw):
+    """small_m_fwd on a 2-D case, with the counters it is given kept for inspection."""
     s = inp.state
     args = tql.weight_args(inp.packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, s.quant_type)
-    t = tql.lora_down(inp.x, inp.A.t(), tql._KIND_OF[inp.A.dtype])
-    got = tql_small.small_m_fwd(inp.x, t, args, s.blocksize, list(s.shape), inp.B, inp.scale, inp.bias, split_k=split_k,
-                                cfg=tql_small.GPU_CONFIG)
-    one = tql_small.small_m_fwd(inp.x, t, args, s.blocksize, list(s.shape), inp.B, inp.scale, inp.bias, split_k=1)
-    exact = truth(inp)[0]
-    low = torch_low_precision(inp)[0]
-    assert_within_rule([got], [low], [exact], f"small-M split_k={split_k}")
-    assert_within_rule([one], [low], [exact], "small-M split_k=1")
+    given = []
+    real = tql_small.sync_counters
+
+    def keep(device, n_tiles):
+        given.append(real(device, n_tiles))
+        return given[-1]
+
+    monkeypatch.setattr(tql_small, "sync_counters", keep)
+    x_lora = kw.pop("x_lora", None)
+    lora_A = kw.pop("lora_A", inp.A)
+    y, t = tql_small.small_m_fwd(inp.x, x_lora, lora_A, args, s.blocksize, list(s.shape), inp.B, inp.scale,
+                                 inp.bias, **kw)
+    return y, t, given
 
 
-def test_split_k_is_off_under_deterministic_algorithms(monkeypatch):
-    """Split-K sums with atomics (low bits depend on timing): a run that asks torch for
-    deterministic algorithms gets SPLIT_K = 1 where it would otherwise split (one N tile, long K)."""
+@pytest.mark.parametrize("split_k,t_chunk_cols", [(1, 64), (2, None), (3, 64), (3, 128)])
+def test_small_m_one_launch(split_k, t_chunk_cols, poisoned_outputs, monkeypatch):
+    """The one-launch decode kernel: T items (K chunks of X A^T, the last one summing them) and
+    GEMV items (split-K partials summed by each tile's last split) in the GPU's tile config, with
+    a K tail in a split and in a T chunk. Y meets the rule, T equals X A^T to fp32 accuracy, and
+    every counter is back to zero after the launch (the next launch on the stream reuses them)."""
+    case = Case((5,), 130, 448, 16, ldt=torch.float32)
+    inp = make_inputs(case)
+    y, t, given = _small_m(inp, monkeypatch, split_k=split_k, cfg=tql_small.GPU_CONFIG, t_chunk_cols=t_chunk_cols)
+    assert_within_rule([y], [torch_low_precision(inp)[0]], [truth(inp)[0]], f"small-M split_k={split_k}")
+    want_t = inp.x.double() @ inp.A.double().t()
+    assert t.dtype == torch.float32 and t.shape == (5, 16)
+    torch.testing.assert_close(t.double(), want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
+    assert len(given) == 1 and int(given[0].abs().sum()) == 0, given[0][:8]
+
+
+def test_small_m_t_from_the_lora_input(poisoned_outputs, monkeypatch):
+    """With LoRA dropout the T items read X_lora, the GEMV items X: T and the LoRA term follow X_lora."""
+    case = Case((3,), 96, 320, 8, ldt=torch.float32, bias=False)
+    inp = make_inputs(case)
+    x_lora = torch.randn_like(inp.x)
+    y, t, _ = _small_m(inp, monkeypatch, split_k=2, x_lora=x_lora, t_chunk_cols=128)
+    w = dequantized(inp)
+    want_t = x_lora.double() @ inp.A.double().t()
+    want = inp.x.double() @ w.double().t() + inp.scale * want_t @ inp.B.double().t()
+    torch.testing.assert_close(t.double(), want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
+    err = (y.double() - want).abs().max().item()
+    assert err <= 2 * 2.0**-8 * want.abs().max().item(), err  # one bf16 rounding of Y
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_small_m_without_lora(split_k, poisoned_outputs, monkeypatch):
+    """No LoRA factors: no T items, nothing waits, T is None; with one split no counters at all."""
+    case = Case((2,), 72, 256, 4)
+    inp = make_inputs(case)
+    y, t, given = _small_m(inp, monkeypatch, split_k=split_k, lora_A=None, cfg=tql_small.GPU_CONFIG)
+    assert t is None and len(given) == (split_k > 1)
+    w = dequantized(inp).double()
+    want = inp.x.double() @ w.t() + inp.bias.double()
+    err = (y.double() - want).abs().max().item()
+    assert err <= 2 * 2.0**-8 * want.abs().max().item(), err
+
+
+def test_decode_forward_is_one_kernel_launch(monkeypatch):
+    """At M <= 16 the forward op launches the small-M kernel once and no other Triton kernel (T
+    comes from the same launch): at decode sizes each extra launch costs about as much as the
+    weight stream."""
+    launched = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for mod, name in ((tql, "_lora_down_kernel"), (tql, "_lora_epilogue_kernel"), (tql, "_fwd_kernel"),
+                      (tql_small, "_small_m_kernel")):
+        monkeypatch.setattr(mod, name, Counting(name, getattr(mod, name)))
+    inp = make_inputs(Case((1,), 96, 320, 16, ldt=torch.float32))
+    with use_backend("triton"), torch.no_grad():
+        y = qk.qlora_linear(inp.x, inp.packed, inp.state, inp.A, inp.B, inp.scale, inp.bias)
+    assert launched == ["_small_m_kernel"], launched
+    assert_within_rule([y], [torch_low_precision(inp)[0]], [truth(inp)[0]], "decode forward")
+
+
+def test_split_k_stays_on_under_deterministic_algorithms(monkeypatch):
+    """The split sums run in split order whoever finishes last (no fp32 atomics on data), so a run
+    that asks torch for deterministic algorithms keeps the split the GPU needs for bandwidth."""
     monkeypatch.setattr(tql_small, "sm_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
-    assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) > 1
+    split = tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu)
+    assert split > 1
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) == 1
+        assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, gpu) == split
     finally:
         torch.use_deterministic_algorithms(prev)
+    assert tql_small.pick_split_k(32, 8192, tql_small.GPU_CONFIG, torch.device("cpu")) == 1
+
+
+def test_sync_counters_one_buffer_per_stream(monkeypatch):
+    """On a GPU each stream gets its own counters (kernels on two streams may overlap), reused by
+    every launch on that stream and grown for wider N; off the GPU a fresh zeroed buffer each time."""
+    cpu = tql_small.sync_counters(torch.device("cpu"), 5)
+    assert cpu.shape == (7,) and cpu.dtype == torch.int32 and int(cpu.abs().sum()) == 0
+    assert tql_small.sync_counters(torch.device("cpu"), 5) is not cpu
+    if not HAS_CUDA:
+        pytest.skip("the per-stream cache needs CUDA streams")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    a = tql_small.sync_counters(dev, 10)
+    assert tql_small.sync_counters(dev, 10) is a
+    with torch.cuda.stream(torch.cuda.Stream(dev)):
+        b = tql_small.sync_counters(dev, 10)
+    assert b.data_ptr() != a.data_ptr()
+    wide = tql_small.sync_counters(dev, a.numel() + 1)
+    assert wide.numel() >= a.numel() + 3 and int(wide.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("kind", [tql.KIND_FP32, tql.KIND_BF16])
@@ -498,8 +586,9 @@ def test_compile_specs_match_kernels_and_launch_configs():
                     narrow = f32 in (xdt, ldt) or shape[1] % bs != 0
                     c = cfg[tql.config_name(m, narrow)]
                     assert (fn, c.BM, c.BN, c.BK, c.num_warps, c.num_stages) in seen, (m, xdt, ldt, shape, dx)
-    sc = tql_small.GPU_CONFIG
-    assert (tql_small._small_m_kernel, tql_small.BM, sc.BN, sc.BK, sc.num_warps, sc.num_stages) in seen
+    for k, bs in ((4096, 64), (320, 128)):
+        sc = tql_small.gpu_config(k, bs)
+        assert (tql_small._small_m_kernel, tql_small.BM, sc.BN, sc.BK, sc.num_warps, sc.num_stages) in seen, (k, bs)
 
 
 @pytest.mark.parametrize("cfg_name", list(tql.GPU_CONFIGS))

@@ -1,6 +1,7 @@
 """Triton kernels: the fused QLoRA linear, forward and backward. Spec: reference.qlora_linear_forward
 and reference.qlora_linear_backward. Ops: qlora::qlora_linear_fwd, qlora::qlora_linear_bwd (_ops.py).
-Tests: python_tests/test_qlora_linear.py. Small-M forward (M <= 16): qlora_linear_small_m.py.
+Tests: python_tests/test_qlora_linear.py. Small-M forward (M <= 16): qlora_linear_small_m.py, one
+launch that computes T and Y together (a decode step is too short for a second launch).
 
 Forward, for X [M, K], W [N, K] stored 4-bit, A [r, K], B [N, r]:
     T = X_lora @ A^T             _lora_down_kernel  -> fp32 [M, r], saved for the backward
@@ -577,22 +578,21 @@ def qlora_linear_fwd(
     if x.shape[0] == 0:  # a grid of zero programs is not launchable
         return x.new_empty((0, int(shape[0]))), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32)
     lkind = _KIND_OF[lora_A.dtype]
+    strategy = choose_strategy(x.shape[0], x.device)
+    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
+    if x.shape[0] <= SMALL_M and strategy == "fused":
+        from .qlora_linear_small_m import small_m_fwd
+
+        return small_m_fwd(x, x_lora, lora_A, args, blocksize, shape, lora_B, scale, bias)  # T in the same launch
     t = lora_down(x if x_lora is None else x_lora, lora_A.t(), lkind)
-    if choose_strategy(x.shape[0], x.device) == "dequant_matmul":
+    if strategy == "dequant_matmul":
         # Y = X @ W^T by torch (cuBLAS on a GPU) on a dequantized copy of W, then the fused
         # forward's epilogue: the LoRA term and bias in fp32 with the same operands as the kernels.
         w = dequantized_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
                                x.dtype)
         y = lora_epilogue(torch.mm(x, w.t()), t, lora_B.t(), scale, bias)
         return y, t
-    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
-    if x.shape[0] <= SMALL_M:
-        from .qlora_linear_small_m import small_m_fwd
-
-        y = small_m_fwd(x, t, args, blocksize, shape, lora_B, scale, bias)
-    else:
-        y = fwd_gemm(x, t, args, blocksize, shape, lora_B, scale, bias)
-    return y, t
+    return fwd_gemm(x, t, args, blocksize, shape, lora_B, scale, bias), t
 
 
 SMALL_M = 16
@@ -666,7 +666,8 @@ GEMM_MAX_BYTE_LOADS = 8
 _REAL_SHAPE_INTS = {
     "qlora_fwd": (("N", "K", "stride_xm", "stride_ym"), ("stride_xk", "stride_br")),
     "qlora_dx": (("N", "K", "stride_dym", "stride_ar", "stride_dxm"), ("stride_dyn", "stride_ak")),
-    "qlora_fwd_small_m": (("N", "K", "stride_xm", "stride_ym"), ("stride_xk", "stride_br")),
+    "qlora_fwd_small_m": (("N", "K", "T_CHUNK", "stride_xm", "stride_xlm", "stride_ar", "stride_ym"),
+                          ("stride_xk", "stride_xlk", "stride_ak", "stride_br")),
 }
 
 

@@ -1,19 +1,31 @@
-"""Triton kernel: the QLoRA linear forward for small M (decode, M <= 16). Spec:
-reference.qlora_linear_forward. Used by qlora_linear.qlora_linear_fwd when M <= SMALL_M.
+"""Triton kernel: the QLoRA linear forward for small M (decode, M <= 16) in ONE launch. Spec:
+reference.qlora_linear_forward. Used by qlora_linear.qlora_linear_fwd when M <= SMALL_M; returns
+(Y, T) as that op does.
 
 At small M the packed weight is nearly all the bytes (4.127 bits per weight against 16 bits per
-activation element times M), so the kernel streams W exactly once: each program owns a BN-wide
-slice of the outputs for all (up to 16) rows and a 1/SPLIT_K share of the K range. When the
-N slices alone cannot fill the GPU (few programs per SM hide little memory latency), SPLIT_K > 1
-programs add their partial sums with fp32 atomics into a zeroed fp32 buffer; the split-0 program
-adds the LoRA term and bias once. The LoRA down-projection T = X A^T comes precomputed (it reads A
-once; recomputing it per program would read A once per program).
+activation element times M), and a decode step's GPU time is a few microseconds, so a second or
+third launch (T = X A^T, zeroing a split-K buffer, a final cast) would cost as much as the weight
+stream itself. One grid therefore holds two kinds of programs:
+
+  T items    (pids 0 .. N_T-1): T_j = X_lora[:, chunk j] @ A[:, chunk j]^T over a K chunk, stored
+             as an fp32 partial. The last T item to finish (a counter) sums the partials in chunk
+             order into T [M, r] (returned: the backward saves it) and raises the "T ready" count.
+  GEMV items (the rest): a BN-wide slice of the outputs for all rows and a 1/SPLIT_K share of the
+             K range, streaming that part of W once. With SPLIT_K > 1 each stores its fp32 partial
+             and the last of a tile's splits to finish (a per-tile counter) sums the partials in
+             split order. The program that finishes a tile waits for T, adds s * T @ B^T and the
+             bias in fp32 and rounds once to the output dtype.
+
+Sums run in a fixed order whoever finishes last, so the result is deterministic (no fp32 atomics
+on data) for a given SPLIT_K. The counters (sync_counters) return to zero by the end of every
+launch: the last T item resets its counter, the last split of a tile resets the tile's, and each
+tile's finisher takes one off the "T ready" count, which the last T item set to the number of
+tiles. Waiting cannot deadlock: only tile finishers wait, for T items, which never wait and have
+lower program ids, so the GPU dispatched them first (the in-order dispatch CUB's single-pass scan
+also relies on); the interpreter runs programs one after another in pid order.
 
 tl.dot needs 16 rows, so M is padded to 16 with masked loads: at M = 1 the tensor cores idle 15/16
 of the time, which costs nothing in a kernel bound by memory and by the dequantization ALU work.
-Atomics make the low bits of a split-K result depend on the order programs finish; SPLIT_K = 1
-(chosen when there are enough N tiles, and always under torch.use_deterministic_algorithms(True))
-is deterministic.
 """
 
 from __future__ import annotations
@@ -41,23 +53,117 @@ from .qlora_linear import (
 )
 
 BM = 16
+# K columns per step of a T item: its [16, T_BK] x [T_BK, RP] dot (tf32x3 for fp32 adapters, three
+# dots) sets the kernel's register count when it is the larger branch.
+T_BK = 32
+# Counter slots of sync_counters: T items finished, "T ready" count, then one per N tile.
+SYNC_T_DONE, SYNC_T_READY, SYNC_TILES = 0, 1, 2
+
+
+@triton.jit
+def _t_item(
+    j, xl_ptr, a_ptr, tpart_ptr, t_ptr, sync_ptr, M, K, R, T_CHUNK, N_T, n_tiles,
+    stride_xlm, stride_xlk, stride_ar, stride_ak,
+    BM: tl.constexpr, T_BK: tl.constexpr, RP: tl.constexpr, L_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """T item j: the fp32 partial X_lora[:, chunk] @ A[:, chunk]^T; the last one sums them into T."""
+    offs_m = tl.arange(0, BM)
+    offs_r = tl.arange(0, RP)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    k_lo = j * T_CHUNK
+    k_hi = tl.minimum(K, k_lo + T_CHUNK)
+    xl_rows = xl_ptr + offs_m.to(tl.int64)[:, None] * stride_xlm
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, T_BK):
+        offs_k = k0 + tl.arange(0, T_BK)
+        k_ok = offs_k < k_hi
+        xl = tl.load(xl_rows + offs_k.to(tl.int64)[None, :] * stride_xlk, mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        a_t = tl.load(a_ptr + offs_k.to(tl.int64)[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                      mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot_acc(as_operand(xl, L_KIND, INTERPRET), as_operand(a_t, L_KIND, INTERPRET), acc, L_KIND)
+    part = offs_m[:, None] * RP + offs_r[None, :]  # partial j is [M, RP] at tpart + j * M * RP
+    tl.store(tpart_ptr + j.to(tl.int64) * M * RP + part, acc, mask=m_ok[:, None])
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    if tl.atomic_add(sync_ptr + 0, 1, sem="acq_rel") == N_T - 1:  # SYNC_T_DONE
+        tl.atomic_xchg(sync_ptr + 0, 0, sem="relaxed")
+        t = tl.zeros((BM, RP), dtype=tl.float32)
+        for i in range(0, N_T):
+            # .cg: read at L2, where the other programs' stores are, not a stale L1 line.
+            t += tl.load(tpart_ptr + i * M * RP + part, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(t_ptr + offs_m[:, None] * R + offs_r[None, :], t, mask=m_ok[:, None] & r_ok[None, :])
+        tl.debug_barrier()
+        tl.atomic_xchg(sync_ptr + 1, n_tiles, sem="release")  # SYNC_T_READY
+
+
+@triton.jit
+def _finish_tile(
+    acc, offs_m, offs_n, t_ptr, b_ptr, bias_ptr, y_ptr, sync_ptr, M, N, R, scale, stride_bn, stride_br, stride_ym,
+    RP: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, L_KIND: tl.constexpr,
+    Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Wait for T, add the LoRA term and bias to a tile's full fp32 sum, store it rounded once."""
+    if HAS_LORA:
+        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")  # SYNC_T_READY
+        while ready <= 0:
+            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        tl.debug_barrier()
+    acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, R, stride_bn, stride_br,
+                        scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    store_out(y, acc, (offs_m < M)[:, None] & (offs_n < N)[None, :], Y_BF16, INTERPRET)
+    if HAS_LORA:
+        tl.atomic_add(sync_ptr + 1, -1, sem="relaxed")  # this tile is done with T
 
 
 @triton.jit
 def _small_m_kernel(
     x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
-    t_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, R, scale,
-    stride_xm, stride_xk, stride_tm, stride_bn, stride_br, stride_ym,
+    xl_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, tpart_ptr, ypart_ptr, sync_ptr,
+    M, N, K, R, scale, T_CHUNK, N_T,
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, RP: tl.constexpr,
+    T_BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
+    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Y [M <= BM, N] = X @ dequant(W)^T (+ s * T @ B^T) (+ bias), T = X_lora @ A^T written to t_ptr.
+    Grid: N_T T items (HAS_LORA) then cdiv(N, BN) * SPLIT_K GEMV items (module doc)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BN)
+    if HAS_LORA:
+        if pid < N_T:
+            _t_item(pid, xl_ptr, a_ptr, tpart_ptr, t_ptr, sync_ptr, M, K, R, T_CHUNK, N_T, n_tiles,
+                    stride_xlm, stride_xlk, stride_ar, stride_ak, BM, T_BK, RP, L_KIND, INTERPRET)
+        else:
+            _gemv_item(pid - N_T, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
+                       code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
+                       stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
+                       NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, L_KIND, Y_BF16, INTERPRET)
+    else:
+        _gemv_item(pid, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
+                   code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
+                   stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
+                   NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, L_KIND, Y_BF16, INTERPRET)
+
+
+@triton.jit
+def _gemv_item(
+    pid, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
+    b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
+    stride_xm, stride_xk, stride_bn, stride_br, stride_ym,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, RP: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
     NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Y [M <= BM, N] = X @ dequant(W)^T (+ s * T @ B^T) (+ bias); y is fp32 when SPLIT_K > 1."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """GEMV item `pid`: tile pid % n_tiles of N, split pid // n_tiles of K; the tile's finisher
+    (the only split, or the last to arrive) completes it."""
+    pid_n = pid % n_tiles
+    pid_k = pid // n_tiles
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_ok = offs_m < M
@@ -72,17 +178,23 @@ def _small_m_kernel(
         w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
                          BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
         acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
-    mask = m_ok[:, None] & (offs_n < N)[None, :]
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
-        acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
-                            scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
-        store_out(y, acc, mask, Y_BF16, INTERPRET)
+        _finish_tile(acc, offs_m, offs_n, t_ptr, b_ptr, bias_ptr, y_ptr, sync_ptr, M, N, R, scale, stride_bn,
+                     stride_br, stride_ym, RP, HAS_LORA, HAS_BIAS, L_KIND, Y_BF16, INTERPRET)
     else:
-        if pid_k == 0:  # the split-K partials are summed by atomics: the epilogue is added once
-            acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn,
-                                stride_br, scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
-        tl.atomic_add(y, acc, mask=mask)
+        # Partial s of tile n is [M, BN] at ypart + (s * M) * NP + n * BN, NP = n_tiles * BN.
+        np_ = n_tiles * BN
+        part = offs_m[:, None] * np_ + offs_n[None, :]
+        tl.store(ypart_ptr + pid_k.to(tl.int64) * M * np_ + part, acc, mask=m_ok[:, None])
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        tile_count = sync_ptr + 2 + pid_n  # SYNC_TILES
+        if tl.atomic_add(tile_count, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.atomic_xchg(tile_count, 0, sem="relaxed")
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                acc += tl.load(ypart_ptr + s * M * np_ + part, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            _finish_tile(acc, offs_m, offs_n, t_ptr, b_ptr, bias_ptr, y_ptr, sync_ptr, M, N, R, scale, stride_bn,
+                         stride_br, stride_ym, RP, HAS_LORA, HAS_BIAS, L_KIND, Y_BF16, INTERPRET)
 
 
 @dataclass(frozen=True)
@@ -93,21 +205,33 @@ class SmallMConfig:
     num_stages: int = 4
 
 
-# 32x64 weight tiles, 4 stages: ~80-96 registers and ~30 KB of shared memory per program in the
-# usual layout, so several programs share an SM. 32x128 (3 stages) spilled under triton 3.6 (the
-# GPU machine's) in the split-K and odd-K variants; 64x256 used all 255 registers.
+# 32x64 weight tiles, 4 stages: 56-96 registers (the fp32 ones ~130) and 16-31 KB of shared memory
+# per program in the usual layout, so several programs share an SM. 32x128 (3 stages) spilled
+# under triton 3.6 (the GPU machine's) in the split-K and odd-K variants; 64x256 used all 255
+# registers. Blocks crossing rows (K not a multiple of the blocksize) decode two scales per row:
+# with 4 stages that spilled on sm_90 once the T items joined the kernel, so 3 there.
 GPU_CONFIG = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=4)
+GPU_CONFIG_BLOCKS_CROSS_ROWS = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=3)
 INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # Programs wanted in flight: enough per SM to keep loads outstanding while others dequantize.
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
+# T items: at least this many BK tiles of K each (about a GEMV item's bytes of A in fp32 at r=16),
+# and at most MAX_T_ITEMS of them (the last one sums every partial).
+T_CHUNK_MIN_TILES = 4
+MAX_T_ITEMS = 32
+
+
+def gpu_config(k: int, blocksize: int) -> SmallMConfig:
+    """The GPU launch config for W with K columns."""
+    return GPU_CONFIG if k % blocksize == 0 else GPU_CONFIG_BLOCKS_CROSS_ROWS
 
 
 def pick_split_k(n: int, k: int, cfg: SmallMConfig, device: torch.device) -> int:
-    """SPLIT_K for an [N, K] weight: 1 off the GPU and under torch.use_deterministic_algorithms
-    (atomics make the low bits of a split-K sum depend on timing), else enough K splits for
-    PROGRAMS_PER_SM programs per SM."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+    """SPLIT_K for an [N, K] weight: 1 off the GPU, else enough K splits for PROGRAMS_PER_SM
+    programs per SM. The split sums are deterministic (module doc), so this holds under
+    torch.use_deterministic_algorithms too."""
+    if device.type != "cuda":
         return 1
     sms = sm_count(device)
     n_tiles = triton.cdiv(n, cfg.BN)
@@ -117,33 +241,78 @@ def pick_split_k(n: int, k: int, cfg: SmallMConfig, device: torch.device) -> int
     return max(1, split)
 
 
-def small_m_fwd(x, t, packed_args, blocksize, shape, lora_B, scale, bias, split_k: Optional[int] = None,
-                cfg: Optional[SmallMConfig] = None):
-    """Y [M, N] for M <= 16 (see module doc). split_k None: chosen from the shape and the GPU."""
+def t_chunk(k: int, bk: int) -> int:
+    """K columns per T item: a multiple of BK, T_CHUNK_MIN_TILES tiles or more, MAX_T_ITEMS items at most."""
+    return bk * max(T_CHUNK_MIN_TILES, triton.cdiv(triton.cdiv(k, bk), MAX_T_ITEMS))
+
+
+_SYNC_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def sync_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters [2 + n_tiles] for one launch (slots: SYNC_*).
+
+    The kernel leaves them zero, so on a GPU one buffer per (device, stream) serves every launch:
+    launches on one stream run one after another, and a buffer is never shared across streams,
+    whose kernels may overlap. While a CUDA graph is captured the buffer is made inside the capture
+    (its zeroing becomes a graph node): a replay may run on any stream. Elsewhere (CPU, the
+    interpreter) a fresh buffer per launch, so an interrupted interpreter run cannot leave a later
+    one counters that are not zero."""
+    need = SYNC_TILES + n_tiles
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(need, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _SYNC_COUNTERS.get(key)
+    if buf is None or buf.numel() < need:
+        buf = torch.zeros(max(need, 4096), dtype=torch.int32, device=device)
+        _SYNC_COUNTERS[key] = buf
+    return buf
+
+
+def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale, bias,
+                split_k: Optional[int] = None, cfg: Optional[SmallMConfig] = None,
+                t_chunk_cols: Optional[int] = None):
+    """(Y [M, N] in x's dtype, T = X_lora @ A^T fp32 [M, r]) for M <= 16 in one launch (module doc).
+    lora_A None: no LoRA term (T is None). split_k / t_chunk_cols None: chosen from the shape and
+    the GPU."""
     m = x.shape[0]
     if m > BM:
         raise ValueError(f"the small-M kernel takes M <= {BM}, got {m}")
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or (INTERPRET_CONFIG if interpreting() else GPU_CONFIG)
+    cfg = cfg or (INTERPRET_CONFIG if interpreting() else gpu_config(k, blocksize))
     split = split_k or pick_split_k(n, k, cfg, x.device)
-    if split > 1:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    n_tiles = triton.cdiv(n, cfg.BN)
+    has_lora = lora_A is not None
+    r = lora_A.shape[0] if has_lora else 0
+    rp = lora_rank_pad(max(r, 1))
+    xl = x if x_lora is None else x_lora
+    if has_lora:
+        chunk = t_chunk_cols or t_chunk(k, cfg.BK)
+        if chunk % cfg.BK:
+            raise ValueError(f"t_chunk_cols must be a multiple of BK={cfg.BK}, got {chunk}")
+        n_t = triton.cdiv(k, chunk)
+        t = qlora_linear.empty((m, r), torch.float32, x.device)
+        tpart = torch.empty((n_t, m, rp), dtype=torch.float32, device=x.device)
     else:
-        y = qlora_linear.empty((m, n), x.dtype, x.device)
-    has_lora = t is not None
-    grid = (triton.cdiv(n, cfg.BN), split)
-    _small_m_kernel[grid](
-        x, *packed_args, t if has_lora else x, lora_B, bias if bias is not None else x, y,
-        m, n, k, lora_B.shape[1], float(scale),
-        x.stride(0), x.stride(1), t.stride(0) if has_lora else 0, lora_B.stride(0), lora_B.stride(1), y.stride(0),
-        BM=BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, RP=lora_rank_pad(lora_B.shape[1]),
+        chunk, n_t, t, tpart = cfg.BK, 0, None, x
+    ypart = torch.empty((split, m, n_tiles * cfg.BN), dtype=torch.float32, device=x.device) if split > 1 else x
+    sync = sync_counters(x.device, n_tiles) if (has_lora or split > 1) else x
+    y = qlora_linear.empty((m, n), x.dtype, x.device)
+    _small_m_kernel[(n_t + n_tiles * split,)](
+        x, *packed_args, xl, lora_A if has_lora else x, lora_B if has_lora else x,
+        bias if bias is not None else x, y, t if has_lora else x, tpart, ypart, sync,
+        m, n, k, r, float(scale), chunk, n_t,
+        x.stride(0), x.stride(1), xl.stride(0), xl.stride(1),
+        lora_A.stride(0) if has_lora else 0, lora_A.stride(1) if has_lora else 0,
+        lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0, y.stride(0),
+        BM=BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, RP=rp, T_BK=min(T_BK, cfg.BK),
         NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, x.dtype),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_B.dtype],
-        Y_BF16=(split == 1 and x.dtype == torch.bfloat16), INTERPRET=interpreting(),
+        X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_A.dtype] if has_lora else _KIND_OF[x.dtype],
+        Y_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
-    return y.to(x.dtype) if split > 1 else y
+    return y, t
 
 
 IMPLS: dict = {}  # reached through qlora_linear.qlora_linear_fwd (M <= 16), not an op of its own
@@ -152,38 +321,44 @@ IMPLS: dict = {}  # reached through qlora_linear.qlora_linear_fwd (M <= 16), not
 def compile_specs() -> list[KernelSpec]:
     """The GPU config for each activation/LoRA dtype pair and each SPLIT_K mode, in the usual weight
     layout (also as it runs on a model's shapes: qlora_linear.real_shape_variant), plus the other
-    dequant_tile layout paths. The tensor cores here run mma with 16 rows
-    (wgmma needs 64): not required of a memory-bound kernel, so needs_tensor_cores stays False."""
-    cfg = GPU_CONFIG
+    dequant_tile layout paths and the no-LoRA kernel (no T items, no wait). The tensor cores here
+    run mma with 16 rows (wgmma needs 64): not required of a memory-bound kernel, so
+    needs_tensor_cores stays False."""
     specs = []
     w_sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "ncode_ptr": "*fp32",
              "offset_ptr": "*fp32", "code_ptr": "*fp32"}
-    cases = []
-    for xdt, ldt in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                     (torch.float16, torch.float16), (torch.float32, torch.float32)]:
-        for split in (1, 2):
+    bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    cases = []  # (x dtype, LoRA dtype or None, SPLIT_K, blocksize, PAIRED, ALIGNED)
+    for xdt, ldt in [(bf, bf), (bf, f32), (f16, f16), (f32, f32)]:
+        for split in (1, 4):
             cases.append((xdt, ldt, split, 64, True, True))
+    for split in (1, 4):
+        cases.append((bf, None, split, 64, True, True))
     for blocksize in (32, 512):
-        cases.append((torch.bfloat16, torch.bfloat16, 1, blocksize, True, True))
+        cases.append((bf, bf, 1, blocksize, True, True))
     for paired in (True, False):
-        cases.append((torch.bfloat16, torch.bfloat16, 1, 64, paired, False))
-        cases.append((torch.float32, torch.float32, 2, 64, paired, False))
+        cases.append((bf, bf, 1, 64, paired, False))
+        cases.append((f32, f32, 4, 64, paired, False))
     for xdt, ldt, split, blocksize, paired, aligned in cases:
         paired = paired and paired_decode(2, xdt)  # as the launcher decides it
-        xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
-        yt = "fp32" if split > 1 else xt
+        cfg = GPU_CONFIG if aligned else GPU_CONFIG_BLOCKS_CROSS_ROWS
+        xt = _TYPE_NAME[xdt]
+        lt = _TYPE_NAME[ldt] if ldt is not None else xt
         specs.append(KernelSpec(
-            name=f"qlora_fwd_small_m[x={xt},lora={lt},split={split},bs={blocksize},paired={paired},aligned={aligned}]",
+            name=f"qlora_fwd_small_m[x={xt},lora={lt if ldt is not None else 'none'},split={split},bs={blocksize},"
+                 f"paired={paired},aligned={aligned}]",
             fn=_small_m_kernel,
-            signature={"x_ptr": f"*{xt}", **w_sig, "t_ptr": "*fp32", "b_ptr": f"*{lt}", "bias_ptr": f"*{xt}",
-                       "y_ptr": f"*{yt}", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scale": "fp32",
-                       "stride_xm": "i32", "stride_xk": "i32", "stride_tm": "i32", "stride_bn": "i32",
-                       "stride_br": "i32", "stride_ym": "i32"},
-            constexprs={"BM": BM, "BN": cfg.BN, "BK": cfg.BK, "SPLIT_K": split, "RP": 16,
+            signature={"x_ptr": f"*{xt}", **w_sig, "xl_ptr": f"*{xt}", "a_ptr": f"*{lt}", "b_ptr": f"*{lt}",
+                       "bias_ptr": f"*{xt}", "y_ptr": f"*{xt}", "t_ptr": "*fp32", "tpart_ptr": "*fp32",
+                       "ypart_ptr": "*fp32", "sync_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                       "scale": "fp32", "T_CHUNK": "i32", "N_T": "i32", "stride_xm": "i32", "stride_xk": "i32",
+                       "stride_xlm": "i32", "stride_xlk": "i32", "stride_ar": "i32", "stride_ak": "i32",
+                       "stride_bn": "i32", "stride_br": "i32", "stride_ym": "i32"},
+            constexprs={"BM": BM, "BN": cfg.BN, "BK": cfg.BK, "SPLIT_K": split, "RP": 16, "T_BK": T_BK,
                         "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
-                        "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": True, "HAS_BIAS": True,
-                        "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt],
-                        "Y_BF16": split == 1 and xdt == torch.bfloat16, "INTERPRET": False},
+                        "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": ldt is not None, "HAS_BIAS": True,
+                        "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt if ldt is not None else xdt],
+                        "Y_BF16": xdt == bf, "INTERPRET": False},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, exact_fp32=True,
         ))
         if paired and aligned:
