@@ -48,3 +48,76 @@ def test_blockwise_8bit_bit_identical_on_gpu(dtype):
             out[backend] = (q, absmax, qk.dequantize_blockwise(q, absmax, dtype=dtype))
     for a, b, what in zip(out["triton"], out["reference"], ("codes", "absmax", "decoded")):
         assert_same_bits(a, b, what)
+
+
+def _decode_problem(m, n, k, ldt, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    packed, state = qk.quantize_4bit(w, blocksize=64, double_quant=True)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    a = (torch.randn(16, k, device="cuda", generator=g) / k**0.5).to(ldt)
+    b = (torch.randn(n, 16, device="cuda", generator=g) * 0.1).to(ldt)
+    bias = (torch.randn(n, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+    return x, packed, state, a, b, bias
+
+
+def _decode_truth(x, packed, state, a, b, bias, scale):
+    with qk.use_backend("reference"):
+        w = qk.dequantize_4bit(packed, state, torch.float32).double()
+    t = x.double() @ a.double().t()
+    return x.double() @ w.t() + scale * t @ b.double().t() + bias.double(), t
+
+
+@pytest.mark.parametrize("ldt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (5, 11008, 4096), (16, 4096, 11008), (1, 200, 320)])
+def test_decode_kernel_one_launch_on_gpu(m, n, k, ldt):
+    """The one-launch small-M kernel on the GPU's own split-K and T-item counts: Y and T right,
+    50 launches bit-identical (the split sums run in a fixed order), counters back to zero."""
+    from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
+
+    x, packed, state, a, b, bias = _decode_problem(m, n, k, ldt)
+    scale = 2.0
+    with qk.use_backend("triton"), torch.no_grad():
+        first = qk.qlora_linear(x, packed, state, a, b, scale, bias)
+        again = [qk.qlora_linear(x, packed, state, a, b, scale, bias) for _ in range(50)]
+    torch.cuda.synchronize()
+    want, _ = _decode_truth(x, packed, state, a, b, bias, scale)
+    rel = ((first.double() - want).norm() / want.norm()).item()
+    assert rel < 1e-2, rel  # bf16 operands and one bf16 rounding of Y (the bench checks the same bound)
+    for y in again:
+        assert_same_bits(y, first, "repeated decode launch")
+    key = (x.device.index, torch.cuda.current_stream().cuda_stream)
+    assert int(tql_small._SYNC_COUNTERS[key].abs().sum()) == 0
+
+
+def test_decode_kernel_under_cuda_graph_and_two_streams():
+    """Replayed from a CUDA graph (counters made inside the capture) and run on two streams at
+    once (one counter buffer per stream), the decode kernel gives the eager launch's bits."""
+    x, packed, state, a, b, bias = _decode_problem(1, 4096, 4096, torch.float32, seed=1)
+    with qk.use_backend("triton"), torch.no_grad():
+        eager = qk.qlora_linear(x, packed, state, a, b, 2.0, bias)
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+            qk.qlora_linear(static_x, packed, state, a, b, 2.0, bias)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = qk.qlora_linear(static_x, packed, state, a, b, 2.0, bias)
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert_same_bits(static_y, eager, "graph replay")
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        outs = [[], []]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        for _ in range(20):
+            for i, s in enumerate(streams):
+                with torch.cuda.stream(s):
+                    outs[i].append(qk.qlora_linear(x, packed, state, a, b, 2.0, bias))
+        torch.cuda.synchronize()
+    for ys in outs:
+        for y in ys:
+            assert_same_bits(y, eager, "two-stream decode")
