@@ -206,6 +206,27 @@ def lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, st
     return dot_acc(as_operand(t * scale, L_KIND, INTERPRET), as_operand(bt, L_KIND, INTERPRET), acc, L_KIND)
 
 
+@triton.jit
+def lora_down_range(p_ptr, q_ptr, offs_m, M, R, l_start, l_end, stride_pm, stride_pl, stride_ql, stride_qr,
+                    BM: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr, KIND: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """fp32 [BM, RP] P[offs_m, l_start:l_end] @ Q[l_start:l_end, :R] padded to RP columns, in BL-wide steps with
+    operands of KIND: the reduction of T = X A^T, U = dY B and the LoRA weight gradients."""
+    offs_r = tl.arange(0, RP)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    p_rows = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for l0 in range(l_start, l_end, BL):
+        offs_l = l0 + tl.arange(0, BL)
+        l_ok = offs_l < l_end
+        p = tl.load(p_rows + offs_l[None, :].to(tl.int64) * stride_pl, mask=m_ok[:, None] & l_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + offs_l.to(tl.int64)[:, None] * stride_ql + offs_r[None, :] * stride_qr,
+                    mask=l_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = dot_acc(as_operand(p, KIND, INTERPRET), as_operand(q, KIND, INTERPRET), acc, KIND)
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -224,21 +245,11 @@ def _lora_down_kernel(
     split = tl.program_id(1)
     offs_m = pid * BM + tl.arange(0, BM)
     offs_r = tl.arange(0, RP)
-    m_ok = offs_m < M
-    r_ok = offs_r < R
     l_start = split * L_PER_SPLIT
-    l_end = tl.minimum(L, l_start + L_PER_SPLIT)
-    p_rows = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for l0 in range(l_start, l_end, BL):
-        offs_l = l0 + tl.arange(0, BL)
-        l_ok = offs_l < l_end
-        p = tl.load(p_rows + offs_l[None, :].to(tl.int64) * stride_pl, mask=m_ok[:, None] & l_ok[None, :], other=0.0)
-        q = tl.load(q_ptr + offs_l.to(tl.int64)[:, None] * stride_ql + offs_r[None, :] * stride_qr,
-                    mask=l_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = dot_acc(as_operand(p, KIND, INTERPRET), as_operand(q, KIND, INTERPRET), acc, KIND)
+    acc = lora_down_range(p_ptr, q_ptr, offs_m, M, R, l_start, tl.minimum(L, l_start + L_PER_SPLIT),
+                          stride_pm, stride_pl, stride_ql, stride_qr, BM, BL, RP, KIND, INTERPRET)
     c = c_ptr + split.to(tl.int64) * M * R + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    tl.store(c, acc, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(c, acc, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :])
 
 
 @triton.jit

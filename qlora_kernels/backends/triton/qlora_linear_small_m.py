@@ -46,6 +46,7 @@ from .qlora_linear import (
     dequant_tile,
     dot_acc,
     lora_and_bias,
+    lora_down_range,
     lora_rank_pad,
     paired_decode,
     store_out,
@@ -72,17 +73,9 @@ def _t_item(
     m_ok = offs_m < M
     r_ok = offs_r < R
     k_lo = j * T_CHUNK
-    k_hi = tl.minimum(K, k_lo + T_CHUNK)
-    xl_rows = xl_ptr + offs_m.to(tl.int64)[:, None] * stride_xlm
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, T_BK):
-        offs_k = k0 + tl.arange(0, T_BK)
-        k_ok = offs_k < k_hi
-        xl = tl.load(xl_rows + offs_k.to(tl.int64)[None, :] * stride_xlk, mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        a_t = tl.load(a_ptr + offs_k.to(tl.int64)[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                      mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = dot_acc(as_operand(xl, L_KIND, INTERPRET), as_operand(a_t, L_KIND, INTERPRET), acc, L_KIND)
+    # A^T [K, R] is A read with its strides swapped.
+    acc = lora_down_range(xl_ptr, a_ptr, offs_m, M, R, k_lo, tl.minimum(K, k_lo + T_CHUNK),
+                          stride_xlm, stride_xlk, stride_ak, stride_ar, BM, T_BK, RP, L_KIND, INTERPRET)
     part = offs_m[:, None] * RP + offs_r[None, :]  # partial j is [M, RP] at tpart + j * M * RP
     tl.store(tpart_ptr + j.to(tl.int64) * M * RP + part, acc, mask=m_ok[:, None])
     tl.debug_barrier()  # every thread's partial is stored before the release below
