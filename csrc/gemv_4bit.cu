@@ -1,15 +1,27 @@
-// Small-M (decode) NF4/FP4 GEMV/GEMM: Y[M, N] = X[M, K] @ dequant(W[N, K])^T (+ s * T @ B^T) (+ bias),
-// M <= 16 (spec: reference.qlora_linear_forward, given the LoRA down-projection T = X_lora A^T):
-// the LoRA up-projection and the bias are added in the epilogue, before the one rounding.
-// Chunking, split and summation order: qk_math.h ("Small-M 4-bit GEMV").
+// Small-M (decode) NF4/FP4 GEMV/GEMM in one launch: T = X_lora A^T and
+// Y[M, N] = X[M, K] @ dequant(W[N, K])^T (+ s * T @ B^T) (+ bias), M <= 16 (spec:
+// reference.qlora_linear_forward): the LoRA up-projection and the bias are added in the epilogue,
+// before the one rounding. Chunking, split and summation order: qk_math.h ("Small-M 4-bit GEMV").
 //
-// At M <= 16 the packed weight is nearly all the bytes, so W is streamed once, in 16-byte loads
-// (32 nibbles) of consecutive chunks by consecutive lanes of a warp (512 contiguous bytes per warp
-// instruction). One warp owns one output row n at a time, for all M rows of X: X (at most 16 x K)
-// stays in L1/L2 and is re-read per chunk, which the decode needs anyway. Each chunk's weights are
-// decoded once (one fp32 multiply, bit-identical to dequantize_4bit) and reused for every row of
-// X. When N alone cannot fill the GPU, blockIdx.y splits each row's chunks; the splits write fp32
-// partial sums that gemv_reduce_kernel adds in a fixed order (deterministic, unlike atomics).
+// At M <= 16 the packed weight is nearly all the bytes, and a decode step's kernels take a few
+// microseconds, so a separate launch for T, for the split sums or for a cast would cost as much as
+// the weight stream. The 1-D grid holds two kinds of CTAs:
+//   T CTAs (the first qk_gemv_t_blocks(K)): the fp32 partial X_lora[:, chunk] A[:, chunk]^T of one
+//     K chunk; the last to finish (counters[0]) sums the partials in chunk order into T, then sets
+//     the "T ready" count counters[1] to N.
+//   GEMV CTAs: W streamed once, in 16-byte loads (32 nibbles) of consecutive chunks by consecutive
+//     lanes of a warp (512 contiguous bytes per warp instruction). One warp owns one output row n
+//     at a time, for all M rows of X: X (at most 16 x K) stays in L1/L2 and is re-read per chunk.
+//     Each chunk's weights are decoded once (one fp32 multiply, bit-identical to dequantize_4bit)
+//     and reused for every row of X. When N alone cannot fill the GPU, each row's chunks are split
+//     across CTAs; a split stores its fp32 partial and the last split of the row (counters[2 + n])
+//     adds the partials in split order. The warp that finishes a row waits for T, writes the row,
+//     and takes one off the "T ready" count.
+// Every counter is zero again when the launch ends (the last T CTA and the last split reset theirs;
+// N finished rows bring "T ready" back to 0). Only row finishers wait, for T CTAs, which never wait
+// and have the lowest block indices, so they were dispatched first (the in-order dispatch CUB's
+// single-pass scan relies on). Data written by other CTAs in this launch is read with __ldcg (L2),
+// never through the read-only or L1 caches.
 #include "qk_common.cuh"
 
 namespace {
@@ -30,13 +42,20 @@ struct GemvArgs {
     const float* offset;
     int64_t N, K, cps;
     int M, log2B, quant_type, splits;
-    const float* lora_t;  // [M, r] fp32 or NULL (no LoRA term)
-    const void* lora_b;   // [N, r] of lora_b_dtype
-    int lora_b_dtype;
+    int64_t row_ctas;     // GEMV CTAs per split
+    const void* x_lora;   // [M, K] of the activation dtype
+    const void* lora_a;   // [r, K] of lora_dtype, or NULL (no LoRA term)
+    const void* lora_b;   // [N, r] of lora_dtype
+    int lora_dtype;
     int64_t lora_r;
     float lora_scale;
+    float* lora_t;        // out: T [M, r] fp32
+    int64_t t_chunk;      // K columns per T CTA
+    int t_blocks;         // T CTAs (0 without LoRA)
+    float* t_partial;     // [t_blocks, M, r] fp32
     const float* bias;    // [N] fp32 or NULL
     float* partial;       // [splits, M, N] fp32 when splits > 1
+    int* counters;        // [2 + N]: T CTAs done, "T ready" count, split arrivals per row
     void* y;              // [M, N] of the activation dtype
     bool xvec;            // x 16-byte aligned and K % 8 == 0: full chunks load X 16 bytes at a time
 };
@@ -50,37 +69,98 @@ __device__ __forceinline__ uint4 load_chunk(const uint8_t* __restrict__ packed, 
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-__device__ __forceinline__ float lora_b_value(const GemvArgs& a, int64_t i) {
-    switch (a.lora_b_dtype) {
-        case QK_DTYPE_BFLOAT16: return qk_bf16_to_f32(__ldg(static_cast<const uint16_t*>(a.lora_b) + i));
-        case QK_DTYPE_FLOAT16: return qk_f16_to_f32(__ldg(static_cast<const uint16_t*>(a.lora_b) + i));
-        default: return __ldg(static_cast<const float*>(a.lora_b) + i);
+// Element i of a LoRA factor (A or B) as fp32.
+__device__ __forceinline__ float lora_value(const void* p, int dtype, int64_t i) {
+    switch (dtype) {
+        case QK_DTYPE_BFLOAT16: return qk_bf16_to_f32(__ldg(static_cast<const uint16_t*>(p) + i));
+        case QK_DTYPE_FLOAT16: return qk_f16_to_f32(__ldg(static_cast<const uint16_t*>(p) + i));
+        default: return __ldg(static_cast<const float*>(p) + i);
     }
 }
 
-// s * sum_j T[m, j] * B[n, j]: r FMAs in j order, then the scale (r is small: at decode sizes this
-// replaces two extra launches and an [M, N] fp32 round trip through memory).
+// The sum over the warp's 32 lanes, in every lane (xor butterfly: a fixed order).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = qk_fadd(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// T CTA j: the fp32 partial T_j[m, q] = sum over the chunk's k of x_lora[m, k] * A[q, k] (per lane
+// in k order, then warp_sum); the last T CTA to finish sums the partials in j order into T.
+template <int DT, int MB>
+__device__ void lora_down_cta(const GemvArgs& a, int64_t j, int* s_last) {
+    using T = typename Dtype<DT>::T;
+    const T* xl = static_cast<const T*>(a.x_lora);
+    const int lane = threadIdx.x & 31;
+    const int64_t K = a.K, r = a.lora_r;
+    const int64_t k_lo = j * a.t_chunk;
+    const int64_t k_hi = k_lo + a.t_chunk < K ? k_lo + a.t_chunk : K;
+    for (int64_t q = threadIdx.x >> 5; q < r; q += kWarps) {
+        float acc[MB];
+#pragma unroll
+        for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
+        for (int64_t k = k_lo + lane; k < k_hi; k += 32) {
+            const float av = lora_value(a.lora_a, a.lora_dtype, q * K + k);
+#pragma unroll
+            for (int m = 0; m < MB; ++m) {
+                if (m >= a.M) break;
+                acc[m] = qk_fma(Dtype<DT>::load(xl[m * K + k]), av, acc[m]);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MB; ++m) {
+            acc[m] = warp_sum(acc[m]);
+            if (m < a.M && lane == m) a.t_partial[(j * a.M + m) * r + q] = acc[m];
+        }
+    }
+    __threadfence();  // this CTA's partial is visible before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) *s_last = atomicAdd(a.counters + 0, 1) == a.t_blocks - 1;
+    __syncthreads();
+    if (!*s_last) return;
+    __threadfence();
+    for (int64_t i = threadIdx.x; i < a.M * r; i += blockDim.x) {
+        float v = __ldcg(a.t_partial + i);
+        for (int64_t b = 1; b < a.t_blocks; ++b) v = qk_fadd(v, __ldcg(a.t_partial + b * a.M * r + i));
+        a.lora_t[i] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        atomicExch(a.counters + 0, 0);
+        atomicExch(a.counters + 1, (int)a.N);  // one per row that will read T
+    }
+}
+
+// s * sum_j T[m, j] * B[n, j]: r FMAs in j order, then the scale. T was written in this launch.
 __device__ __forceinline__ float lora_term(const GemvArgs& a, int m, int64_t n) {
     const float* t = a.lora_t + (int64_t)m * a.lora_r;
     float acc = 0.0f;
-    for (int64_t j = 0; j < a.lora_r; ++j) acc = qk_fma(__ldg(t + j), lora_b_value(a, n * a.lora_r + j), acc);
+    for (int64_t j = 0; j < a.lora_r; ++j)
+        acc = qk_fma(__ldcg(t + j), lora_value(a.lora_b, a.lora_dtype, n * a.lora_r + j), acc);
     return qk_fmul(acc, a.lora_scale);
 }
 
 template <int DT>
 __device__ __forceinline__ float out_value(const GemvArgs& a, int m, int64_t n, float v) {
-    if (a.lora_t) v = qk_fadd(v, lora_term(a, m, n));
+    if (a.lora_a) v = qk_fadd(v, lora_term(a, m, n));
     if (a.bias) v = qk_fadd(v, __ldg(a.bias + n));
     return v;
 }
 
-// minBlocks 1: without it ptxas held the M > 1 variants to 64-128 registers and spilled; the
-// M = 1 variant still fits three CTAs per SM.
+// minBlocks: 1 for M > 1 (held to fewer registers, ptxas spilled those variants); 3 for M = 1, which
+// keeps three CTAs (24 warps of loads in flight) per SM: the T CTA and row-finishing code had taken
+// it from 80 to 87 registers, two CTAs per SM.
 template <int DT, int MB>
-__global__ void __launch_bounds__(kThreads, 1) gemv_4bit_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
     using T = typename Dtype<DT>::T;
     __shared__ float s_code[16];
     __shared__ float s_code2[256];
+    __shared__ int s_last;
+    if ((int64_t)blockIdx.x < a.t_blocks) {
+        lora_down_cta<DT, MB>(a, blockIdx.x, &s_last);
+        return;
+    }
+    const int64_t g = (int64_t)blockIdx.x - a.t_blocks;  // GEMV CTA g: rows from g % row_ctas, split g / row_ctas
     const bool nested = a.absmax_q != nullptr;
     if (threadIdx.x < 16) s_code[threadIdx.x] = qk_code_4bit(a.quant_type, threadIdx.x);
     if (nested)
@@ -88,10 +168,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_4bit_kernel(const typename D
     __syncthreads();
     const float offset = nested ? __ldg(a.offset) : 0.0f;
     const int lane = threadIdx.x & 31;
-    const int64_t s = blockIdx.y;
+    const int64_t s = g / a.row_ctas;
     const int64_t K = a.K;
 
-    for (int64_t n = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); n < a.N; n += (int64_t)gridDim.x * kWarps) {
+    for (int64_t n = (g % a.row_ctas) * kWarps + (threadIdx.x >> 5); n < a.N; n += a.row_ctas * kWarps) {
         const int64_t row0 = n * K;
         const int64_t c_begin = qk_gemv_chunk_lo(n, K) + s * a.cps;
         const int64_t hi = qk_gemv_chunk_hi(n, K);
@@ -156,53 +236,76 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_4bit_kernel(const typename D
         }
 
 #pragma unroll
-        for (int m = 0; m < MB; ++m)
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[m] = qk_fadd(acc[m], __shfl_xor_sync(0xffffffffu, acc[m], o));
+        for (int m = 0; m < MB; ++m) acc[m] = warp_sum(acc[m]);
 
-        // Lane m stores row m (a static index into acc keeps it in registers).
+        if (a.splits > 1) {
+            // Lane m stores row m's partial (a static index into acc keeps it in registers).
 #pragma unroll
-        for (int m = 0; m < MB; ++m) {
-            if (m >= a.M || lane != m) continue;
-            if (a.splits > 1)
-                a.partial[(s * a.M + m) * a.N + n] = acc[m];
-            else
-                static_cast<T*>(a.y)[m * a.N + n] = Dtype<DT>::store(out_value<DT>(a, m, n, acc[m]));
+            for (int m = 0; m < MB; ++m)
+                if (m < a.M && lane == m) a.partial[(s * a.M + m) * a.N + n] = acc[m];
+            __threadfence();  // every lane's partial is visible before lane 0's count
+            __syncwarp();
+            float last = 0.0f;
+            if (lane == 0) last = atomicAdd(a.counters + 2 + n, 1) == a.splits - 1 ? 1.0f : 0.0f;
+            if (warp_sum(last) == 0.0f) continue;  // another split finishes this row
+            if (lane == 0) atomicExch(a.counters + 2 + n, 0);
+            __threadfence();
+#pragma unroll
+            for (int m = 0; m < MB; ++m) {
+                if (m >= a.M) break;
+                float v = __ldcg(a.partial + m * a.N + n);
+                for (int64_t p = 1; p < a.splits; ++p) v = qk_fadd(v, __ldcg(a.partial + (p * a.M + m) * a.N + n));
+                acc[m] = v;
+            }
+        }
+        if (a.lora_a) {  // wait until the T CTAs have published T
+            if (lane == 0)
+                while (*reinterpret_cast<volatile int*>(a.counters + 1) == 0) {
+                }
+            __syncwarp();
+            __threadfence();
+        }
+#pragma unroll
+        for (int m = 0; m < MB; ++m)
+            if (m < a.M && lane == m) static_cast<T*>(a.y)[m * a.N + n] = Dtype<DT>::store(out_value<DT>(a, m, n, acc[m]));
+        if (a.lora_a) {
+            __syncwarp();
+            if (lane == 0) atomicSub(a.counters + 1, 1);  // this row is done with T
         }
     }
 }
 
-// Split partial sums added in split order, then the epilogue.
-template <int DT>
-__global__ void __launch_bounds__(256) gemv_reduce_kernel(GemvArgs a) {
-    using T = typename Dtype<DT>::T;
-    const int64_t mn = (int64_t)a.M * a.N;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn; i += (int64_t)gridDim.x * blockDim.x) {
-        float v = a.partial[i];
-        for (int s = 1; s < a.splits; ++s) v = qk_fadd(v, a.partial[s * mn + i]);
-        const int m = (int)(i / a.N);
-        static_cast<T*>(a.y)[i] = Dtype<DT>::store(out_value<DT>(a, m, i - (int64_t)m * a.N, v));
-    }
-}
-
 template <int DT, int MB>
-void launch_gemv(const void* x, const GemvArgs& a, cudaStream_t stream) {
+void launch_gemv(const void* x, GemvArgs a, cudaStream_t stream) {
     const int64_t row_ctas = qk::ceil_div(a.N, kWarps);
     const int64_t cap = (int64_t)qk::sm_count() * 16;
-    const dim3 grid((unsigned)(row_ctas < cap ? row_ctas : cap), (unsigned)a.splits);
-    QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_kernel<DT, MB>)(static_cast<const typename Dtype<DT>::T*>(x), a);
+    a.row_ctas = row_ctas < cap ? row_ctas : cap;
+    const int64_t ctas = a.t_blocks + a.row_ctas * a.splits;
+    QK_LAUNCH(dim3((unsigned)ctas), kThreads, 0, stream, gemv_4bit_kernel<DT, MB>)(
+        static_cast<const typename Dtype<DT>::T*>(x), a);
+}
+
+int64_t workspace_floats(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_t splits) {
+    return (splits > 1 ? splits * m * n : 0) + (lora_r > 0 ? qk_gemv_t_blocks(k) * m * lora_r : 0);
 }
 
 }  // namespace
 
+QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_t splits) {
+    if (m < 1 || m > QK_GEMV_MAX_M || n < 0 || k < 0 || lora_r < 0 || splits < 1 || splits > 65535) return -1;
+    return workspace_floats(m, n, k, lora_r, splits);
+}
+
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
-                        int64_t k, int64_t blocksize, int quant_type, const float* lora_t, const void* lora_b,
-                        int lora_b_dtype, int64_t lora_r, float lora_scale, const float* bias, int64_t splits,
-                        float* workspace, void* y, cudaStream_t stream) {
+                        int64_t k, int64_t blocksize, int quant_type, const void* x_lora, const void* lora_a,
+                        const void* lora_b, int lora_dtype, int64_t lora_r, float lora_scale, float* lora_t,
+                        const float* bias, int64_t splits, float* workspace, int32_t* counters, void* y,
+                        cudaStream_t stream) {
     if (m < 1 || m > QK_GEMV_MAX_M)
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: m must be in 1..%d, got %lld", QK_GEMV_MAX_M, (long long)m);
     if (n < 0 || k < 0) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: n and k must be >= 0");
+    if (n > INT32_MAX) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: n must be <= INT32_MAX, got %lld", (long long)n);
     if (!qk::is_pow2(blocksize) || blocksize < 32 || blocksize > 4096)
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: blocksize must be a power of two in 32..4096, got %lld",
                         (long long)blocksize);
@@ -213,14 +316,19 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     if (n == 0) return QK_OK;
     if (!y || (k > 0 && (!x || !packed || !absmax)))
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: null pointer");
-    if (splits > 1 && !workspace) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: splits > 1 needs a workspace");
-    if (lora_t) {
-        if (!lora_b || lora_r < 1)
-            return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: lora_t needs lora_b and lora_r >= 1 (got r = %lld)",
+    const bool has_lora = lora_a != nullptr;
+    if (has_lora || lora_b || lora_t) {
+        if (!lora_a || !lora_b || !lora_t || lora_r < 1)
+            return qk::fail(QK_ERR_INVALID_ARGUMENT,
+                            "qk_gemv_4bit: the LoRA term needs lora_a, lora_b, lora_t and lora_r >= 1 (got r = %lld)",
                             (long long)lora_r);
-        if (lora_b_dtype != QK_DTYPE_FLOAT32 && lora_b_dtype != QK_DTYPE_BFLOAT16 && lora_b_dtype != QK_DTYPE_FLOAT16)
-            return qk::fail(QK_ERR_UNSUPPORTED_DTYPE, "qk_gemv_4bit: unsupported lora_b dtype code %d", lora_b_dtype);
+        if (lora_dtype != QK_DTYPE_FLOAT32 && lora_dtype != QK_DTYPE_BFLOAT16 && lora_dtype != QK_DTYPE_FLOAT16)
+            return qk::fail(QK_ERR_UNSUPPORTED_DTYPE, "qk_gemv_4bit: unsupported lora dtype code %d", lora_dtype);
     }
+    if ((splits > 1 || has_lora) && !counters)
+        return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: splits > 1 or a LoRA term needs counters");
+    if (workspace_floats(m, n, k, has_lora ? lora_r : 0, splits) > 0 && !workspace)
+        return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: these sizes need a workspace (qk_gemv_4bit_workspace)");
     const bool nested = nested_absmax != nullptr;
     if (nested && (!nested_code || !offset))
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: nested_absmax needs nested_code and offset");
@@ -243,13 +351,20 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     a.log2B = qk::log2i(blocksize);
     a.quant_type = quant_type;
     a.splits = (int)splits;
-    a.lora_t = lora_t;
+    a.row_ctas = 1;  // set by launch_gemv
+    a.x_lora = x_lora ? x_lora : x;
+    a.lora_a = lora_a;
     a.lora_b = lora_b;
-    a.lora_b_dtype = lora_b_dtype;
-    a.lora_r = lora_r;
+    a.lora_dtype = lora_dtype;
+    a.lora_r = has_lora ? lora_r : 0;
     a.lora_scale = lora_scale;
-    a.bias = bias;
+    a.lora_t = lora_t;
+    a.t_chunk = qk_gemv_t_chunk(k);
+    a.t_blocks = has_lora ? (int)qk_gemv_t_blocks(k) : 0;
     a.partial = workspace;
+    a.t_partial = workspace ? workspace + (splits > 1 ? splits * m * n : 0) : nullptr;
+    a.bias = bias;
+    a.counters = counters;
     a.y = y;
     a.xvec = qk::aligned(x, 16) && k % 8 == 0;
 
@@ -259,10 +374,6 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
         else if (m <= 4) launch_gemv<DT, 4>(x, a, stream);
         else if (m <= 8) launch_gemv<DT, 8>(x, a, stream);
         else launch_gemv<DT, 16>(x, a, stream);
-        if (splits > 1) {
-            if (int st = qk::check_launch("qk_gemv_4bit")) return st;
-            QK_LAUNCH(qk::grid_for(m * n, 256), 256, 0, stream, gemv_reduce_kernel<DT>)(a);
-        }
     });
     return qk::check_launch("qk_gemv_4bit");
 }

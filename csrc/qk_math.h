@@ -366,6 +366,16 @@ QK_HD int64_t qk_gemv_chunks_per_split(int64_t K, int64_t splits) {
     return ((K + 31) / 32 + 1 + splits - 1) / splits;
 }
 
+// The LoRA down-projection T = X_lora A^T runs in the GEMV's first CTAs, one K chunk each: at least
+// 256 columns, at most QK_GEMV_T_MAX_BLOCKS chunks (the last CTA sums every chunk's partial), and
+// one chunk even when K == 0 (T = 0).
+#define QK_GEMV_T_MAX_BLOCKS 32
+QK_HD int64_t qk_gemv_t_chunk(int64_t K) {
+    const int64_t c = ((K + QK_GEMV_T_MAX_BLOCKS - 1) / QK_GEMV_T_MAX_BLOCKS + 31) / 32 * 32;
+    return c < 256 ? 256 : c;
+}
+QK_HD int64_t qk_gemv_t_blocks(int64_t K) { return K > 0 ? (K + qk_gemv_t_chunk(K) - 1) / qk_gemv_t_chunk(K) : 1; }
+
 // One element: acc + x * (code[q] * scale); the weight is exactly the reference's fp32 decode.
 QK_HD float qk_gemv_step(float acc, float x, float code_value, float scale) {
     return qk_fma(x, qk_decode_scale(code_value, scale), acc);

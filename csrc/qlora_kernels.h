@@ -39,7 +39,7 @@ typedef struct CUstream_st* cudaStream_t;
 #define QK_API QK_EXTERN_C __attribute__((visibility("default")))
 
 /* Bumped when a signature changes; Python refuses a library of another version. */
-#define QK_ABI_VERSION 2
+#define QK_ABI_VERSION 3
 
 /* Status codes. */
 #define QK_OK 0
@@ -109,28 +109,39 @@ QK_API int qk_quantize_blockwise(const void* input, int input_dtype, int64_t n, 
 QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                    int64_t blocksize, void* out, int out_dtype, cudaStream_t stream);
 
-/* Small-M 4-bit GEMV/GEMM for decode (reference.qlora_linear_forward given T = X_lora A^T):
- *   y[m, n] = sum_k x[m, k] * dequant(W)[n, k]  (+ s * sum_j t[m, j] * b[n, j])  (+ bias[n])
+/* Small-M 4-bit GEMV/GEMM for decode (reference.qlora_linear_forward), in ONE launch:
+ *   t[m, j]  = sum_k x_lora[m, k] * a[j, k]                       (when lora_a is given)
+ *   y[m, n]  = sum_k x[m, k] * dequant(W)[n, k]  (+ s * sum_j t[m, j] * b[n, j])  (+ bias[n])
  * accumulated in fp32 (FMA; the LoRA sum in j order, then times s), the additions in this
- * order, rounded once to x_dtype.
+ * order, rounded once to x_dtype. The same grid computes T (its first CTAs, over K chunks, summed
+ * in chunk order by the last of them) and Y; the splits of a row are summed in split order by the
+ * last split to finish it, so the result is deterministic for a given splits.
  *   x        [m, k] of x_dtype, row-major contiguous, any alignment (16-byte aligned with k % 8 == 0
  *            is faster); 1 <= m <= 16
  *   packed, absmax, nested_absmax, nested_code, offset: the 4-bit weight W [n, k] exactly as
  *            qk_dequantize_4bit takes it (blocks of the flat index n*k: a block may cross rows);
  *            packed must be 16-byte aligned
- *   lora_t   [m, r] fp32 row-major (T = X_lora A^T) or NULL for no LoRA term; then lora_b [n, r]
- *            row-major of lora_b_dtype (LoRA B), r >= 1, lora_scale s (alpha / r)
+ *   x_lora   [m, k] of x_dtype, row-major contiguous (LoRA's input after dropout), or NULL: x
+ *   lora_a   [r, k] and lora_b [n, r], row-major, of lora_dtype (LoRA A and B), or both NULL for no
+ *            LoRA term; r >= 1, lora_scale s (alpha / r); lora_t [m, r] fp32 receives T
  *   bias     [n] fp32 or NULL
  *   splits   1..65535: each row's K range is cut into this many parts run by separate CTAs
- *            (parallelism when n is small); splits > 1 needs workspace fp32 [splits * m * n],
- *            whose partial sums are added in split order (deterministic for a given splits)
+ *            (parallelism when n is small)
+ *   workspace fp32 [qk_gemv_4bit_workspace(m, n, k, r, splits)] (NULL when that is 0): partial sums
+ *   counters int32 [2 + n] all zero, or NULL when splits == 1 and there is no LoRA term. The launch
+ *            leaves them zero, so a stream can reuse one buffer for all its launches; launches that
+ *            may run at the same time (other streams) need their own.
  *   y        [m, n] of x_dtype, row-major contiguous
- * blocksize: power of two in 32..4096. quant_type: QK_QUANT_NF4 or QK_QUANT_FP4. */
+ * blocksize: power of two in 32..4096. quant_type: QK_QUANT_NF4 or QK_QUANT_FP4. n <= INT32_MAX. */
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
-                        int64_t k, int64_t blocksize, int quant_type, const float* lora_t, const void* lora_b,
-                        int lora_b_dtype, int64_t lora_r, float lora_scale, const float* bias, int64_t splits,
-                        float* workspace, void* y, cudaStream_t stream);
+                        int64_t k, int64_t blocksize, int quant_type, const void* x_lora, const void* lora_a,
+                        const void* lora_b, int lora_dtype, int64_t lora_r, float lora_scale, float* lora_t,
+                        const float* bias, int64_t splits, float* workspace, int32_t* counters, void* y,
+                        cudaStream_t stream);
+
+/* Floats of workspace qk_gemv_4bit needs for these sizes (lora_r 0: no LoRA term); -1 if invalid. */
+QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_t splits);
 
 /* One AdamW step in place (reference.adamw_step_32bit): p [n] of p_dtype, g [n] of g_dtype, m, v
  * fp32 [n]; any alignment (16-byte aligned is faster). The eight floats are the float32 constants

@@ -52,3 +52,46 @@ def build_host_target(build_dir: Path, target: str, what: str) -> Path:
     r = subprocess.run([cmake, "--build", str(build_dir), "--target", target, "-j", "2"], capture_output=True, text=True)
     assert r.returncode == 0, f"building {target} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return build_dir
+
+
+def keep_results(monkeypatch, module, name: str) -> list:
+    """Wraps module.name so every value it returns is also appended to the returned list (to
+    inspect, after a launch, the buffers a launcher was given)."""
+    kept = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        kept.append(real(*args, **kwargs))
+        return kept[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return kept
+
+
+def graph_and_two_stream_runs(run, x: torch.Tensor, repeats: int = 20):
+    """run(x) on the GPU three ways: eagerly; captured in a CUDA graph (warmed up on a side stream
+    first, as torch.cuda.graph asks; a clone of x as its static input) and replayed `repeats`
+    times; and launched `repeats` times on each of two streams, alternating, so their kernels may
+    overlap. Returns (eager output, graph output, [outputs of the two-stream launches])."""
+    eager = run(x)
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_x)
+    for _ in range(repeats):
+        graph.replay()
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for _ in range(repeats):
+        for s in streams:
+            with torch.cuda.stream(s):
+                outs.append(run(x))
+    torch.cuda.synchronize()
+    return eager, static_out, outs

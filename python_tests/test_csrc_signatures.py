@@ -118,7 +118,8 @@ def test_pluggable_allocator_signatures(header):
 
 def test_every_launch_takes_a_stream(header):
     funcs, _ = header
-    no_stream = {"qk_abi_version", "qk_last_error_message", "qk_check_device"}
+    # Queries that launch nothing (the GEMV's workspace size is arithmetic on its arguments).
+    no_stream = {"qk_abi_version", "qk_last_error_message", "qk_check_device", "qk_gemv_4bit_workspace"}
     for name, (_, args) in funcs.items():
         if name not in no_stream:
             assert args and args[-1] == "cudaStream_t", f"{name} must take the cudaStream_t as its last argument"
@@ -160,6 +161,7 @@ class _FakeLib:
 
     def __init__(self):
         self.calls: list[tuple[str, tuple]] = []
+        self.returns = {"qk_gemv_4bit_workspace": 1000}  # floats of workspace (status 0 elsewhere)
 
     def __getattr__(self, name):
         if name not in _lib.SIGNATURES:
@@ -173,7 +175,7 @@ class _FakeLib:
                 if t == "float":
                     assert isinstance(a, float), f"{name} argument {i} ({t}): {a!r}"
             self.calls.append((name, args))
-            return 0
+            return self.returns.get(name, 0)
 
         return call
 
@@ -219,18 +221,21 @@ def test_launchers_call_the_library_as_the_table_says(fake_lib):
     C.adamw_step_8bit(p, torch.randn(1000), torch.zeros(1000, dtype=torch.uint8), torch.zeros(4),
                       torch.zeros(1000, dtype=torch.uint8), torch.zeros(4), 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, 256)
     names = [c[0] for c in fake_lib.calls]
-    assert names == ["qk_gemv_4bit", "qk_gemv_4bit", "qk_adamw_step_32bit", "qk_dynamic_map_lut",
-                     "qk_dynamic_map_lut", "qk_adamw_step_8bit"], names
-    gemv_nested, gemv_plain = fake_lib.calls[0][1], fake_lib.calls[1][1]
+    assert names == ["qk_gemv_4bit_workspace", "qk_gemv_4bit", "qk_gemv_4bit_workspace", "qk_gemv_4bit",
+                     "qk_adamw_step_32bit", "qk_dynamic_map_lut", "qk_dynamic_map_lut", "qk_adamw_step_8bit"], names
+    ws_lora, gemv_nested, ws_plain, gemv_plain = (c[1] for c in fake_lib.calls[:4])
+    assert ws_lora == (3, 40, 96, 4, gemv_nested[20]) and ws_plain == (3, 40, 96, 0, 3)
     assert gemv_nested[2] == 3 and gemv_nested[8:12] == (40, 96, 64, 0) and gemv_nested[5] is not None
-    # The LoRA epilogue's arguments: T, B (fp32 code 0), r, s; none without LoRA.
-    assert gemv_nested[12] is not None and gemv_nested[13] is not None and gemv_nested[14:17] == (0, 4, 0.5)
-    assert gemv_plain[12:14] == (None, None) and gemv_plain[15] == 0
-    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[18] == 3 and gemv_plain[19] is not None
+    # The LoRA arguments: x_lora, A, B, their dtype (fp32: 0), r, s, T out; none without LoRA.
+    assert all(p is not None for p in gemv_nested[12:15]) and gemv_nested[15:18] == (0, 4, 0.5)
+    assert gemv_nested[18] is not None and gemv_nested[21] is not None and gemv_nested[22] is not None
+    assert gemv_plain[12:15] == (None, None, None) and gemv_plain[16] == 0 and gemv_plain[18] is None
+    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[20] == 3
+    assert gemv_plain[21] is not None and gemv_plain[22] is not None  # split sums: workspace, counters
     s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
-    assert list(fake_lib.calls[2][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
+    assert list(fake_lib.calls[4][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
                                                                "one_minus_beta2", "step_size", "bc2_sqrt", "eps")]
-    assert fake_lib.calls[5][1][9] == 256
+    assert fake_lib.calls[7][1][9] == 256
 
 
 def test_qlora_linear_fwd_hands_large_m_to_triton(fake_lib, monkeypatch):

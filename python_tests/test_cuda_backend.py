@@ -12,6 +12,8 @@ kernels write them (the caching allocator hands back a block just filled with 0x
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ from qlora_kernels.backends.linear_strategy import use_linear_strategy
 from qlora_kernels.formats import BLOCKSIZES_4BIT, get_code
 
 from csrc_emulation import emulated_cuda_backend, guarded_copy
+from helpers import graph_and_two_stream_runs, keep_results
 
 _GPU_OK, _GPU_WHY = C.available(torch.device("cuda"))
 EMULATED = not _GPU_OK
@@ -282,25 +285,37 @@ def test_bad_arguments_raise():
     lib = _lib.get_lib()
     assert lib.qk_dequantize_blockwise(1, 16, 16, 10, 4, 16, 7, None) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
 
-    # The GEMV's LoRA epilogue: the launcher's checks, then the C API's own.
+    # The GEMV's LoRA term: the launcher's checks, then the C API's own.
     packed, absmax = ref.quantize_4bit(torch.randn(8, 64), 64, "nf4")
     packed, absmax = dev(packed), dev(absmax)
     wargs = (packed, absmax, None, None, None, 64, "nf4", (8, 64))
-    xg, t = torch.randn(1, 64, device=DEV), torch.randn(1, 4, device=DEV)
+    xg, a = torch.randn(1, 64, device=DEV), torch.randn(4, 64, device=DEV)
     with pytest.raises(ValueError, match="go together"):
-        C.gemv_4bit(xg, *wargs, lora_t=t)
+        C.gemv_4bit(xg, *wargs, lora_a=a)
     with pytest.raises(ValueError, match="lora_b"):
-        C.gemv_4bit(xg, *wargs, lora_t=t, lora_b=torch.randn(8, 3, device=DEV))
+        C.gemv_4bit(xg, *wargs, lora_a=a, lora_b=torch.randn(8, 3, device=DEV))
     with pytest.raises(TypeError):
-        C.gemv_4bit(xg, *wargs, lora_t=t, lora_b=torch.randn(8, 4, device=DEV, dtype=torch.float64))
-    b, y = torch.randn(8, 4, device=DEV), torch.empty(1, 8, device=DEV)
+        C.gemv_4bit(xg, *wargs, lora_a=a, lora_b=torch.randn(8, 4, device=DEV, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x_lora"):
+        C.gemv_4bit(xg, *wargs, lora_a=a, lora_b=torch.randn(8, 4, device=DEV), x_lora=torch.randn(2, 64, device=DEV))
+    b, y, t = torch.randn(8, 4, device=DEV), torch.empty(1, 8, device=DEV), torch.empty(1, 4, device=DEV)
+    ws_floats = lib.qk_gemv_4bit_workspace(1, 8, 64, 4, 1)
+    assert ws_floats > 0 and lib.qk_gemv_4bit_workspace(1, 8, 64, 4, 0) == -1  # splits 0
+    ws, counters = torch.empty(ws_floats, device=DEV), torch.zeros(10, dtype=torch.int32, device=DEV)
     call = (xg.data_ptr(), _lib.CONSTANTS["QK_DTYPE_FLOAT32"], 1, packed.data_ptr(), absmax.data_ptr(), None, None,
-            None, 8, 64, 64, _lib.CONSTANTS["QK_QUANT_NF4"], t.data_ptr(), b.data_ptr())
-    tail = (None, 1, None, y.data_ptr(), None)
-    assert lib.qk_gemv_4bit(*call, 0, 0, 1.0, *tail) == _lib.CONSTANTS["QK_ERR_INVALID_ARGUMENT"]  # r = 0
-    assert lib.qk_gemv_4bit(*call, 9, 4, 1.0, *tail) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
-    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, *tail) == _lib.CONSTANTS["QK_OK"]
+            None, 8, 64, 64, _lib.CONSTANTS["QK_QUANT_NF4"], None, a.data_ptr(), b.data_ptr())
+    tail = (None, 1, ws.data_ptr(), counters.data_ptr(), y.data_ptr(), None)
+    bad = _lib.CONSTANTS["QK_ERR_INVALID_ARGUMENT"]
+    assert lib.qk_gemv_4bit(*call, 0, 0, 1.0, t.data_ptr(), *tail) == bad  # r = 0
+    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, None, *tail) == bad  # no T output
+    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, t.data_ptr(), None, 1, None, counters.data_ptr(), y.data_ptr(),
+                            None) == bad  # no workspace
+    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, t.data_ptr(), None, 1, ws.data_ptr(), None, y.data_ptr(),
+                            None) == bad  # no counters
+    assert lib.qk_gemv_4bit(*call, 9, 4, 1.0, t.data_ptr(), *tail) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
+    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, t.data_ptr(), *tail) == _lib.CONSTANTS["QK_OK"]
     sync()
+    assert int(counters.abs().sum()) == 0  # the launch leaves its counters zero
 
 
 @gpu_only
@@ -368,24 +383,72 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + DTYPES.index(dtype))
     for nested in (False, True):
         x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
-        # The LoRA term s * T B^T of the epilogue: T fp32 [m, r], B [n, r] in the activation dtype.
-        lora_t = torch.randn(m, 5, generator=gen)
+        # The LoRA term s * T B^T, T = X_lora A^T computed by the same launch: A, B [n, r] in the
+        # activation dtype, X_lora a dropout-like variant of x.
+        lora_a = (torch.randn(5, k, generator=gen) / math.sqrt(k)).to(dtype)
         lora_b = (torch.randn(n, 5, generator=gen) * 0.1).to(dtype)
-        addend = 0.5 * (lora_t.double() @ lora_b.double().t())
+        x_lora = (x.float() * (torch.rand(m, k, generator=gen) > 0.1)).to(dtype)
+        t_exact = x_lora.double() @ lora_a.double().t()
+        addend = 0.5 * (t_exact @ lora_b.double().t())
         bias = torch.randn(n, generator=gen) * 0.1
         for splits in (None, 1, 3):
             for xin in (dev(x), dev(torch.stack([x, x], 2).reshape(m, 2 * k))[:, ::2]):  # contiguous, strided
                 poison(m * n * x.element_size())
-                y = C.gemv_4bit(xin, dev(packed), *wargs, blocksize, quant_type, (n, k),
-                                lora_t=dev(lora_t), lora_b=dev(lora_b), lora_scale=0.5,
-                                bias=dev(bias), splits=splits)
+                y, t = C.gemv_4bit(xin, dev(packed), *wargs, blocksize, quant_type, (n, k),
+                                   lora_a=dev(lora_a), lora_b=dev(lora_b), lora_scale=0.5, x_lora=dev(x_lora),
+                                   bias=dev(bias), splits=splits)
                 sync()
                 assert y.dtype == dtype and y.shape == (m, n)
+                assert t.dtype == torch.float32 and t.shape == (m, 5)
+                assert (t.cpu().double() - t_exact).abs().max().item() <= 1e-5 * t_exact.abs().max().item()
                 _assert_within_rule(y, x, w32, addend, bias, f"m={m} nested={nested} splits={splits}")
         # Deterministic: the same call gives the same bits.
-        y1 = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=3)
-        y2 = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y1, _ = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=3)
+        y2, _ = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=3)
         assert_bits_equal(y1, y2, "repeat")
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gemv_one_launch_leaves_counters_zero(splits, monkeypatch):
+    """The one-launch decode GEMV with 16 T CTAs (K = 4096) and split rows: T and Y right, and every
+    counter zero afterwards (a stream reuses one buffer for all its launches)."""
+    kept = keep_results(monkeypatch, C, "launch_counters")
+    gen = torch.Generator().manual_seed(21 + splits)
+    m, n, k = 3, 40, 4096
+    x, packed, wargs, w32 = _gemv_inputs(m, n, k, 64, "nf4", torch.bfloat16, True, gen)
+    lora_a = torch.randn(8, k, generator=gen) / math.sqrt(k)
+    lora_b = torch.randn(n, 8, generator=gen) * 0.1
+    y, t = C.gemv_4bit(dev(x), dev(packed), *wargs, 64, "nf4", (n, k), lora_a=dev(lora_a), lora_b=dev(lora_b),
+                       lora_scale=2.0, splits=splits)
+    sync()
+    t_exact = x.double() @ lora_a.double().t()
+    assert (t.cpu().double() - t_exact).abs().max().item() <= 1e-5 * t_exact.abs().max().item()
+    _assert_within_rule(y, x, w32, 2.0 * t_exact @ lora_b.double().t(), None, f"splits={splits}")
+    assert len(kept) == 1 and kept[0].numel() >= 2 + n and int(kept[0].abs().sum()) == 0
+
+
+@gpu_only
+def test_gemv_one_launch_under_cuda_graph_and_two_streams():
+    """On the GPU: the one-launch GEMV (T CTAs, split rows, spin-wait on T) replayed from a CUDA
+    graph (counters made inside the capture) and run on two streams at once (one counter buffer per
+    stream) gives the eager launch's bits, with the split the GPU picks for a narrow N."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, k = 1, 256, 4096
+    x, packed, wargs, _ = _gemv_inputs(m, n, k, 64, "nf4", torch.bfloat16, True, gen)
+    a = dev((torch.randn(16, k, generator=gen) / math.sqrt(k)).float())
+    b = dev((torch.randn(n, 16, generator=gen) * 0.1).float())
+    x, packed = dev(x), dev(packed)
+    assert C.gemv_splits(n, k, x.device) > 1
+
+    def run(inp):
+        return C.gemv_4bit(inp, packed, *wargs, 64, "nf4", (n, k), lora_a=a, lora_b=b, lora_scale=2.0)
+
+    (eager_y, eager_t), (static_y, static_t), outs = graph_and_two_stream_runs(run, x)
+    assert_bits_equal(static_y, eager_y, "graph replay Y")
+    assert_bits_equal(static_t, eager_t, "graph replay T")
+    for y, t in outs:
+        assert_bits_equal(y, eager_y, "two-stream decode Y")
+        assert_bits_equal(t, eager_t, "two-stream decode T")
 
 
 def test_gemv_misaligned_packed_and_x():
@@ -396,8 +459,8 @@ def test_gemv_misaligned_packed_and_x():
     raw[1:] = dev(packed.reshape(-1))
     xs = dev_empty(4 * 264 + 1, torch.bfloat16)
     xs[1:] = dev(x.reshape(-1))
-    y = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
-    ref_y = C.gemv_4bit(dev(x), dev(packed), *wargs, 64, "nf4", (72, 264))
+    y, _ = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
+    ref_y, _ = C.gemv_4bit(dev(x), dev(packed), *wargs, 64, "nf4", (72, 264))
     sync()
     assert_bits_equal(y, ref_y, "misaligned inputs")
     _assert_within_rule(y, x, w32, None, None, "misaligned")

@@ -7,7 +7,7 @@ import torch
 
 import qlora_kernels as qk
 from python_tests.conftest import requires_cuda
-from python_tests.helpers import assert_same_bits
+from python_tests.helpers import assert_same_bits, graph_and_two_stream_runs
 
 pytestmark = requires_cuda
 
@@ -86,38 +86,19 @@ def test_decode_kernel_one_launch_on_gpu(m, n, k, ldt):
     assert rel < 1e-2, rel  # bf16 operands and one bf16 rounding of Y (the bench checks the same bound)
     for y in again:
         assert_same_bits(y, first, "repeated decode launch")
-    key = (x.device.index, torch.cuda.current_stream().cuda_stream)
-    assert int(tql_small._SYNC_COUNTERS[key].abs().sum()) == 0
+    assert int(tql_small.sync_counters(x.device, 0).abs().sum()) == 0  # this stream's buffer
 
 
 def test_decode_kernel_under_cuda_graph_and_two_streams():
     """Replayed from a CUDA graph (counters made inside the capture) and run on two streams at
     once (one counter buffer per stream), the decode kernel gives the eager launch's bits."""
     x, packed, state, a, b, bias = _decode_problem(1, 4096, 4096, torch.float32, seed=1)
-    with qk.use_backend("triton"), torch.no_grad():
-        eager = qk.qlora_linear(x, packed, state, a, b, 2.0, bias)
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
-            qk.qlora_linear(static_x, packed, state, a, b, 2.0, bias)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = qk.qlora_linear(static_x, packed, state, a, b, 2.0, bias)
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        assert_same_bits(static_y, eager, "graph replay")
-        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-        outs = [[], []]
-        for s in streams:
-            s.wait_stream(torch.cuda.current_stream())
-        for _ in range(20):
-            for i, s in enumerate(streams):
-                with torch.cuda.stream(s):
-                    outs[i].append(qk.qlora_linear(x, packed, state, a, b, 2.0, bias))
-        torch.cuda.synchronize()
-    for ys in outs:
-        for y in ys:
-            assert_same_bits(y, eager, "two-stream decode")
+
+    def run(inp):
+        with qk.use_backend("triton"), torch.no_grad():
+            return qk.qlora_linear(inp, packed, state, a, b, 2.0, bias)
+
+    eager, static_y, outs = graph_and_two_stream_runs(run, x)
+    assert_same_bits(static_y, eager, "graph replay")
+    for y in outs:
+        assert_same_bits(y, eager, "two-stream decode")

@@ -110,6 +110,33 @@ inline void __syncthreads() { ::qk_emu::sync_block(); }
 
 template <class T>
 inline T __ldg(const T* p) { return *p; }
+template <class T>
+inline T __ldcg(const T* p) { return *p; }
+
+// Atomics and fences: fibers never interleave between barriers, so a plain read-modify-write is
+// atomic here and memory is always coherent. A launch's blocks run in index order, so a block
+// that waits for lower-indexed blocks (the GEMV's T CTAs) finds their work done.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
+template <class T>
+inline T atomicSub(T* p, T v) {
+    const T old = *p;
+    *p = old - v;
+    return old;
+}
+template <class T>
+inline T atomicExch(T* p, T v) {
+    const T old = *p;
+    *p = v;
+    return old;
+}
+inline void __threadfence() {}
+// A warp barrier: every live lane of the warp arrives (an exchange with itself).
+inline void __syncwarp(unsigned = 0xffffffffu) { (void)::qk_emu::exchange_xor(0u, 0); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {

@@ -22,6 +22,7 @@ import torch
 
 from ... import reference as ref
 from ...formats import check_blocksize, check_quant_type, get_code, num_blocks
+from ..launch_counters import launch_counters
 from ..linear_strategy import choose as choose_strategy
 from . import _lib
 
@@ -226,7 +227,8 @@ def _sm_count(device: torch.device) -> int:
 def gemv_splits(n: int, k: int, device: torch.device) -> int:
     """How many parts each row's K range is cut into: enough warps (one per row and part) for
     about two 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks. Splits cost
-    an fp32 workspace and a second launch, so a 4096-row decode GEMV runs unsplit."""
+    an fp32 round trip of the partial sums (added by each row's last split, in the same launch), so
+    a 4096-row decode GEMV runs unsplit."""
     want = -(-(_sm_count(device) * 16) // max(n, 1))
     most = max(1, -(-k // 32) // _GEMV_MIN_CHUNKS_PER_SPLIT)
     return max(1, min(want, most, _GEMV_MAX_SPLITS))
@@ -279,15 +281,17 @@ def gemv_4bit(
     blocksize: int,
     quant_type: str,
     shape: Sequence[int],
-    lora_t: Optional[torch.Tensor] = None,
+    lora_a: Optional[torch.Tensor] = None,
     lora_b: Optional[torch.Tensor] = None,
     lora_scale: float = 1.0,
+    x_lora: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
-) -> torch.Tensor:
-    """Y [M, N] of x.dtype = x [M <= 16, K] @ dequant(W [N, K])^T (+ lora_scale * lora_t [M, r] @
-    lora_b [N, r]^T) (+ bias), accumulated in fp32 and rounded once (csrc/gemv_4bit.cu: the LoRA
-    up-projection in the kernel's epilogue). splits None: gemv_splits()."""
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(Y [M, N] of x.dtype, T fp32 [M, r] or None) in one launch (csrc/gemv_4bit.cu):
+    T = x_lora [M, K] @ lora_a [r, K]^T (x_lora None: x) and Y = x [M <= 16, K] @ dequant(W [N, K])^T
+    (+ lora_scale * T @ lora_b [N, r]^T) (+ bias), accumulated in fp32 and rounded once.
+    splits None: gemv_splits()."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     x_code = _dtype_code(x.dtype, "x")
@@ -299,46 +303,63 @@ def gemv_4bit(
         raise ValueError(f"the csrc GEMV takes M <= {GEMV_MAX_M}, got {m}")
     device = x.device
     _require_cuda(x, "x")
-    y = torch.empty((m, n), dtype=x.dtype, device=device)
-    if m == 0 or n == 0:
-        return y
-    t = b = bias_f = None
-    if (lora_t is None) != (lora_b is None):
-        raise ValueError("lora_t and lora_b go together")
-    if lora_t is not None:
-        t = lora_t.to(device=device, dtype=torch.float32).contiguous()
-        b = lora_b.contiguous()
-        b_code = _dtype_code(b.dtype, "lora_b")
-        _on(device, b, "lora_b")
-        if t.dim() != 2 or t.shape[0] != m or b.dim() != 2 or b.shape != (n, t.shape[1]) or t.shape[1] < 1:
-            raise ValueError(f"lora_t must be [{m}, r] and lora_b [{n}, r], got {tuple(t.shape)} and {tuple(b.shape)}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b go together")
+    a_l = b_l = xl = bias_f = None
+    r = 0
+    if lora_a is not None:
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != k or lora_b.shape[0] != n \
+                or lora_b.shape[1] != lora_a.shape[0] or lora_a.shape[0] < 1:
+            raise ValueError(f"lora_a must be [r, {k}] and lora_b [{n}, r], got {tuple(lora_a.shape)} and "
+                             f"{tuple(lora_b.shape)}")
+        r = lora_a.shape[0]
+        _dtype_code(lora_a.dtype, "lora_a")
+        _dtype_code(lora_b.dtype, "lora_b")
+        # One dtype for both factors; mixed ones meet in fp32, which holds either exactly.
+        ldt = lora_a.dtype if lora_a.dtype == lora_b.dtype else torch.float32
+        a_l, b_l = lora_a.to(ldt).contiguous(), lora_b.to(ldt).contiguous()
+        _on(device, a_l, "lora_a")
+        _on(device, b_l, "lora_b")
+        xl = x if x_lora is None else x_lora
+        if xl.shape != x.shape or xl.dtype != x.dtype:
+            raise ValueError(f"x_lora must be like x ({tuple(x.shape)}, {x.dtype}), got {tuple(xl.shape)}, {xl.dtype}")
+        xl = xl.contiguous()
+        _on(device, xl, "x_lora")
     if bias is not None:
         bias_f = bias.to(device=device, dtype=torch.float32).contiguous()
         if bias_f.numel() != n:
             raise ValueError(f"bias must have {n} entries, got {bias_f.numel()}")
-    if k == 0:  # nothing to stream: the epilogue alone
-        acc = torch.zeros((m, n), dtype=torch.float32, device=device)
+    y = torch.empty((m, n), dtype=x.dtype, device=device)
+    t = torch.empty((m, r), dtype=torch.float32, device=device) if r else None
+    if m == 0 or n == 0 or k == 0:  # nothing to stream: T = 0 and the epilogue alone
         if t is not None:
-            acc = acc + (t @ b.float().t()) * float(lora_scale)
+            t.zero_()
+        acc = torch.zeros((m, n), dtype=torch.float32, device=device)
         if bias_f is not None:
             acc = acc + bias_f
-        return acc.to(x.dtype)
+        y.copy_(acc)
+        return y, t
     xc = x.contiguous()
     raw, a, ptrs, _keep = _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n * k, blocksize, device)
     splits = gemv_splits(n, k, device) if splits is None else int(splits)
-    workspace = torch.empty(splits * m * n, dtype=torch.float32, device=device) if splits > 1 else None
     lib = _lib.get_lib()
+    ws_floats = lib.qk_gemv_4bit_workspace(m, n, k, r, splits)
+    if ws_floats < 0:
+        raise ValueError(f"qk_gemv_4bit_workspace rejected m={m}, n={n}, k={k}, r={r}, splits={splits}")
+    workspace = torch.empty(ws_floats, dtype=torch.float32, device=device) if ws_floats else None
+    counters = launch_counters(device, 2 + n) if (r or splits > 1) else None
     with torch.cuda.device(device):
         _lib.check(
             lib.qk_gemv_4bit(xc.data_ptr(), x_code, m, raw.data_ptr(), a.data_ptr(), *ptrs, n, k, blocksize,
-                             QUANT_CODES[quant_type], t.data_ptr() if t is not None else None,
-                             b.data_ptr() if b is not None else None, b_code if b is not None else 0,
-                             t.shape[1] if t is not None else 0, float(lora_scale),
+                             QUANT_CODES[quant_type], xl.data_ptr() if r else None, a_l.data_ptr() if r else None,
+                             b_l.data_ptr() if r else None, _dtype_code(a_l.dtype, "lora_a") if r else 0, r,
+                             float(lora_scale), t.data_ptr() if r else None,
                              bias_f.data_ptr() if bias_f is not None else None, splits,
-                             workspace.data_ptr() if workspace is not None else None, y.data_ptr(), _stream(device)),
+                             workspace.data_ptr() if workspace is not None else None,
+                             counters.data_ptr() if counters is not None else None, y.data_ptr(), _stream(device)),
             "qk_gemv_4bit",
         )
-    return y
+    return y, t
 
 
 def _triton_qlora_linear_fwd(device: torch.device):
@@ -359,10 +380,10 @@ def qlora_linear_fwd(
     x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
     lora_A, lora_B, scale, bias,
 ):
-    """The op qlora_linear_fwd: csrc's GEMV for M <= 16. T = X_lora A^T (which the op returns) is
-    one small torch matmul in fp32; s * T B^T is added in the GEMV's epilogue, in its fp32
-    accumulator before the one rounding, as the Triton kernels do. Larger M, or the dequant_matmul
-    linear strategy (linear_strategy.py): Triton's implementation, which runs that strategy."""
+    """The op qlora_linear_fwd: csrc's GEMV for M <= 16, one launch that also computes T = X_lora A^T
+    (which the op returns) in fp32 and adds s * T B^T in its fp32 accumulator before the one
+    rounding, as the Triton kernels do. Larger M, or the dequant_matmul linear strategy
+    (linear_strategy.py): Triton's implementation, which runs that strategy."""
     if x.dim() == 2 and (x.shape[0] > GEMV_MAX_M or choose_strategy(x.shape[0], x.device) == "dequant_matmul"):
         return _triton_qlora_linear_fwd(x.device)(
             x, x_lora, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
@@ -373,13 +394,8 @@ def qlora_linear_fwd(
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n \
             or lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit W {n}x{k}")
-    xl = x if x_lora is None else x_lora
-    if xl.shape != x.shape:
-        raise ValueError(f"x_lora {tuple(xl.shape)} must have x's shape {tuple(x.shape)}")
-    t = xl.float() @ lora_A.float().t()
-    y = gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
-                  lora_t=t, lora_b=lora_B, lora_scale=float(scale), bias=bias)
-    return y, t
+    return gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+                     lora_a=lora_A, lora_b=lora_B, lora_scale=float(scale), x_lora=x_lora, bias=bias)
 
 
 # --- AdamW steps ---

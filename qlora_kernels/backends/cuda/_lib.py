@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 # Must equal QK_ABI_VERSION of the header the library was built from.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Override of the library's location (tests, out-of-tree builds).
 LIB_ENV = "QLORA_KERNELS_LIB"
@@ -35,6 +35,7 @@ C_TYPES = {
     "const uint8_t*": ctypes.c_void_p,
     "float*": ctypes.c_void_p,
     "const float*": ctypes.c_void_p,
+    "int32_t*": ctypes.c_void_p,
     "cudaStream_t": ctypes.c_void_p,
 }
 
@@ -64,9 +65,10 @@ SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "qk_gemv_4bit": (
         "int",
         ("const void*", "int", "int64_t", "const uint8_t*", "const void*", "const float*", "const float*",
-         "const float*", "int64_t", "int64_t", "int64_t", "int", "const float*", "const void*", "int", "int64_t",
-         "float", "const float*", "int64_t", "float*", "void*", "cudaStream_t"),
+         "const float*", "int64_t", "int64_t", "int64_t", "int", "const void*", "const void*", "const void*", "int",
+         "int64_t", "float", "float*", "const float*", "int64_t", "float*", "int32_t*", "void*", "cudaStream_t"),
     ),
+    "qk_gemv_4bit_workspace": ("int64_t", ("int64_t", "int64_t", "int64_t", "int64_t", "int64_t")),
     "qk_adamw_step_32bit": (
         "int",
         ("void*", "int", "const void*", "int", "float*", "float*", "int64_t") + ("float",) * 8 + ("cudaStream_t",),

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch_counters import launch_counters
 from . import qlora_linear
 from ._utils import KernelSpec, interpreting, sm_count
 from .qlora_linear import (
@@ -239,27 +240,10 @@ def t_chunk(k: int, bk: int) -> int:
     return bk * max(T_CHUNK_MIN_TILES, triton.cdiv(triton.cdiv(k, bk), MAX_T_ITEMS))
 
 
-_SYNC_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
 def sync_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters [2 + n_tiles] for one launch (slots: SYNC_*).
-
-    The kernel leaves them zero, so on a GPU one buffer per (device, stream) serves every launch:
-    launches on one stream run one after another, and a buffer is never shared across streams,
-    whose kernels may overlap. While a CUDA graph is captured the buffer is made inside the capture
-    (its zeroing becomes a graph node): a replay may run on any stream. Elsewhere (CPU, the
-    interpreter) a fresh buffer per launch, so an interrupted interpreter run cannot leave a later
-    one counters that are not zero."""
-    need = SYNC_TILES + n_tiles
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(need, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _SYNC_COUNTERS.get(key)
-    if buf is None or buf.numel() < need:
-        buf = torch.zeros(max(need, 4096), dtype=torch.int32, device=device)
-        _SYNC_COUNTERS[key] = buf
-    return buf
+    """Zeroed int32 counters for one launch, slots SYNC_* (backends/launch_counters.py: per stream
+    on a GPU, since the kernel leaves them zero)."""
+    return launch_counters(device, SYNC_TILES + n_tiles)
 
 
 def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale, bias,
