@@ -225,10 +225,12 @@ def test_small_m_one_launch(split_k, t_chunk_cols, poisoned_outputs, monkeypatch
 
 
 def test_small_m_t_from_the_lora_input(poisoned_outputs, monkeypatch):
-    """With LoRA dropout the T items read X_lora, the GEMV items X: T and the LoRA term follow X_lora."""
+    """With LoRA dropout the T items read X_lora, the GEMV items X: T and the LoRA term follow X_lora
+    (here with fp32 A and bf16 B)."""
     case = Case((3,), 96, 320, 8, ldt=torch.float32, bias=False)
     inp = make_inputs(case)
     x_lora = torch.randn_like(inp.x)
+    inp.B = inp.B.to(torch.bfloat16)  # and B in another dtype than A: each keeps its own operand kind
     y, t, _ = _small_m(inp, monkeypatch, split_k=2, x_lora=x_lora, t_chunk_cols=128)
     w = dequantized(inp)
     want_t = x_lora.double() @ inp.A.double().t()

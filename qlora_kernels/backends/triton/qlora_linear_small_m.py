@@ -121,10 +121,12 @@ def _small_m_kernel(
     T_BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
     NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    X_KIND: tl.constexpr, L_KIND: tl.constexpr, B_KIND: tl.constexpr, Y_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Y [M <= BM, N] = X @ dequant(W)^T (+ s * T @ B^T) (+ bias), T = X_lora @ A^T written to t_ptr.
-    Grid: N_T T items (HAS_LORA) then cdiv(N, BN) * SPLIT_K GEMV items (module doc)."""
+    Grid: N_T T items (HAS_LORA) then cdiv(N, BN) * SPLIT_K GEMV items (module doc). L_KIND: A's
+    operand kind (T), B_KIND: B's (the epilogue), as the separate kernels of larger M use them."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BN)
     if HAS_LORA:
@@ -135,12 +137,12 @@ def _small_m_kernel(
             _gemv_item(pid - N_T, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
                        code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                        stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
-                       NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, L_KIND, Y_BF16, INTERPRET)
+                       NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, B_KIND, Y_BF16, INTERPRET)
     else:
         _gemv_item(pid, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
                    code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                    stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
-                   NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, L_KIND, Y_BF16, INTERPRET)
+                   NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, B_KIND, Y_BF16, INTERPRET)
 
 
 @triton.jit
@@ -286,6 +288,7 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
         NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, x.dtype),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_A.dtype] if has_lora else _KIND_OF[x.dtype],
+        B_KIND=_KIND_OF[lora_B.dtype] if has_lora else _KIND_OF[x.dtype],
         Y_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
@@ -335,6 +338,7 @@ def compile_specs() -> list[KernelSpec]:
                         "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": ldt is not None, "HAS_BIAS": True,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt if ldt is not None else xdt],
+                        "B_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "Y_BF16": xdt == bf, "INTERPRET": False},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, exact_fp32=True,
         ))
