@@ -306,7 +306,7 @@ def gemv_4bit(
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b go together")
     a_l = b_l = xl = bias_f = None
-    r = 0
+    r = l_code = 0
     if lora_a is not None:
         if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != k or lora_b.shape[0] != n \
                 or lora_b.shape[1] != lora_a.shape[0] or lora_a.shape[0] < 1:
@@ -317,6 +317,7 @@ def gemv_4bit(
         _dtype_code(lora_b.dtype, "lora_b")
         # One dtype for both factors; mixed ones meet in fp32, which holds either exactly.
         ldt = lora_a.dtype if lora_a.dtype == lora_b.dtype else torch.float32
+        l_code = _dtype_code(ldt, "lora_a")
         a_l, b_l = lora_a.to(ldt).contiguous(), lora_b.to(ldt).contiguous()
         _on(device, a_l, "lora_a")
         _on(device, b_l, "lora_b")
@@ -352,7 +353,7 @@ def gemv_4bit(
         _lib.check(
             lib.qk_gemv_4bit(xc.data_ptr(), x_code, m, raw.data_ptr(), a.data_ptr(), *ptrs, n, k, blocksize,
                              QUANT_CODES[quant_type], xl.data_ptr() if r else None, a_l.data_ptr() if r else None,
-                             b_l.data_ptr() if r else None, _dtype_code(a_l.dtype, "lora_a") if r else 0, r,
+                             b_l.data_ptr() if r else None, l_code, r,
                              float(lora_scale), t.data_ptr() if r else None,
                              bias_f.data_ptr() if bias_f is not None else None, splits,
                              workspace.data_ptr() if workspace is not None else None,

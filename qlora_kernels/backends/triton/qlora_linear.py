@@ -588,14 +588,13 @@ def qlora_linear_fwd(
     bias = bias.contiguous() if bias is not None else None  # the kernels index bias densely
     if x.shape[0] == 0:  # a grid of zero programs is not launchable
         return x.new_empty((0, int(shape[0]))), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32)
-    lkind = _KIND_OF[lora_A.dtype]
     strategy = choose_strategy(x.shape[0], x.device)
-    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
     if x.shape[0] <= SMALL_M and strategy == "fused":
         from .qlora_linear_small_m import small_m_fwd
 
+        args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
         return small_m_fwd(x, x_lora, lora_A, args, blocksize, shape, lora_B, scale, bias)  # T in the same launch
-    t = lora_down(x if x_lora is None else x_lora, lora_A.t(), lkind)
+    t = lora_down(x if x_lora is None else x_lora, lora_A.t(), _KIND_OF[lora_A.dtype])
     if strategy == "dequant_matmul":
         # Y = X @ W^T by torch (cuBLAS on a GPU) on a dequantized copy of W, then the fused
         # forward's epilogue: the LoRA term and bias in fp32 with the same operands as the kernels.
@@ -603,6 +602,7 @@ def qlora_linear_fwd(
                                x.dtype)
         y = lora_epilogue(torch.mm(x, w.t()), t, lora_B.t(), scale, bias)
         return y, t
+    args = weight_args(packed, absmax, nested_absmax, nested_code, offset, quant_type)
     return fwd_gemm(x, t, args, blocksize, shape, lora_B, scale, bias), t
 
 
