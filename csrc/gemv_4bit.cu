@@ -55,7 +55,7 @@ struct GemvArgs {
     float* t_partial;     // [t_blocks, M, r] fp32
     const float* bias;    // [N] fp32 or NULL
     float* partial;       // [splits, M, N] fp32 when splits > 1
-    int* counters;        // [2 + N]: T CTAs done, "T ready" count, split arrivals per row
+    int* counters;        // T CTAs done, "T ready" count, then split arrivals per row ([2 + N] when splits > 1)
     void* y;              // [M, N] of the activation dtype
     bool xvec;            // x 16-byte aligned and K % 8 == 0: full chunks load X 16 bytes at a time
 };

@@ -128,9 +128,10 @@ QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const 
  *   splits   1..65535: each row's K range is cut into this many parts run by separate CTAs
  *            (parallelism when n is small)
  *   workspace fp32 [qk_gemv_4bit_workspace(m, n, k, r, splits)] (NULL when that is 0): partial sums
- *   counters int32 [2 + n] all zero, or NULL when splits == 1 and there is no LoRA term. The launch
- *            leaves them zero, so a stream can reuse one buffer for all its launches; launches that
- *            may run at the same time (other streams) need their own.
+ *   counters int32 all zero: [2 + n] when splits > 1, [2] when splits == 1 (only the LoRA term's
+ *            two counts), NULL when splits == 1 and there is no LoRA term. The launch leaves them
+ *            zero, so a stream can reuse one buffer for all its launches; launches that may run at
+ *            the same time (other streams, graph replays) need their own.
  *   y        [m, n] of x_dtype, row-major contiguous
  * blocksize: power of two in 32..4096. quant_type: QK_QUANT_NF4 or QK_QUANT_FP4. n <= INT32_MAX. */
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,

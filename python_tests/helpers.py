@@ -54,18 +54,32 @@ def build_host_target(build_dir: Path, target: str, what: str) -> Path:
     return build_dir
 
 
-def keep_results(monkeypatch, module, name: str) -> list:
-    """Wraps module.name so every value it returns is also appended to the returned list (to
-    inspect, after a launch, the buffers a launcher was given)."""
-    kept = []
-    real = getattr(module, name)
+COUNTER_GUARD = 1 << 20
 
-    def wrapper(*args, **kwargs):
-        kept.append(real(*args, **kwargs))
-        return kept[-1]
 
-    monkeypatch.setattr(module, name, wrapper)
-    return kept
+def guarded_counters(monkeypatch, module) -> list:
+    """Replaces module.launch_counters(device, count) so each launch gets `count` zeroed counters
+    followed by 64 guard entries set to COUNTER_GUARD, and returns the list of (counters, whole
+    buffer) pairs handed out. A kernel that needs more counters than its launcher asked for reads a
+    guard (a count that never reaches its target); check_counters then finds it changed."""
+    handed = []
+
+    def guarded(device, count):
+        whole = torch.full((count + 64,), COUNTER_GUARD, dtype=torch.int32, device=device)
+        whole[:count] = 0
+        handed.append((whole[:count], whole))
+        return handed[-1][0]
+
+    monkeypatch.setattr(module, "launch_counters", guarded)
+    return handed
+
+
+def check_counters(handed: list, launches: int) -> None:
+    """`launches` launches took counters, and each left its own zero and the guards untouched."""
+    assert len(handed) == launches, f"{len(handed)} launches took counters, expected {launches}"
+    for counters, whole in handed:
+        assert int(counters.abs().sum()) == 0, f"counters not reset: {counters.cpu().tolist()}"
+        assert bool((whole[counters.numel():] == COUNTER_GUARD).all()), "a kernel wrote past its counters"
 
 
 def graph_and_two_stream_runs(run, x: torch.Tensor, repeats: int = 20):

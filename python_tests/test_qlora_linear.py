@@ -23,7 +23,7 @@ from qlora_kernels.backends.triton import qlora_linear as tql
 from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
 
 from conftest import HAS_CUDA
-from helpers import keep_results
+from helpers import check_counters, guarded_counters
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # fp32 ulp-level slack: the float64 truth is rounded to fp32 and two fp32 summation orders may
@@ -197,10 +197,10 @@ def test_reference_matches_float64_by_the_rule(case):
 
 
 def _small_m(inp, monkeypatch, **kw):
-    """small_m_fwd on a 2-D case, with the counters it is given kept for inspection."""
+    """small_m_fwd on a 2-D case, with the counters it is given guarded and kept (helpers.guarded_counters)."""
     s = inp.state
     args = tql.weight_args(inp.packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, s.quant_type)
-    given = keep_results(monkeypatch, tql_small, "sync_counters")
+    given = guarded_counters(monkeypatch, tql_small)
     x_lora = kw.pop("x_lora", None)
     lora_A = kw.pop("lora_A", inp.A)
     y, t = tql_small.small_m_fwd(inp.x, x_lora, lora_A, args, s.blocksize, list(s.shape), inp.B, inp.scale,
@@ -221,7 +221,7 @@ def test_small_m_one_launch(split_k, t_chunk_cols, poisoned_outputs, monkeypatch
     want_t = inp.x.double() @ inp.A.double().t()
     assert t.dtype == torch.float32 and t.shape == (5, 16)
     torch.testing.assert_close(t.double(), want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
-    assert len(given) == 1 and int(given[0].abs().sum()) == 0, given[0][:8]
+    check_counters(given, 1)
 
 
 def test_small_m_t_from_the_lora_input(poisoned_outputs, monkeypatch):
@@ -231,13 +231,14 @@ def test_small_m_t_from_the_lora_input(poisoned_outputs, monkeypatch):
     inp = make_inputs(case)
     x_lora = torch.randn_like(inp.x)
     inp.B = inp.B.to(torch.bfloat16)  # and B in another dtype than A: each keeps its own operand kind
-    y, t, _ = _small_m(inp, monkeypatch, split_k=2, x_lora=x_lora, t_chunk_cols=128)
+    y, t, given = _small_m(inp, monkeypatch, split_k=2, x_lora=x_lora, t_chunk_cols=128)
     w = dequantized(inp)
     want_t = x_lora.double() @ inp.A.double().t()
     want = inp.x.double() @ w.double().t() + inp.scale * want_t @ inp.B.double().t()
     torch.testing.assert_close(t.double(), want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
     err = (y.double() - want).abs().max().item()
     assert err <= 2 * 2.0**-8 * want.abs().max().item(), err  # one bf16 rounding of Y
+    check_counters(given, 1)
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
@@ -246,7 +247,8 @@ def test_small_m_without_lora(split_k, poisoned_outputs, monkeypatch):
     case = Case((2,), 72, 256, 4)
     inp = make_inputs(case)
     y, t, given = _small_m(inp, monkeypatch, split_k=split_k, lora_A=None, cfg=tql_small.GPU_CONFIG)
-    assert t is None and len(given) == (split_k > 1)
+    assert t is None
+    check_counters(given, 1 if split_k > 1 else 0)
     w = dequantized(inp).double()
     want = inp.x.double() @ w.t() + inp.bias.double()
     err = (y.double() - want).abs().max().item()
@@ -301,8 +303,27 @@ def test_launch_counters_fresh_off_the_gpu():
     assert tql_small.sync_counters(torch.device("cpu"), 5) is not cpu
 
 
-# Skipped without CUDA (reason below): the per-stream cache exists only for CUDA streams; bench/
-# device_check.sh runs this file on a GPU when one is lent.
+def test_capture_slots_are_disjoint_zeroed_and_run_out():
+    """The capture pool hands each captured launch its own zeroed, line-aligned slice, never the
+    same bytes twice, and None (the caller then zeroes a buffer in the graph) once it is used up."""
+    from qlora_kernels.backends.launch_counters import SLOT_ALIGN, CaptureSlots
+
+    pool = CaptureSlots(torch.zeros(4 * SLOT_ALIGN, dtype=torch.int32))
+    a, b = pool.take(3), pool.take(SLOT_ALIGN + 1)
+    assert a.shape == (3,) and b.shape == (SLOT_ALIGN + 1,)
+    assert int(a.abs().sum()) == 0 and int(b.abs().sum()) == 0
+    base = pool.buffer.data_ptr()
+    assert (a.data_ptr() - base) % (4 * SLOT_ALIGN) == 0 and (b.data_ptr() - base) % (4 * SLOT_ALIGN) == 0
+    a.fill_(7)
+    assert int(b.abs().sum()) == 0  # disjoint
+    assert pool.free == SLOT_ALIGN
+    assert pool.take(SLOT_ALIGN + 1) is None and pool.free == SLOT_ALIGN  # no room: nothing taken
+    c = pool.take(SLOT_ALIGN)
+    assert c is not None and pool.free == 0 and pool.take(1) is None
+
+
+# Skipped without CUDA (reason below): the per-stream cache and the capture pool exist only for
+# CUDA streams and graphs; bench/device_check.sh runs this file on a GPU when one is lent.
 @pytest.mark.skipif(not HAS_CUDA, reason="the per-stream counter cache needs CUDA streams")
 def test_launch_counters_one_buffer_per_stream():
     """On a GPU each stream gets its own counters (kernels on two streams may overlap), reused by
@@ -317,6 +338,27 @@ def test_launch_counters_one_buffer_per_stream():
     assert b.data_ptr() != a.data_ptr()
     wide = launch_counters(dev, a.numel() + 1)
     assert wide.numel() >= a.numel() + 1 and int(wide.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graph capture needs CUDA")
+def test_captured_launches_take_their_own_slots_from_the_pool():
+    """While a graph is captured each launch gets its own slice of the pool that eager launches
+    zeroed beforehand (no memset node in the graph), disjoint from the per-stream buffer."""
+    from qlora_kernels.backends import launch_counters as lc
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    eager = lc.launch_counters(dev, 10)  # makes the pool
+    pool = lc._CAPTURE_POOLS[dev.index][-1]
+    used = pool.used
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a = lc.launch_counters(dev, 10)
+        b = lc.launch_counters(dev, 10)
+    pool_bytes = range(pool.buffer.data_ptr(), pool.buffer.data_ptr() + pool.buffer.numel() * 4)
+    assert a.data_ptr() in pool_bytes and b.data_ptr() in pool_bytes
+    assert len({a.data_ptr(), b.data_ptr(), eager.data_ptr()}) == 3
+    assert pool.used == used + 2 * lc.SLOT_ALIGN
+    assert int(a.abs().sum()) == 0 and int(b.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("kind", [tql.KIND_FP32, tql.KIND_BF16])

@@ -348,7 +348,7 @@ def gemv_4bit(
     if ws_floats < 0:
         raise ValueError(f"qk_gemv_4bit_workspace rejected m={m}, n={n}, k={k}, r={r}, splits={splits}")
     workspace = torch.empty(ws_floats, dtype=torch.float32, device=device) if ws_floats else None
-    counters = launch_counters(device, 2 + n) if (r or splits > 1) else None
+    counters = launch_counters(device, 2 + (n if splits > 1 else 0)) if (r or splits > 1) else None
     with torch.cuda.device(device):
         _lib.check(
             lib.qk_gemv_4bit(xc.data_ptr(), x_code, m, raw.data_ptr(), a.data_ptr(), *ptrs, n, k, blocksize,

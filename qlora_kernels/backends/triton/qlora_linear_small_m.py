@@ -244,7 +244,8 @@ def t_chunk(k: int, bk: int) -> int:
 
 def sync_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     """Zeroed int32 counters for one launch, slots SYNC_* (backends/launch_counters.py: per stream
-    on a GPU, since the kernel leaves them zero)."""
+    on a GPU, since the kernel leaves them zero). n_tiles: 0 when SPLIT_K == 1, which has no tile
+    counts."""
     return launch_counters(device, SYNC_TILES + n_tiles)
 
 
@@ -275,7 +276,7 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
     else:
         chunk, n_t, t, tpart = cfg.BK, 0, None, x
     ypart = torch.empty((split, m, n_tiles * cfg.BN), dtype=torch.float32, device=x.device) if split > 1 else x
-    sync = sync_counters(x.device, n_tiles) if (has_lora or split > 1) else x
+    sync = sync_counters(x.device, n_tiles if split > 1 else 0) if (has_lora or split > 1) else x
     y = qlora_linear.empty((m, n), x.dtype, x.device)
     _small_m_kernel[(n_t + n_tiles * split,)](
         x, *packed_args, xl, lora_A if has_lora else x, lora_B if has_lora else x,
