@@ -44,16 +44,17 @@ struct GemvArgs {
     int M, log2B, quant_type, splits;
     int64_t row_ctas;     // GEMV CTAs per split
     const void* x_lora;   // [M, K] of the activation dtype
-    const void* lora_a;   // [r, K] of lora_dtype, or NULL (no LoRA term)
-    const void* lora_b;   // [N, r] of lora_dtype
-    int lora_dtype;
+    const void* lora_a;   // [r, K] of lora_a_dtype, or NULL (no LoRA term)
+    const void* lora_b;   // [N, r] of lora_b_dtype
+    int lora_a_dtype, lora_b_dtype;
     int64_t lora_r;
     float lora_scale;
     float* lora_t;        // out: T [M, r] fp32
     int64_t t_chunk;      // K columns per T CTA
     int t_blocks;         // T CTAs (0 without LoRA)
     float* t_partial;     // [t_blocks, M, r] fp32
-    const float* bias;    // [N] fp32 or NULL
+    const void* bias;     // [N] of bias_dtype, or NULL
+    int bias_dtype;
     float* partial;       // [splits, M, N] fp32 when splits > 1
     int* counters;        // T CTAs done, "T ready" count, then split arrivals per row ([2 + N] when splits > 1)
     void* y;              // [M, N] of the activation dtype
@@ -69,8 +70,8 @@ __device__ __forceinline__ uint4 load_chunk(const uint8_t* __restrict__ packed, 
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Element i of a LoRA factor (A or B) as fp32.
-__device__ __forceinline__ float lora_value(const void* p, int dtype, int64_t i) {
+// Element i of an fp32, bf16 or fp16 operand (LoRA A or B, the bias) as fp32.
+__device__ __forceinline__ float operand_value(const void* p, int dtype, int64_t i) {
     switch (dtype) {
         case QK_DTYPE_BFLOAT16: return qk_bf16_to_f32(__ldg(static_cast<const uint16_t*>(p) + i));
         case QK_DTYPE_FLOAT16: return qk_f16_to_f32(__ldg(static_cast<const uint16_t*>(p) + i));
@@ -99,7 +100,7 @@ __device__ void lora_down_cta(const GemvArgs& a, int64_t j, int* s_last) {
 #pragma unroll
         for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
         for (int64_t k = k_lo + lane; k < k_hi; k += 32) {
-            const float av = lora_value(a.lora_a, a.lora_dtype, q * K + k);
+            const float av = operand_value(a.lora_a, a.lora_a_dtype, q * K + k);
 #pragma unroll
             for (int m = 0; m < MB; ++m) {
                 if (m >= a.M) break;
@@ -136,14 +137,14 @@ __device__ __forceinline__ float lora_term(const GemvArgs& a, int m, int64_t n) 
     const float* t = a.lora_t + (int64_t)m * a.lora_r;
     float acc = 0.0f;
     for (int64_t j = 0; j < a.lora_r; ++j)
-        acc = qk_fma(__ldcg(t + j), lora_value(a.lora_b, a.lora_dtype, n * a.lora_r + j), acc);
+        acc = qk_fma(__ldcg(t + j), operand_value(a.lora_b, a.lora_b_dtype, n * a.lora_r + j), acc);
     return qk_fmul(acc, a.lora_scale);
 }
 
 template <int DT>
 __device__ __forceinline__ float out_value(const GemvArgs& a, int m, int64_t n, float v) {
     if (a.lora_a) v = qk_fadd(v, lora_term(a, m, n));
-    if (a.bias) v = qk_fadd(v, __ldg(a.bias + n));
+    if (a.bias) v = qk_fadd(v, operand_value(a.bias, a.bias_dtype, n));
     return v;
 }
 
@@ -296,12 +297,16 @@ QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t l
     return workspace_floats(m, n, k, lora_r, splits);
 }
 
+static bool operand_dtype_ok(int dtype) {
+    return dtype == QK_DTYPE_FLOAT32 || dtype == QK_DTYPE_BFLOAT16 || dtype == QK_DTYPE_FLOAT16;
+}
+
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
                         int64_t k, int64_t blocksize, int quant_type, const void* x_lora, const void* lora_a,
-                        const void* lora_b, int lora_dtype, int64_t lora_r, float lora_scale, float* lora_t,
-                        const float* bias, int64_t splits, float* workspace, int32_t* counters, void* y,
-                        cudaStream_t stream) {
+                        const void* lora_b, int lora_a_dtype, int lora_b_dtype, int64_t lora_r, float lora_scale,
+                        float* lora_t, const void* bias, int bias_dtype, int64_t splits, float* workspace,
+                        int32_t* counters, void* y, cudaStream_t stream) {
     if (m < 1 || m > QK_GEMV_MAX_M)
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: m must be in 1..%d, got %lld", QK_GEMV_MAX_M, (long long)m);
     if (n < 0 || k < 0) return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: n and k must be >= 0");
@@ -322,9 +327,12 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
             return qk::fail(QK_ERR_INVALID_ARGUMENT,
                             "qk_gemv_4bit: the LoRA term needs lora_a, lora_b, lora_t and lora_r >= 1 (got r = %lld)",
                             (long long)lora_r);
-        if (lora_dtype != QK_DTYPE_FLOAT32 && lora_dtype != QK_DTYPE_BFLOAT16 && lora_dtype != QK_DTYPE_FLOAT16)
-            return qk::fail(QK_ERR_UNSUPPORTED_DTYPE, "qk_gemv_4bit: unsupported lora dtype code %d", lora_dtype);
+        if (!operand_dtype_ok(lora_a_dtype) || !operand_dtype_ok(lora_b_dtype))
+            return qk::fail(QK_ERR_UNSUPPORTED_DTYPE, "qk_gemv_4bit: unsupported lora dtype codes %d (A), %d (B)",
+                            lora_a_dtype, lora_b_dtype);
     }
+    if (bias && !operand_dtype_ok(bias_dtype))
+        return qk::fail(QK_ERR_UNSUPPORTED_DTYPE, "qk_gemv_4bit: unsupported bias dtype code %d", bias_dtype);
     if ((splits > 1 || has_lora) && !counters)
         return qk::fail(QK_ERR_INVALID_ARGUMENT, "qk_gemv_4bit: splits > 1 or a LoRA term needs counters");
     if (workspace_floats(m, n, k, has_lora ? lora_r : 0, splits) > 0 && !workspace)
@@ -355,7 +363,8 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     a.x_lora = x_lora ? x_lora : x;
     a.lora_a = lora_a;
     a.lora_b = lora_b;
-    a.lora_dtype = lora_dtype;
+    a.lora_a_dtype = lora_a_dtype;
+    a.lora_b_dtype = lora_b_dtype;
     a.lora_r = has_lora ? lora_r : 0;
     a.lora_scale = lora_scale;
     a.lora_t = lora_t;
@@ -364,6 +373,7 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     a.partial = workspace;
     a.t_partial = workspace ? workspace + (splits > 1 ? splits * m * n : 0) : nullptr;
     a.bias = bias;
+    a.bias_dtype = bias_dtype;
     a.counters = counters;
     a.y = y;
     a.xvec = qk::aligned(x, 16) && k % 8 == 0;

@@ -39,7 +39,7 @@ typedef struct CUstream_st* cudaStream_t;
 #define QK_API QK_EXTERN_C __attribute__((visibility("default")))
 
 /* Bumped when a signature changes; Python refuses a library of another version. */
-#define QK_ABI_VERSION 3
+#define QK_ABI_VERSION 4
 
 /* Status codes. */
 #define QK_OK 0
@@ -122,9 +122,10 @@ QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const 
  *            qk_dequantize_4bit takes it (blocks of the flat index n*k: a block may cross rows);
  *            packed must be 16-byte aligned
  *   x_lora   [m, k] of x_dtype, row-major contiguous (LoRA's input after dropout), or NULL: x
- *   lora_a   [r, k] and lora_b [n, r], row-major, of lora_dtype (LoRA A and B), or both NULL for no
- *            LoRA term; r >= 1, lora_scale s (alpha / r); lora_t [m, r] fp32 receives T
- *   bias     [n] fp32 or NULL
+ *   lora_a   [r, k] of lora_a_dtype and lora_b [n, r] of lora_b_dtype, row-major (LoRA A and B;
+ *            each fp32, bf16 or fp16), or both NULL for no LoRA term; r >= 1, lora_scale s
+ *            (alpha / r); lora_t [m, r] fp32 receives T
+ *   bias     [n] of bias_dtype (fp32, bf16 or fp16), or NULL
  *   splits   1..65535: each row's K range is cut into this many parts run by separate CTAs
  *            (parallelism when n is small)
  *   workspace fp32 [qk_gemv_4bit_workspace(m, n, k, r, splits)] (NULL when that is 0): partial sums
@@ -137,9 +138,9 @@ QK_API int qk_dequantize_blockwise(const uint8_t* q, const float* absmax, const 
 QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset, int64_t n,
                         int64_t k, int64_t blocksize, int quant_type, const void* x_lora, const void* lora_a,
-                        const void* lora_b, int lora_dtype, int64_t lora_r, float lora_scale, float* lora_t,
-                        const float* bias, int64_t splits, float* workspace, int32_t* counters, void* y,
-                        cudaStream_t stream);
+                        const void* lora_b, int lora_a_dtype, int lora_b_dtype, int64_t lora_r, float lora_scale,
+                        float* lora_t, const void* bias, int bias_dtype, int64_t splits, float* workspace,
+                        int32_t* counters, void* y, cudaStream_t stream);
 
 /* Floats of workspace qk_gemv_4bit needs for these sizes (lora_r 0: no LoRA term); -1 if invalid. */
 QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_t splits);

@@ -224,14 +224,15 @@ def test_launchers_call_the_library_as_the_table_says(fake_lib):
     assert names == ["qk_gemv_4bit_workspace", "qk_gemv_4bit", "qk_gemv_4bit_workspace", "qk_gemv_4bit",
                      "qk_adamw_step_32bit", "qk_dynamic_map_lut", "qk_dynamic_map_lut", "qk_adamw_step_8bit"], names
     ws_lora, gemv_nested, ws_plain, gemv_plain = (c[1] for c in fake_lib.calls[:4])
-    assert ws_lora == (3, 40, 96, 4, gemv_nested[20]) and ws_plain == (3, 40, 96, 0, 3)
+    assert ws_lora == (3, 40, 96, 4, gemv_nested[22]) and ws_plain == (3, 40, 96, 0, 3)
     assert gemv_nested[2] == 3 and gemv_nested[8:12] == (40, 96, 64, 0) and gemv_nested[5] is not None
-    # The LoRA arguments: x_lora, A, B, their dtype (fp32: 0), r, s, T out; none without LoRA.
-    assert all(p is not None for p in gemv_nested[12:15]) and gemv_nested[15:18] == (0, 4, 0.5)
-    assert gemv_nested[18] is not None and gemv_nested[21] is not None and gemv_nested[22] is not None
-    assert gemv_plain[12:15] == (None, None, None) and gemv_plain[16] == 0 and gemv_plain[18] is None
-    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[20] == 3
-    assert gemv_plain[21] is not None and gemv_plain[22] is not None  # split sums: workspace, counters
+    # The LoRA arguments: x_lora, A, B, A's and B's dtypes (fp32: 0), r, s, T out; none without LoRA.
+    assert all(p is not None for p in gemv_nested[12:15]) and gemv_nested[15:19] == (0, 0, 4, 0.5)
+    assert gemv_nested[19] is not None and gemv_nested[23] is not None and gemv_nested[24] is not None
+    assert gemv_nested[20] is not None and gemv_nested[21] == 0  # the fp32 bias, as it is
+    assert gemv_plain[12:15] == (None, None, None) and gemv_plain[17] == 0 and gemv_plain[19] is None
+    assert gemv_plain[5:8] == (None, None, None) and gemv_plain[20] is None and gemv_plain[22] == 3
+    assert gemv_plain[23] is not None and gemv_plain[24] is not None  # split sums: workspace, counters
     s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
     assert list(fake_lib.calls[4][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
                                                                "one_minus_beta2", "step_size", "bc2_sqrt", "eps")]

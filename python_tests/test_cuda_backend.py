@@ -304,16 +304,21 @@ def test_bad_arguments_raise():
     ws, counters = torch.empty(ws_floats, device=DEV), torch.zeros(10, dtype=torch.int32, device=DEV)
     call = (xg.data_ptr(), _lib.CONSTANTS["QK_DTYPE_FLOAT32"], 1, packed.data_ptr(), absmax.data_ptr(), None, None,
             None, 8, 64, 64, _lib.CONSTANTS["QK_QUANT_NF4"], None, a.data_ptr(), b.data_ptr())
-    tail = (None, 1, ws.data_ptr(), counters.data_ptr(), y.data_ptr(), None)
-    bad = _lib.CONSTANTS["QK_ERR_INVALID_ARGUMENT"]
-    assert lib.qk_gemv_4bit(*call, 0, 0, 1.0, t.data_ptr(), *tail) == bad  # r = 0
-    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, None, *tail) == bad  # no T output
-    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, t.data_ptr(), None, 1, None, counters.data_ptr(), y.data_ptr(),
+    tail = (None, 0, 1, ws.data_ptr(), counters.data_ptr(), y.data_ptr(), None)  # bias, its dtype, splits, ...
+    bad, bad_dtype = _lib.CONSTANTS["QK_ERR_INVALID_ARGUMENT"], _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
+    assert lib.qk_gemv_4bit(*call, 0, 0, 0, 1.0, t.data_ptr(), *tail) == bad  # r = 0
+    assert lib.qk_gemv_4bit(*call, 0, 0, 4, 1.0, None, *tail) == bad  # no T output
+    assert lib.qk_gemv_4bit(*call, 0, 0, 4, 1.0, t.data_ptr(), None, 0, 1, None, counters.data_ptr(), y.data_ptr(),
                             None) == bad  # no workspace
-    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, t.data_ptr(), None, 1, ws.data_ptr(), None, y.data_ptr(),
+    assert lib.qk_gemv_4bit(*call, 0, 0, 4, 1.0, t.data_ptr(), None, 0, 1, ws.data_ptr(), None, y.data_ptr(),
                             None) == bad  # no counters
-    assert lib.qk_gemv_4bit(*call, 9, 4, 1.0, t.data_ptr(), *tail) == _lib.CONSTANTS["QK_ERR_UNSUPPORTED_DTYPE"]
-    assert lib.qk_gemv_4bit(*call, 0, 4, 1.0, t.data_ptr(), *tail) == _lib.CONSTANTS["QK_OK"]
+    assert lib.qk_gemv_4bit(*call, 9, 0, 4, 1.0, t.data_ptr(), *tail) == bad_dtype  # A's dtype
+    assert lib.qk_gemv_4bit(*call, 0, 9, 4, 1.0, t.data_ptr(), *tail) == bad_dtype  # B's dtype
+    bias = torch.zeros(8, device=DEV)
+    assert lib.qk_gemv_4bit(*call, 0, 0, 4, 1.0, t.data_ptr(), bias.data_ptr(), 9, *tail[2:]) == bad_dtype
+    with pytest.raises(TypeError, match="bias"):
+        C.gemv_4bit(xg, *wargs, bias=torch.zeros(8, device=DEV, dtype=torch.float64))
+    assert lib.qk_gemv_4bit(*call, 0, 0, 4, 1.0, t.data_ptr(), *tail) == _lib.CONSTANTS["QK_OK"]
     sync()
     assert int(counters.abs().sum()) == 0  # the launch leaves its counters zero
 
@@ -383,14 +388,16 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + DTYPES.index(dtype))
     for nested in (False, True):
         x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
-        # The LoRA term s * T B^T, T = X_lora A^T computed by the same launch: A, B [n, r] in the
-        # activation dtype, X_lora a dropout-like variant of x.
-        lora_a = (torch.randn(5, k, generator=gen) / math.sqrt(k)).to(dtype)
+        # The LoRA term s * T B^T, T = X_lora A^T computed by the same launch: A [r, k], B [n, r]
+        # in the activation dtype, or (nested) A in fp32 beside B in the activation dtype; X_lora a
+        # dropout-like variant of x. The bias in each of the three dtypes across the cases. Each
+        # operand is read in its own dtype by the kernel, none cast first.
+        lora_a = (torch.randn(5, k, generator=gen) / math.sqrt(k)).to(torch.float32 if nested else dtype)
         lora_b = (torch.randn(n, 5, generator=gen) * 0.1).to(dtype)
         x_lora = (x.float() * (torch.rand(m, k, generator=gen) > 0.1)).to(dtype)
         t_exact = x_lora.double() @ lora_a.double().t()
         addend = 0.5 * (t_exact @ lora_b.double().t())
-        bias = torch.randn(n, generator=gen) * 0.1
+        bias = (torch.randn(n, generator=gen) * 0.1).to(DTYPES[(DTYPES.index(dtype) + nested) % 3])
         for splits in (None, 1, 3):
             for xin in (dev(x), dev(torch.stack([x, x], 2).reshape(m, 2 * k))[:, ::2]):  # contiguous, strided
                 poison(m * n * x.element_size())

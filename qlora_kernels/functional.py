@@ -177,6 +177,8 @@ def qlora_linear(
         )
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in FLOAT_DTYPES):
+        raise TypeError("bias must be a float32/bfloat16/float16 tensor")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     if not 0.0 <= dropout < 1.0:

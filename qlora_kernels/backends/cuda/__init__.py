@@ -305,20 +305,17 @@ def gemv_4bit(
     _require_cuda(x, "x")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b go together")
-    a_l = b_l = xl = bias_f = None
-    r = l_code = 0
+    a_l = b_l = xl = bias_c = None
+    r = a_code = b_code = bias_code = 0
     if lora_a is not None:
         if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != k or lora_b.shape[0] != n \
                 or lora_b.shape[1] != lora_a.shape[0] or lora_a.shape[0] < 1:
             raise ValueError(f"lora_a must be [r, {k}] and lora_b [{n}, r], got {tuple(lora_a.shape)} and "
                              f"{tuple(lora_b.shape)}")
         r = lora_a.shape[0]
-        _dtype_code(lora_a.dtype, "lora_a")
-        _dtype_code(lora_b.dtype, "lora_b")
-        # One dtype for both factors; mixed ones meet in fp32, which holds either exactly.
-        ldt = lora_a.dtype if lora_a.dtype == lora_b.dtype else torch.float32
-        l_code = _dtype_code(ldt, "lora_a")
-        a_l, b_l = lora_a.to(ldt).contiguous(), lora_b.to(ldt).contiguous()
+        a_code = _dtype_code(lora_a.dtype, "lora_a")
+        b_code = _dtype_code(lora_b.dtype, "lora_b")
+        a_l, b_l = lora_a.contiguous(), lora_b.contiguous()
         _on(device, a_l, "lora_a")
         _on(device, b_l, "lora_b")
         xl = x if x_lora is None else x_lora
@@ -327,17 +324,19 @@ def gemv_4bit(
         xl = xl.contiguous()
         _on(device, xl, "x_lora")
     if bias is not None:
-        bias_f = bias.to(device=device, dtype=torch.float32).contiguous()
-        if bias_f.numel() != n:
-            raise ValueError(f"bias must have {n} entries, got {bias_f.numel()}")
+        bias_code = _dtype_code(bias.dtype, "bias")
+        bias_c = bias.reshape(-1).contiguous()
+        _on(device, bias_c, "bias")
+        if bias_c.numel() != n:
+            raise ValueError(f"bias must have {n} entries, got {bias_c.numel()}")
     y = torch.empty((m, n), dtype=x.dtype, device=device)
     t = torch.empty((m, r), dtype=torch.float32, device=device) if r else None
     if m == 0 or n == 0 or k == 0:  # nothing to stream: T = 0 and the epilogue alone
         if t is not None:
             t.zero_()
         acc = torch.zeros((m, n), dtype=torch.float32, device=device)
-        if bias_f is not None:
-            acc = acc + bias_f
+        if bias_c is not None:
+            acc = acc + bias_c.float()
         y.copy_(acc)
         return y, t
     xc = x.contiguous()
@@ -353,9 +352,9 @@ def gemv_4bit(
         _lib.check(
             lib.qk_gemv_4bit(xc.data_ptr(), x_code, m, raw.data_ptr(), a.data_ptr(), *ptrs, n, k, blocksize,
                              QUANT_CODES[quant_type], xl.data_ptr() if r else None, a_l.data_ptr() if r else None,
-                             b_l.data_ptr() if r else None, l_code, r,
+                             b_l.data_ptr() if r else None, a_code, b_code, r,
                              float(lora_scale), t.data_ptr() if r else None,
-                             bias_f.data_ptr() if bias_f is not None else None, splits,
+                             bias_c.data_ptr() if bias_c is not None else None, bias_code, splits,
                              workspace.data_ptr() if workspace is not None else None,
                              counters.data_ptr() if counters is not None else None, y.data_ptr(), _stream(device)),
             "qk_gemv_4bit",

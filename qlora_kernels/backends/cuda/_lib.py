@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 # Must equal QK_ABI_VERSION of the header the library was built from.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Override of the library's location (tests, out-of-tree builds).
 LIB_ENV = "QLORA_KERNELS_LIB"
@@ -66,7 +66,8 @@ SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
         "int",
         ("const void*", "int", "int64_t", "const uint8_t*", "const void*", "const float*", "const float*",
          "const float*", "int64_t", "int64_t", "int64_t", "int", "const void*", "const void*", "const void*", "int",
-         "int64_t", "float", "float*", "const float*", "int64_t", "float*", "int32_t*", "void*", "cudaStream_t"),
+         "int", "int64_t", "float", "float*", "const void*", "int", "int64_t", "float*", "int32_t*", "void*",
+         "cudaStream_t"),
     ),
     "qk_gemv_4bit_workspace": ("int64_t", ("int64_t", "int64_t", "int64_t", "int64_t", "int64_t")),
     "qk_adamw_step_32bit": (
