@@ -129,5 +129,5 @@ def emulated_cuda_backend(build_dir: Path):
         mp.setattr(_lib, "get_lib", lambda: lib)
         mp.setattr(cuda_backend, "available", lambda device: (True, ""))
         mp.setattr(cuda_backend, "_require_cuda", lambda t, what: None)
-        mp.setattr(cuda_backend, "_sm_counts", {})
+        mp.setattr(cuda_backend, "sm_count", lambda device: EMULATED_SM_COUNT)
         yield proxy

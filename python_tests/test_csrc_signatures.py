@@ -192,7 +192,7 @@ def fake_lib(monkeypatch):
     monkeypatch.setattr(_lib, "get_lib", lambda: lib)
     monkeypatch.setattr(C, "_stream", lambda device: 0)
     monkeypatch.setattr(C, "_require_cuda", lambda t, what: None)
-    monkeypatch.setattr(C, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(C, "sm_count", lambda device: 132)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(C, "_state_tables", {})
     return lib

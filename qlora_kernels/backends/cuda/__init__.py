@@ -22,6 +22,7 @@ import torch
 
 from ... import reference as ref
 from ...formats import check_blocksize, check_quant_type, get_code, num_blocks
+from .._device import sm_count
 from ..launch_counters import launch_counters
 from ..linear_strategy import choose as choose_strategy
 from . import _lib
@@ -214,14 +215,6 @@ GEMV_MAX_M = 16
 # Below this many chunks (32 weights) per split per row, splitting K costs more than it gains.
 _GEMV_MIN_CHUNKS_PER_SPLIT = 64
 _GEMV_MAX_SPLITS = 32
-_sm_counts: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
 
 
 def gemv_splits(n: int, k: int, device: torch.device) -> int:
@@ -229,7 +222,7 @@ def gemv_splits(n: int, k: int, device: torch.device) -> int:
     about two 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks. Splits cost
     an fp32 round trip of the partial sums (added by each row's last split, in the same launch), so
     a 4096-row decode GEMV runs unsplit."""
-    want = -(-(_sm_count(device) * 16) // max(n, 1))
+    want = -(-(sm_count(device) * 16) // max(n, 1))
     most = max(1, -(-k // 32) // _GEMV_MIN_CHUNKS_PER_SPLIT)
     return max(1, min(want, most, _GEMV_MAX_SPLITS))
 

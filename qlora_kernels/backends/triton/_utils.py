@@ -14,7 +14,6 @@ release, and the compile gate fails any PTX with a byte sign-extension.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -93,11 +92,3 @@ def launch_variant(spec: KernelSpec, divisible_by_16: tuple[str, ...], equal_to_
     return dataclasses.replace(spec, name=f"{spec.name}@ints16", extra=extra, max_byte_loads=max_byte_loads)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached)."""
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())

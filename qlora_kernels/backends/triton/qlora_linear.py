@@ -53,7 +53,8 @@ import triton.language as tl
 
 from ...formats import get_code
 from ..linear_strategy import choose as choose_strategy
-from ._utils import KernelSpec, interpreting, launch_variant, sm_count, triton_version
+from .._device import sm_count
+from ._utils import KernelSpec, interpreting, launch_variant, triton_version
 
 # Operand kinds of tl.dot (constexpr values).
 KIND_FP32, KIND_BF16, KIND_FP16 = 0, 1, 2

@@ -39,7 +39,8 @@ import triton.language as tl
 
 from ..launch_counters import launch_counters
 from . import qlora_linear
-from ._utils import KernelSpec, interpreting, sm_count
+from .._device import sm_count
+from ._utils import KernelSpec, interpreting
 from .qlora_linear import (
     _KIND_OF,
     _TYPE_NAME,
