@@ -13,6 +13,7 @@ kernels write them (the caching allocator hands back a block just filled with 0x
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -458,15 +459,21 @@ def test_gemv_one_launch_under_cuda_graph_and_two_streams():
         assert_bits_equal(t, eager_t, "two-stream decode T")
 
 
-def test_gemv_misaligned_packed_and_x():
-    # packed at an odd address (the launcher realigns it), x at an odd element offset (scalar loads).
+def test_gemv_misaligned_packed_and_x(monkeypatch):
+    # packed at an odd address (the launcher realigns it, saying once that it copies the weight per
+    # call), x at an odd element offset (scalar loads).
     gen = torch.Generator().manual_seed(3)
     x, packed, wargs, w32 = _gemv_inputs(4, 72, 264, 64, "nf4", torch.bfloat16, False, gen)
     raw = dev_empty(packed.numel() + 1, torch.uint8)
     raw[1:] = dev(packed.reshape(-1))
     xs = dev_empty(4 * 264 + 1, torch.bfloat16)
     xs[1:] = dev(x.reshape(-1))
-    y, _ = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
+    monkeypatch.setattr(C, "_realign_warned", False)
+    with pytest.warns(UserWarning, match="copies it on every call"):
+        y, _ = C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        C.gemv_4bit(xs[1:].view(4, 264), raw[1:], *wargs, 64, "nf4", (72, 264))
     ref_y, _ = C.gemv_4bit(dev(x), dev(packed), *wargs, 64, "nf4", (72, 264))
     sync()
     assert_bits_equal(y, ref_y, "misaligned inputs")

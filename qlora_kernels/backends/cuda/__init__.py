@@ -16,6 +16,7 @@ the automatic choice takes Triton's for them.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -227,6 +228,22 @@ def gemv_splits(n: int, k: int, device: torch.device) -> int:
     return max(1, min(want, most, _GEMV_MAX_SPLITS))
 
 
+_realign_warned = False
+
+
+def _realign_copy(raw: torch.Tensor) -> torch.Tensor:
+    """A fresh (so aligned) copy of packed bytes the kernels cannot read 16 bytes at a time, with a
+    warning the first time: a per-call copy of the weight can cost more than the kernel itself."""
+    global _realign_warned
+    if not _realign_warned:
+        _realign_warned = True
+        warnings.warn(
+            "qlora_kernels: a packed 4-bit weight is not contiguous and 16-byte aligned (a view into a "
+            "larger tensor?), so the cuda backend copies it on every call; keep it in a tensor of its own "
+            "(packed.clone()) to avoid the copy", stacklevel=4)
+    return raw.clone()
+
+
 def _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n_weights: int, blocksize: int, device):
     """(packed bytes 16-byte aligned, absmax, (nested_absmax, nested_code, offset) pointers or
     Nones, tensors to keep alive) checked against the weight's size."""
@@ -235,7 +252,7 @@ def _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n_weigh
     if raw.numel() < (n_weights + 1) // 2:
         raise ValueError(f"packed holds {raw.numel()} bytes, the weight needs {(n_weights + 1) // 2}")
     if not raw.is_contiguous() or raw.data_ptr() % 16:
-        raw = raw.clone()  # a fresh allocation is aligned; the kernel reads W 16 bytes at a time
+        raw = _realign_copy(raw)
     _on(device, raw, "packed")
     _on(device, absmax, "absmax")
     if nested_absmax is not None:
