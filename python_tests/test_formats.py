@@ -72,3 +72,15 @@ def test_storage_is_4_127_bits_per_weight():
     bits = 8 * (payload + scales) / n
     assert bits == 4 + 8 / 64 + 32 / (64 * 256), bits  # 4.127 bits per weight, exactly at this size
     assert state.nbytes() == scales + constants
+
+
+def test_from_dict_and_to_hold_the_shared_code_table():
+    """validate (run on every qlora_linear call) recognises the shared table by identity and reads
+    no values (a device sync on GPUs); states read from a dict or moved keep holding it."""
+    _, state = qk.quantize_4bit(torch.randn(64, 64))
+    assert state.code is formats.get_code("nf4")
+    back = qk.QuantState.from_dict(state.as_dict(packed=True))
+    assert back.code is formats.get_code("nf4")
+    assert state.to("meta").code is formats.get_code("nf4", "meta")
+    custom = qk.QuantState(**{**state.__dict__, "code": state.code.clone()})
+    assert custom.to("cpu").code is custom.code  # a copy of the table stays the caller's tensor

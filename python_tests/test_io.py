@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -353,3 +354,335 @@ def test_bad_quantized_files_leave_model_unchanged(tmp_path, case):
     with pytest.raises(AdapterFileError, match=match):
         load_quantized(target, path, r=4)
     _assert_unchanged(target, snap)
+
+
+# --- input validation ------------------------------------------------------------------------------
+
+
+class _Blk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.c = nn.Linear(64, 64)
+
+
+class _Nested(nn.Module):
+    """Module names where one ("a") is a "."-suffix of another ("blk.a"), as PEFT's patterns see them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.blk = _Blk()
+
+    def forward(self, x):
+        return self.blk.c(self.blk.a(self.a(x)))
+
+
+def _nested(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _Nested().eval()
+
+
+X64 = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+
+
+def _nested_qlora(case: str, train: bool = True) -> nn.Module:
+    # "a" differs from the (majority) default, "blk.a" and "blk.c" have the default
+    r_a, alpha_a = (8, 16) if case == "rank" else (4, 3.0)
+    model = replace_linear(_nested(), target_modules=["blk.a", "blk.c"], r=4, lora_alpha=16,
+                           compute_dtype=torch.float32)
+    replace_linear(model, target_modules=r"a", r=r_a, lora_alpha=alpha_a, compute_dtype=torch.float32)
+    if train:
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("case", ["alpha", "rank"])
+def test_nested_names_round_trip_exactly(tmp_path, case):
+    model = _nested_qlora(case)
+    save_adapter(model, tmp_path)
+    fresh = _nested_qlora(case, train=False)
+    with torch.no_grad():  # wrong hyperparameters on purpose: the load must set them
+        for m in fresh.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_alpha = 1.0
+    load_adapter(fresh, tmp_path)
+    hyper = {n: (m.r, m.lora_alpha) for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    assert {n: (m.r, m.lora_alpha) for n, m in fresh.named_modules() if isinstance(m, QLoRALinear)} == hyper
+    torch.testing.assert_close(fresh(X64), model(X64), rtol=0, atol=0)
+
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    base = _nested()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, QLoRALinear):
+                base.get_submodule(name).weight.copy_(mod.dequantize(torch.float32))
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    inner = pm.base_model.model
+    assert {n: (inner.get_submodule(n).r["default"], inner.get_submodule(n).lora_alpha["default"])
+            for n in hyper} == hyper
+    torch.testing.assert_close(pm(X64), model(X64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("patterns", [
+    {"a": 8}, {"^a": 8}, {"blk\\.a": 8, "a": 2}, {"a": 2, "blk\\.a": 8}, {".*c": 8, "^blk\\.a": 6}, {"zzz": 1},
+])
+def test_pattern_resolution_is_peft_s(tmp_path, patterns):
+    # Files written by PEFT (or by hand) resolve as PEFT resolves them: first matching key wins.
+    peft_other = pytest.importorskip("peft.utils.other", reason="peft is a test dependency (interop target)")
+    from qlora_kernels.io import _pattern_value, _read_patterns
+
+    compiled = _read_patterns({"rank_pattern": patterns}, "rank_pattern", lambda v: v, tmp_path)
+    for name in ("a", "blk.a", "blk.c", "x.blk.a"):
+        key = peft_other.get_pattern_key(patterns.keys(), name)
+        assert _pattern_value(compiled, name, 4) == patterns.get(key, 4), name
+
+
+def _small(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 4)).eval()
+
+
+def _small_qlora(seed=0) -> nn.Module:
+    return replace_linear(_small(seed), target_modules=["0", "1"], r=4, compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("into", ["qlora", "plain"])
+@pytest.mark.parametrize("key,value,match", [
+    ("0.bias", torch.tensor([7.0]), r"0\.bias: .*shape \(1,\).*\(32,\)"),
+    ("1.bias", torch.zeros(5), r"1\.bias: .*shape \(5,\).*\(16,\)"),
+    ("1.bias", torch.zeros(16, dtype=torch.int64), r"1\.bias: torch\.int64.*floating-point"),
+    ("2.weight", torch.zeros(4, 16, dtype=torch.int32), r"2\.weight: dtype torch\.int32"),
+])
+def test_load_quantized_checks_biases_and_dtypes_before_any_change(tmp_path, into, key, value, match):
+    path = tmp_path / "base.safetensors"
+    save_quantized(_small_qlora(seed=1), path)
+    sd = safetensors_torch.load_file(str(path))
+    sd[key] = value
+    safetensors_torch.save_file(sd, str(path))
+    target = _small_qlora() if into == "qlora" else _small()
+    snap = _snapshot(target)
+    with pytest.raises(AdapterFileError, match=match):
+        load_quantized(target, path, r=4)
+    _assert_unchanged(target, snap)
+
+
+LAYER = "model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("leaf", ["packed_weight", "absmax", "nested_absmax", "offset", "lora_A", "bias"])
+def test_adapter_cannot_write_into_qlora_internals(tmp_path, leaf):
+    target = _qlora_llama(train=False)
+    if leaf == "bias":  # Llama's projections have none; give this one a bias the file could overwrite
+        target.get_submodule(LAYER).bias = nn.Parameter(torch.zeros(32), requires_grad=False)
+    own = target.state_dict()[f"{LAYER}.{leaf}"]  # right shape and dtype: only the address is wrong
+    _write_adapter(tmp_path, _qlora_llama(), lambda t: t.__setitem__(
+        f"base_model.model.{LAYER}.{leaf}", torch.ones_like(own)))
+    snap = _snapshot(target)
+    with pytest.raises(AdapterFileError, match=rf"{LAYER}\.{leaf}'? addresses QLoRALinear '{LAYER}'"):
+        load_adapter(target, tmp_path)
+    _assert_unchanged(target, snap)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lm_head.weight", torch.ones(96, 64, dtype=torch.bool), r"lm_head\.weight: dtype torch\.bool"),
+    ("lm_head.weight", torch.ones(96, 64, dtype=torch.int64), r"lm_head\.weight: dtype torch\.int64"),
+    ("step_count", torch.ones(3, dtype=torch.float32), r"step_count: dtype torch\.float32 .* torch\.int64"),
+    ("step_count", torch.ones(3, dtype=torch.int32), r"step_count: dtype torch\.int32 .* torch\.int64"),
+    (f"{LAYER}.base_layer.bias", torch.ones(32, dtype=torch.int64), r"base_layer\.bias: dtype torch\.int64"),
+])
+def test_adapter_entries_keep_their_dtype_kind(tmp_path, key, value, match):
+    def model(train):
+        m = _qlora_llama(train=train)
+        m.register_buffer("step_count", torch.zeros(3, dtype=torch.int64))
+        return m
+
+    target = model(train=False)
+    if "base_layer" in key:  # Llama's projections have no bias; give this one a bias the file may set
+        target.get_submodule(LAYER).bias = nn.Parameter(torch.zeros(32), requires_grad=False)
+    _write_adapter(tmp_path, model(train=True), lambda t: t.__setitem__(f"base_model.model.{key}", value))
+    snap = _snapshot(target)
+    with pytest.raises(AdapterFileError, match=match):
+        load_adapter(target, tmp_path)
+    _assert_unchanged(target, snap)
+
+
+def test_save_adapter_warns_when_layer_dropouts_differ(tmp_path):
+    model = _qlora_llama()
+    model.model.layers[1].self_attn.v_proj.lora_dropout = 0.1
+    with pytest.warns(UserWarning, match=r"lora_dropout differ.*0\.1: \['model\.layers\.1\.self_attn\.v_proj'\]"):
+        save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["lora_dropout"] == 0.1
+    fresh = _qlora_llama(train=False)
+    load_adapter(fresh, tmp_path)
+    assert {m.lora_dropout for m in fresh.modules() if isinstance(m, QLoRALinear)} == {0.1}
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lora_dropout", 1.0, "lora_dropout must be"), ("lora_dropout", -0.1, "lora_dropout must be"),
+    ("lora_dropout", "0.1", "lora_dropout must be"), ("lora_dropout", NAN, "lora_dropout must be"),
+    ("lora_alpha", NAN, "lora_alpha must be"), ("lora_alpha", INF, "lora_alpha must be"),
+    ("lora_alpha", "8", "lora_alpha must be"),
+    ("lora_alpha", None, "lora_alpha must be"), ("lora_alpha", True, "lora_alpha must be"),
+    ("r", 4.7, "r must be"), ("r", 0, "r must be"), ("r", -4, "r must be"), ("r", "4", "r must be"),
+    ("r", True, "r must be"), ("r", None, "r must be"),
+    ("rank_pattern", [1], "rank_pattern must be an object"), ("rank_pattern", "v_proj", "rank_pattern must be"),
+    ("rank_pattern", {"v_pr(oj": 4}, r"rank_pattern key 'v_pr\(oj' is not a valid regex"),
+    ("rank_pattern", {"v_proj": "x"}, r"rank_pattern\['v_proj'\] must be a positive integer"),
+    ("rank_pattern", {"v_proj": 4.5}, r"rank_pattern\['v_proj'\] must be a positive integer"),
+    ("rank_pattern", {"v_proj": 0}, r"rank_pattern\['v_proj'\] must be a positive integer"),
+    ("alpha_pattern", {"v_proj": "x"}, r"alpha_pattern\['v_proj'\] must be a finite number"),
+    ("alpha_pattern", {"v_proj": NAN}, r"alpha_pattern\['v_proj'\] must be a finite number"),
+    ("alpha_pattern", {"[": 8}, r"alpha_pattern key '\[' is not a valid regex"),
+    ("alpha_pattern", 3, "alpha_pattern must be an object"),
+])
+def test_bad_adapter_config_values_are_refused(tmp_path, field, value, match):
+    save_adapter(_qlora_llama(), tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    cfg[field] = value
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    target = _qlora_llama(train=False)
+    snap = _snapshot(target)
+    with pytest.raises(AdapterFileError, match=match):
+        load_adapter(target, tmp_path)
+    _assert_unchanged(target, snap)
+
+
+def test_integral_float_rank_and_missing_dropout_still_load(tmp_path):
+    model = _qlora_llama()
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    cfg["r"], cfg["lora_dropout"] = 4.0, None
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    fresh = _qlora_llama(train=False)
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh), _logits(model), rtol=0, atol=0)
+
+
+def test_negative_alpha_round_trips(tmp_path):
+    """A negative lora_alpha (allowed by QLoRALinear and PEFT: it flips the update's sign) saves and
+    loads back like any other."""
+    model = _qlora_llama()
+    layer = next(m for m in model.modules() if isinstance(m, QLoRALinear))
+    layer.lora_alpha = -8
+    save_adapter(model, tmp_path)
+    fresh = _qlora_llama(train=False)
+    load_adapter(fresh, tmp_path)
+    assert next(m for m in fresh.modules() if isinstance(m, QLoRALinear)).lora_alpha == -8
+    torch.testing.assert_close(_logits(fresh), _logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", ["save_adapter", "load_adapter", "save_quantized", "load_quantized"])
+def test_io_functions_refuse_a_non_module(tmp_path, call):
+    fn = {"save_adapter": save_adapter, "load_adapter": load_adapter, "save_quantized": save_quantized,
+          "load_quantized": load_quantized}[call]
+    with pytest.raises(TypeError, match=rf"{call} takes an nn.Module as `model`, got NoneType"):
+        fn(None, tmp_path / "x")
+
+
+@pytest.mark.parametrize("modules,error,match", [
+    ("lm_head", TypeError, r"modules_to_save must be a list of module names, got the string 'lm_head'"),
+    ([""], TypeError, r"non-empty module names"),
+    ([3], TypeError, r"non-empty module names"),
+    (5, TypeError, r"modules_to_save must be a list of module names, got int"),
+    (["model.layers.0"], ValueError, r"'model.layers.0' contains QLoRALinear layer\(s\)"),
+])
+def test_save_adapter_checks_modules_to_save(tmp_path, modules, error, match):
+    with pytest.raises(error, match=match):
+        save_adapter(_qlora_llama(), tmp_path, modules_to_save=modules)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_save_adapter_failure_writing_the_config_keeps_the_previous_pair(tmp_path, monkeypatch):
+    save_adapter(_qlora_llama(targets=("q_proj",)), tmp_path)
+    before = _files(tmp_path)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(_qlora_llama(), tmp_path)
+    monkeypatch.undo()
+    assert _files(tmp_path) == before  # old weights and config, no temporary files left
+    load_adapter(_qlora_llama(targets=("q_proj",), train=False), tmp_path)
+
+
+def test_save_adapter_failure_renaming_the_config_keeps_the_previous_pair(tmp_path, monkeypatch):
+    save_adapter(_qlora_llama(targets=("q_proj",)), tmp_path)
+    before = _files(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst).endswith(ADAPTER_CONFIG):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_adapter(_qlora_llama(), tmp_path)
+    monkeypatch.undo()
+    assert _files(tmp_path) == before  # the weights already renamed into place were put back
+
+
+def test_save_quantized_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "base.safetensors"
+    save_quantized(_small_qlora(), path)
+    before = _files(tmp_path)
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        save_quantized(_small_qlora(seed=2), path)
+    monkeypatch.undo()
+    assert _files(tmp_path) == before
+
+
+def test_save_quantized_refuses_a_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file path"):
+        save_quantized(_small_qlora(), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+class _AliasedLinear(nn.Module):
+    """One Linear registered under two names (x and y), as some models share a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = nn.Linear(64, 32)
+        self.y = self.x
+        self.z = nn.Linear(32, 8)
+
+    def forward(self, t):
+        return self.z(self.y(self.x(t)[:, :32].repeat(1, 2)))
+
+
+def test_quantized_file_of_a_model_with_an_aliased_linear_round_trips(tmp_path):
+    """The file holds the shared layer once, under its first name; loading it into a fresh model
+    swaps in one QLoRALinear at both names, with the same outputs."""
+    torch.manual_seed(0)
+    model = replace_linear(_AliasedLinear(), r=2)
+    save_quantized(model, tmp_path / "q.safetensors")
+    from safetensors.torch import load_file
+
+    assert not [k for k in load_file(str(tmp_path / "q.safetensors")) if k.startswith("y.")]
+    torch.manual_seed(1)
+    fresh = load_quantized(_AliasedLinear(), tmp_path / "q.safetensors", r=2)
+    assert isinstance(fresh.x, QLoRALinear) and fresh.y is fresh.x
+    t = torch.randn(3, 64)
+    torch.testing.assert_close(fresh(t), model(t), rtol=0, atol=0)

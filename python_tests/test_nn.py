@@ -7,6 +7,8 @@ dtype, LoRA in the adapter's dtype, as bitsandbytes + PEFT run it), plus a tiny 
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 
 import pytest
@@ -229,6 +231,167 @@ def test_non_float_input_is_refused_as_nn_linear_refuses_it():
         layer(ids)
 
 
+def _layer_state(layer: nn.Module) -> dict:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _same_state(layer: nn.Module, state: dict) -> bool:
+    now = layer.state_dict()
+    return now.keys() == state.keys() and all(
+        v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in now.items())
+
+
+def _source_state_dict(**kwargs) -> dict:
+    src = QLoRALinear(128, 32, r=4, compute_dtype=torch.float32, **kwargs)
+    _randomize_lora(src)
+    return src.state_dict()
+
+
+@pytest.mark.parametrize("source, target, match", [
+    # NF4 bytes would decode as FP4 (and back): only the recorded quant_type tells them apart
+    ({}, {"quant_type": "fp4"}, "quant_type is 'nf4' in the state dict, 'fp4' in the layer"),
+    ({"quant_type": "fp4"}, {}, "quant_type is 'fp4' in the state dict, 'nf4' in the layer"),
+    # uint8 double-quantized absmax would be cast into the fp32 absmax (garbage scales)
+    ({}, {"double_quant": False}, r"nested_absmax', 'offset'\]: a double-quantized weight.*absmax is torch.uint8"),
+    ({"double_quant": False}, {}, r"but not \['nested_absmax', 'offset'\].*layer has double_quant=True"),
+    ({}, {"blocksize": 128}, r"blocksize is 64 in the state dict, 128 in the layer.*absmax has shape"),
+    ({}, {"r": 8}, r"lora_A has shape \(4, 128\) in the state dict, \(8, 128\) in the layer \(r=4 vs r=8\)"),
+    ({"quant_storage": torch.float32}, {}, r"packed_weight is torch.float32 \(512, 1\) in the state dict, torch.uint8 \(2048, 1\) in the layer"),
+], ids=["nf4->fp4", "fp4->nf4", "dq->no-dq", "no-dq->dq", "blocksize", "r", "quant_storage"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_of_another_format_is_refused_before_anything_loads(source, target, match, strict):
+    sd = _source_state_dict(**source)
+    kwargs = {"r": 4, **target}
+    layer = QLoRALinear(128, 32, compute_dtype=torch.float32, **kwargs)
+    before = _layer_state(layer)
+    with pytest.raises(ValueError, match=match):
+        layer.load_state_dict(sd, strict=strict)
+    assert _same_state(layer, before)  # nothing copied: not the LoRA weights, not the bias either
+
+
+def test_load_state_dict_format_survives_torch_save_and_old_state_dicts_still_load():
+    src = QLoRALinear(128, 32, r=4, compute_dtype=torch.float32)
+    _randomize_lora(src)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)  # the format rides in the state dict's metadata
+    assert sd._metadata[""]["quant_type"] == "nf4"
+    with pytest.raises(ValueError, match="quant_type is 'nf4'"):
+        QLoRALinear(128, 32, r=4, quant_type="fp4").load_state_dict(sd)
+    # A state dict without that metadata (older ones, ones read from safetensors) is checked by
+    # its tensors alone and loads into a layer they fit.
+    plain = {k: v.clone() for k, v in sd.items()}
+    dst = QLoRALinear(128, 32, r=4, compute_dtype=torch.float32)
+    dst.load_state_dict(plain)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    # strict=False may leave the whole quantized base out (an adapter only), not part of it
+    fresh = QLoRALinear(128, 32, r=4, compute_dtype=torch.float32)
+    fresh.load_state_dict({k: v for k, v in sd.items() if k.startswith("lora_")}, strict=False)
+    assert torch.equal(fresh.lora_B, src.lora_B)
+    with pytest.raises(ValueError, match=r"has \['packed_weight'\] but not \['absmax'"):
+        fresh.load_state_dict({"packed_weight": sd["packed_weight"]}, strict=False)
+
+
+def test_load_state_dict_refuses_a_dense_or_linear4bit_weight():
+    layer = QLoRALinear(64, 32, r=4)
+    before = _layer_state(layer)
+    with pytest.raises(ValueError, match="weight is a dense or bitsandbytes Linear4bit weight.*load_quantized"):
+        layer.load_state_dict(nn.Linear(64, 32).state_dict(), strict=False)  # was: bias loaded, weight ignored
+    assert _same_state(layer, before)
+
+
+def test_model_load_state_dict_is_all_or_nothing():
+    def model(r2):
+        m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16), nn.LayerNorm(16))
+        replace_linear(m, target_modules=["0"], r=4, compute_dtype=torch.float32)
+        return replace_linear(m, target_modules=["1"], r=r2, compute_dtype=torch.float32)
+
+    src = model(8)
+    for mod in src.modules():
+        if isinstance(mod, QLoRALinear):
+            _randomize_lora(mod)
+    with torch.no_grad():
+        src[2].weight.fill_(3.0)
+    for dst in (model(4), copy.deepcopy(model(4))):  # the check survives a deepcopy of the model
+        before = _layer_state(dst)
+        with pytest.raises(ValueError, match=r"nothing was loaded:\n  1: lora_A has shape \(8, 32\)"):
+            dst.load_state_dict(src.state_dict())
+        assert _same_state(dst, before)  # layer 0 and the LayerNorm, which fit, were not loaded either
+    same = model(8)
+    same.load_state_dict(src.state_dict())
+    assert _same_state(same, src.state_dict())
+
+
+def test_weight_standin_is_read_only():
+    layer = QLoRALinear(64, 32, r=4, compute_dtype=torch.float32)
+    base = layer.dequantize()
+    w = torch.randn(32, 64)
+    writes = {
+        "zero_": lambda: layer.weight.zero_(),
+        "data.normal_": lambda: layer.weight.data.normal_(),
+        "copy_": lambda: layer.weight.copy_(w),
+        "detach().mul_": lambda: layer.weight.detach().mul_(2),
+        "out=": lambda: torch.add(w, 1, out=layer.weight),
+        "t_": lambda: layer.weight.t_(),
+    }
+    for what, write in writes.items():
+        with torch.no_grad(), pytest.raises(RuntimeError, match="read-only.*merge_and_requantize"):
+            write()
+        assert torch.equal(layer.dequantize(), base), what
+    with pytest.raises(RuntimeError, match="read-only"):
+        layer.weight.data = w
+    # reads still dequantize, the stand-in and its .data alike
+    x = torch.randn(3, 64)
+    expected = x @ base.t()
+    torch.testing.assert_close(F.linear(x, layer.weight), expected, rtol=0, atol=0)
+    torch.testing.assert_close(F.linear(x, layer.weight.data), expected, rtol=0, atol=0)
+    assert torch.equal(layer.weight.t(), base.t()) and torch.equal(layer.weight.to(torch.bfloat16), base.bfloat16())
+    assert torch.equal(layer.weight.float(), base) and torch.equal(layer.weight.detach().clone(), base)
+    assert torch.equal(copy.deepcopy(layer.weight), base) and torch.equal(torch.zeros(32, 64).copy_(layer.weight), base)
+    assert (layer.weight.data.numpy() == base.numpy()).all() and layer.weight.tolist() == base.tolist()
+    assert "QuantizedWeight" in repr(layer.weight.data)
+
+
+def test_lora_alpha_and_dropout_are_checked_numbers():
+    for bad, err in ((None, TypeError), ("16", TypeError), (True, TypeError), (float("nan"), ValueError),
+                     (float("inf"), ValueError)):
+        with pytest.raises(err, match="lora_alpha must be"):
+            QLoRALinear(64, 32, lora_alpha=bad)
+    with pytest.raises(TypeError, match="lora_dropout must be a real number"):
+        QLoRALinear(64, 32, lora_dropout="0.1")
+    layer = QLoRALinear(64, 32, r=4, lora_alpha=8)
+    assert layer.lora_alpha == 8 and isinstance(layer.lora_alpha, int) and layer.scale == 2.0
+    with pytest.raises(TypeError, match="lora_alpha must be"):
+        layer.lora_alpha = None  # checked when set later too, not at the next forward
+    assert layer.lora_alpha == 8
+    layer.lora_alpha = 2.5
+    assert layer.scale == 0.625
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_casting_to_float64_is_refused_and_leaves_the_layer_working():
+    layer = QLoRALinear(64, 32, r=4, compute_dtype=torch.float32)
+    before = _layer_state(layer)
+    for cast in (lambda m: m.double(), lambda m: m.to(torch.float64), lambda m: m.to(torch.complex64)):
+        with pytest.raises(TypeError, match="computes in float32, bfloat16 or float16 and cannot be cast"):
+            cast(layer)
+        assert layer.compute_dtype == torch.float32 and _same_state(layer, before)
+    assert layer(torch.randn(2, 64)).dtype == torch.float32
+    layer.half()  # the supported casts still work
+    assert layer.compute_dtype == torch.float16 and layer.absmax.dtype == torch.uint8
+
+
+def test_merge_and_requantize_with_a_nan_adapter_says_what_to_do():
+    layer = QLoRALinear(64, 32, r=4, compute_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_A.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"lora_A holds NaN/Inf.*reset_lora_parameters\(\)") as e:
+        layer.merge_and_requantize()
+    assert "check_finite" not in str(e.value)  # an argument this method does not have
+
+
 def test_triton_interpreter_runs_the_layer_end_to_end():
     # The GPU path (fp32 adapters on bf16 activations, as the layer keeps them) through the real
     # Triton kernels under the interpreter, on a MiniLM weight, by the same rule.
@@ -404,6 +567,86 @@ def test_replace_linear_forms_and_report(capsys):
     assert toy.qlora_replaced == ["body.0", "body.2"]
     assert "out" in toy.qlora_replace_report.skipped
     assert not toy.emb.weight.requires_grad
+
+
+def test_replace_linear_skips_linears_whose_forward_is_not_called():
+    class Twice(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2)
+            self.twice = Twice(16, 16)
+            self.patched = nn.Linear(16, 16)
+            self.patched.forward = lambda x: x  # noqa: E731
+            self.proj = nn.Linear(16, 16)
+
+    net = replace_linear(Net(), r=2, compute_dtype=torch.float32)
+    assert net.qlora_replaced == ["proj"]
+    skipped = net.qlora_replace_report.skipped
+    assert "reads out_proj.weight" in skipped["mha.out_proj"] and "Twice overrides" in skipped["twice"]
+    assert "replaced on the instance" in skipped["patched"]
+    assert type(net.twice) is Twice and type(net.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    # named explicitly (and nothing else): refused with the reason, model unchanged
+    with pytest.raises(ValueError, match="matched no nn.Linear.*mha.out_proj.*reads out_proj.weight"):
+        replace_linear(Net(), target_modules=["out_proj"])
+
+    # nn.TransformerEncoderLayer: out_proj skipped; linear1/linear2 replaced, and their adapters act
+    # also on its inference fast path (which reads Linear weights directly unless they have a
+    # __torch_function__).
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    replace_linear(enc, r=2, compute_dtype=torch.float32)
+    assert enc.qlora_replaced == ["linear1", "linear2"]
+    enc.eval()
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        before = enc(x)
+        enc.linear2.lora_B.normal_()
+        assert not torch.allclose(enc(x), before)
+
+
+def test_replace_linear_replaces_every_name_of_a_shared_linear():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x = self.y = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, t):
+            return self.out(self.y(self.x(t)))
+
+    for targets in (None, ["x"], ["y"], r"y"):
+        model = replace_linear(Shared(), target_modules=targets, r=2, compute_dtype=torch.float32)
+        assert isinstance(model.x, QLoRALinear) and model.y is model.x, targets  # still one layer
+        assert "x" in model.qlora_replaced and model.qlora_replace_report.aliases == {"x": ["y"]}
+        assert "also registered as y" in str(model.qlora_replace_report)
+    model(torch.randn(3, 16)).sum().backward()
+    assert model.x.lora_A.grad is not None
+    # excluded under one of its names: left alone under both, and the report says why
+    model = replace_linear(Shared(), exclude=["y"], r=2)
+    assert model.qlora_replaced == ["out"] and type(model.x) is nn.Linear and model.x is model.y
+    assert "excluded as y" in model.qlora_replace_report.skipped["x"]
+    # merge_and_unload swaps it at every name as well
+    model = replace_linear(Shared(), r=2, compute_dtype=torch.float32)
+    qk.merge_and_unload(model)
+    assert type(model.x) is nn.Linear and model.y is model.x
+
+
+def test_replace_linear_and_memory_report_check_their_argument_types():
+    for bad in (None, {"not": "a model"}):
+        with pytest.raises(TypeError, match="replace_linear takes an nn.Module as `model`, got"):
+            replace_linear(bad)
+        with pytest.raises(TypeError, match="memory_report takes an nn.Module as `model`, got"):
+            memory_report(bad)
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="target_modules must be None, a regex string or a list of module names, got int 5"):
+        replace_linear(model, target_modules=5)
+    with pytest.raises(TypeError, match="exclude must be None, a regex string or a list of module names, got float"):
+        replace_linear(model, exclude=1.5)
+    assert type(model[0]) is nn.Linear
 
 
 # --- merge_and_unload / unload (PEFT's names) -------------------------------------------------

@@ -570,3 +570,41 @@ def test_foreign_state_dicts_rejected_unchanged(cls):
     with pytest.raises(TypeError):
         opt.load_state_dict([1, 2])
     _assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_duplicate_params_rejected_unchanged(cls):
+    """torch.optim only warns about a parameter listed twice in a group; stepping it would apply two
+    updates while its state counts one. Rejected, as torch rejects one in two groups."""
+    p, q = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's duplicate warning must not be what stops it
+        with pytest.raises(ValueError, match="more than once, at 0 and 2"):
+            cls([p, q, p])
+    with pytest.raises(ValueError, match="already in param group 0"):
+        cls([{"params": [p]}, {"params": [q, p]}])
+    opt = cls([p], lr=1e-2)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [q, q]})
+    with pytest.raises(ValueError, match="parameter 0 .* already in param group 0"):
+        opt.add_param_group({"params": p})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]
+    opt.add_param_group({"params": [q]})  # still usable
+    p0 = p.detach().clone()
+    p.grad = torch.ones(8)
+    opt.step()
+    assert opt.state[p]["step"] == 1
+    expected = p0.clone()
+    ref.adamw_step_32bit(expected, torch.ones(8), torch.zeros(8), torch.zeros(8), 1e-2, 0.9, 0.999, 1e-8, 1e-2, 1)
+    assert_same_bits(p.detach(), expected, "one update")
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_state_dict_listing_a_param_id_twice_rejected_unchanged(cls):
+    params, opt = _stepped(cls)
+    snap = _snapshot(opt, params)
+    bad = opt.state_dict()
+    bad["param_groups"][0]["params"] = [0, 0]  # would give param 1 param 0's state and drop its own
+    with pytest.raises(ValueError, match="param id 0 a second time"):
+        opt.load_state_dict(bad)
+    _assert_unchanged(opt, params, snap)

@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional
 
 import torch
+
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # a torch without fake tensors cannot trace with them either
+    def _is_fake(t: torch.Tensor) -> bool:
+        return False
 
 # NF4 levels, index 0..15 (the QLoRA paper's NormalFloat4; bitsandbytes' table bit for bit).
 NF4_CODE_VALUES = (
@@ -42,6 +50,8 @@ FP4_CODE_VALUES = (
 )
 
 QUANT_TYPES = ("nf4", "fp4")
+# The dtypes a quantized weight may have (and dequantize may return).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCKSIZES_4BIT = tuple(2**i for i in range(5, 13))  # 32 .. 4096
 NESTED_BLOCKSIZE = 256
 # Resolution of the table the 8-bit encoder looks values up in (see reference.quantize_blockwise).
@@ -107,6 +117,19 @@ def get_code(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     if key not in _code_cache:
         _code_cache[key] = _code_cpu(name).to(device)
     return _code_cache[key]
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read to check them: not on the meta device, not while torch.compile
+    traces and not for fake tensors (all of which stand in for values not known yet)."""
+    return t.device.type != "meta" and not torch.compiler.is_compiling() and not _is_fake(t)
+
+
+def _is_shipped_code(code: Any, quant_type: Any) -> bool:
+    """Whether `code` is the shared get_code(quant_type) tensor of its device (by identity: no values
+    read, nothing created)."""
+    return (isinstance(code, torch.Tensor) and quant_type in QUANT_TYPES
+            and code is _code_cache.get((quant_type, code.device)))
 
 
 def packed_numel(numel: int) -> int:
@@ -182,6 +205,10 @@ class QuantState:
     def to(self, device: torch.device | str) -> "QuantState":
         """A copy on `device` (bitsandbytes' QuantState.to mutates; ours returns a new state)."""
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        if _is_shipped_code(self.code, self.quant_type):
+            # The shared table on the new device, so that validate (every qlora_linear call) keeps
+            # recognising it by identity instead of comparing values (a device sync on GPUs).
+            moved["code"] = get_code(self.quant_type, moved["code"].device)
         return QuantState(**moved)
 
     def nbytes(self) -> int:
@@ -190,9 +217,30 @@ class QuantState:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def validate(self, packed: Optional[torch.Tensor] = None) -> None:
-        """Raise ValueError/TypeError when the state is inconsistent in itself or with `packed`."""
+        """Raise ValueError/TypeError when the state is inconsistent in itself or with `packed`.
+
+        Checks types, dtypes, shapes and devices, and that `code` is the table of `quant_type` (the
+        decoders use the table of quant_type, so any other code would be silently ignored). Values
+        are compared only where they can be read without cost: a state holding the shared table
+        (get_code) passes by identity, and nothing is read under torch.compile, fake tensors or
+        on the meta device.
+        """
         check_quant_type(self.quant_type)
         check_blocksize(self.blocksize)
+        if not isinstance(self.shape, (tuple, list)):
+            raise TypeError(f"quant state shape must be a torch.Size or tuple of ints, got {type(self.shape).__name__}")
+        for s in self.shape:
+            if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)) or s < 0:
+                raise ValueError(f"quant state shape must hold non-negative ints, got {tuple(self.shape)}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"quant state dtype (the weight's dtype, dequantize's default) must be float32, bfloat16 "
+                f"or float16, got {self.dtype}"
+            )
+        for name in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) and (t is not None or name in ("absmax", "code")):
+                raise TypeError(f"quant state {name} must be a torch.Tensor, got {type(t).__name__}")
         n = self.numel
         if n <= 0:
             raise ValueError(f"quant state describes an empty tensor (shape {tuple(self.shape)})")
@@ -203,7 +251,15 @@ class QuantState:
                 f"{tuple(self.shape)} at blocksize {self.blocksize}"
             )
         if self.code.shape != (16,) or self.code.dtype != torch.float32:
-            raise ValueError("code must be a float32 tensor of 16 entries")
+            raise ValueError(
+                f"code must be a float32 tensor of 16 entries, got {self.code.dtype} {tuple(self.code.shape)}"
+            )
+        if not _is_shipped_code(self.code, self.quant_type) and values_readable(self.code) \
+                and not torch.equal(self.code, get_code(self.quant_type, self.code.device)):
+            raise ValueError(
+                f"code (bitsandbytes' quant_map) is not the standard {self.quant_type} table "
+                f"(formats.get_code({self.quant_type!r})), which quant_type {self.quant_type!r} decodes with"
+            )
         if self.nested:
             if self.absmax.dtype != torch.uint8:
                 raise TypeError(f"double-quantized absmax must be uint8, got {self.absmax.dtype}")
@@ -213,15 +269,24 @@ class QuantState:
                     f"nested_absmax must be float32 [{nb2}], got {self.nested_absmax.dtype} "
                     f"{tuple(self.nested_absmax.shape)}"
                 )
-            if self.nested_code is None or self.nested_code.shape != (256,):
-                raise ValueError("nested_code must be a float32 tensor of 256 entries")
-            if self.offset is None or self.offset.numel() != 1:
-                raise ValueError("double-quantized state needs a scalar offset")
+            if self.nested_code is None or self.nested_code.shape != (256,) \
+                    or self.nested_code.dtype != torch.float32:
+                got = "None" if self.nested_code is None else f"{self.nested_code.dtype} {tuple(self.nested_code.shape)}"
+                raise ValueError(f"nested_code must be a float32 tensor of 256 entries, got {got}")
+            # 0-d as bitsandbytes makes it; [1] broadcasts the same way. Anything else would
+            # broadcast the decoded absmax to the wrong shape.
+            if self.offset is None or self.offset.dtype != torch.float32 or self.offset.shape not in ((), (1,)):
+                got = "None" if self.offset is None else f"{self.offset.dtype} {tuple(self.offset.shape)}"
+                raise ValueError(f"double-quantized state needs a float32 scalar offset (shape () or [1]), got {got}")
             if self.nested_blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {self.nested_blocksize}")
+            if self.nested_dtype != torch.float32:
+                raise ValueError(f"nested_dtype must be float32 (that of nested_absmax), got {self.nested_dtype}")
         elif self.absmax.dtype != torch.float32:
             raise TypeError(f"absmax must be float32 without double quantization, got {self.absmax.dtype}")
         if packed is not None:
+            if not isinstance(packed, torch.Tensor):
+                raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
             nbytes = packed.numel() * packed.element_size()
             if nbytes != packed_numel(n):
                 raise ValueError(
@@ -272,10 +337,17 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> "QuantState":
-        """Inverse of as_dict (packed or not); keys may carry a "<module>.weight." prefix."""
+        """Inverse of as_dict (packed or not); keys may carry a "<module>.weight." prefix.
+
+        Raises ValueError/TypeError naming the entry when one is missing, of the wrong kind or
+        inconsistent (then validate()'s checks)."""
+        if not isinstance(qs_dict, Mapping):
+            raise TypeError(f"quant state dict must be a dict (as_dict's layout), got {type(qs_dict).__name__}")
         flat: dict[str, Any] = {}
         blobs = []
         for k, v in qs_dict.items():
+            if not isinstance(k, str):
+                raise TypeError(f"quant state dict keys must be strings, got {k!r}")
             if "quant_state.bitsandbytes__" in k:
                 blobs.append((k, v))
             else:
@@ -290,28 +362,78 @@ class QuantState:
             if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
                 raise TypeError(f"{key} must be a uint8 tensor holding JSON")
             try:
-                plain = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+                plain = json.loads(bytes(blob.reshape(-1).cpu().tolist()).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{key} does not hold valid UTF-8 JSON: {e}") from None
+            if not isinstance(plain, dict):
+                raise ValueError(f"{key} must hold a JSON object, got a JSON {type(plain).__name__}")
+            if plain.get("quant_type", suffix) != suffix:
+                raise ValueError(f"{key} says quant type {suffix!r} but its JSON says {plain['quant_type']!r}")
             flat.update(plain)
         required = ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape")
+        nested = "nested_absmax" in flat
+        if nested:
+            required += ("nested_quant_map", "nested_offset")
         missing = [k for k in required if k not in flat]
         if missing:
             raise ValueError(f"quant state dict lacks {missing}")
         device = torch.device(device)
-        nested = "nested_absmax" in flat
         state = cls(
-            absmax=flat["absmax"].to(device),
-            shape=torch.Size(flat["shape"]),
-            dtype=_dtype_from_name(flat["dtype"]),
-            blocksize=int(flat["blocksize"]),
+            absmax=_tensor_entry(flat, "absmax").to(device),
+            shape=_shape_entry(flat),
+            dtype=_dtype_entry(flat, "dtype"),
+            blocksize=_int_entry(flat, "blocksize"),
             quant_type=check_quant_type(flat["quant_type"]),
-            code=flat["quant_map"].to(device=device, dtype=torch.float32),
-            offset=torch.tensor(float(flat["nested_offset"]), dtype=torch.float32, device=device) if nested else None,
-            nested_absmax=flat["nested_absmax"].to(device) if nested else None,
-            nested_code=flat["nested_quant_map"].to(device=device, dtype=torch.float32) if nested else None,
-            nested_blocksize=int(flat.get("nested_blocksize", NESTED_BLOCKSIZE)),
-            nested_dtype=_dtype_from_name(flat.get("nested_dtype", "float32")),
+            code=_tensor_entry(flat, "quant_map").to(device=device, dtype=torch.float32),
+            offset=torch.tensor(_offset_entry(flat), dtype=torch.float32, device=device) if nested else None,
+            nested_absmax=_tensor_entry(flat, "nested_absmax").to(device) if nested else None,
+            nested_code=_tensor_entry(flat, "nested_quant_map").to(device=device, dtype=torch.float32) if nested else None,
+            nested_blocksize=_int_entry(flat, "nested_blocksize") if "nested_blocksize" in flat else NESTED_BLOCKSIZE,
+            nested_dtype=_dtype_entry(flat, "nested_dtype") if "nested_dtype" in flat else torch.float32,
         )
         state.validate()
+        # validate() found the values equal to the shared table: hold that one, so that later
+        # validations (every qlora_linear call) recognise it by identity, without a device sync.
+        state.code = get_code(state.quant_type, state.code.device)
         return state
+
+
+# --- entries of a quant state dict (from_dict): the right kind, or an error naming the key ---
+
+
+def _tensor_entry(flat: dict[str, Any], key: str) -> torch.Tensor:
+    v = flat[key]
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"quant state dict entry {key!r} must be a torch.Tensor, got {type(v).__name__}")
+    return v
+
+
+def _int_entry(flat: dict[str, Any], key: str) -> int:
+    v = flat[key]
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"quant state dict entry {key!r} must be an int, got {v!r}")
+    return int(v)
+
+
+def _shape_entry(flat: dict[str, Any]) -> torch.Size:
+    v = flat["shape"]
+    if not isinstance(v, (tuple, list)) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0
+                                               for s in v):
+        raise ValueError(f"quant state dict entry 'shape' must be a list of non-negative ints, got {v!r}")
+    return torch.Size(int(s) for s in v)
+
+
+def _dtype_entry(flat: dict[str, Any], key: str) -> torch.dtype:
+    v = flat[key]
+    if not isinstance(v, str):
+        raise ValueError(f"quant state dict entry {key!r} must be a dtype name such as 'float32', got {v!r}")
+    return _dtype_from_name(v)
+
+
+def _offset_entry(flat: dict[str, Any]) -> float:
+    v = flat["nested_offset"]
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"quant state dict entry 'nested_offset' must be a finite real number, got {v!r}")
+    return float(v)

@@ -16,16 +16,17 @@ from typing import Optional
 import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.qlora.*)
+from . import reference as ref
 from .formats import (
+    FLOAT_DTYPES,
     NESTED_BLOCKSIZE,
     QuantState,
     check_blocksize,
     check_quant_type,
     get_code,
     packed_numel,
+    values_readable,
 )
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_float_tensor(x, what: str, check_finite: bool) -> None:
@@ -72,7 +73,7 @@ def quantize_4bit(
     packed, absmax = torch.ops.qlora.quantize_4bit(w.contiguous(), blocksize, quant_type)
     code = get_code(quant_type, w.device)
     if double_quant:
-        offset = absmax.mean()
+        offset = ref.double_quant_offset(absmax)
         qabsmax, nested_absmax = torch.ops.qlora.quantize_blockwise(
             absmax - offset, get_code("dynamic", w.device), NESTED_BLOCKSIZE
         )
@@ -106,16 +107,40 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
     )
 
 
+def _check_blockwise_size(blocksize) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize!r}")
+
+
+def _check_blockwise_code(code, device: torch.device, what: str, need_sorted: bool) -> None:
+    """A 256-entry fp32 map on `device`; sorted ascending when it is to encode (the encoder finds
+    a value's entry by its rank among the midpoints of neighbouring entries)."""
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(f"code must be a torch.Tensor, got {type(code).__name__}")
+    order = " sorted" if need_sorted else ""
+    if code.shape != (256,) or code.dtype != torch.float32 or code.device != device:
+        raise ValueError(
+            f"code must be a float32 tensor of 256{order} entries on the {what}'s device ({device}), "
+            f"got {code.dtype} {tuple(code.shape)} on {code.device}"
+        )
+    if not need_sorted or not values_readable(code):
+        return
+    # The shipped maps are sorted; recognised by identity, as reference.cached_lut does (no sync).
+    if any(code is get_code(name, code.device) for name in ("dynamic", "dynamic_unsigned")):
+        return
+    if not bool((code[1:] >= code[:-1]).all()):
+        raise ValueError("code must be sorted ascending without NaN (e.g. formats.create_dynamic_map()); "
+                         "got an unsorted one")
+
+
 def quantize_blockwise(
     x: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with a 256-entry dynamic map (default: the signed one)."""
     _check_float_tensor(x, "input", check_finite=False)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
+    _check_blockwise_size(blocksize)
     code = get_code("dynamic", x.device) if code is None else code
-    if code.shape != (256,) or code.dtype != torch.float32 or code.device != x.device:
-        raise ValueError("code must be a float32 tensor of 256 sorted entries on the input's device")
+    _check_blockwise_code(code, x.device, "input", need_sorted=True)
     return torch.ops.qlora.quantize_blockwise(x.contiguous(), code, blocksize)
 
 
@@ -124,12 +149,24 @@ def dequantize_blockwise(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of quantize_blockwise: code[q] * absmax[block] in fp32, cast to `dtype`."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dtype != torch.uint8:
         raise TypeError(f"q must be uint8, got {q.dtype}")
+    if not isinstance(absmax, torch.Tensor):
+        raise TypeError(f"absmax must be a torch.Tensor, got {type(absmax).__name__}")
+    _check_blockwise_size(blocksize)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     code = get_code("dynamic", q.device) if code is None else code
+    _check_blockwise_code(code, q.device, "q", need_sorted=False)
     nb = -(-q.numel() // blocksize)
     if absmax.shape != (nb,):
         raise ValueError(f"absmax has shape {tuple(absmax.shape)}, expected [{nb}]")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be float32 (as quantize_blockwise returns it), got {absmax.dtype}")
+    if absmax.device != q.device:
+        raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}")
     return torch.ops.qlora.dequantize_blockwise(q.contiguous(), absmax, code, blocksize, dtype)
 
 
@@ -160,6 +197,8 @@ def qlora_linear(
     from the dropped input) and the fused dY @ W kernel, and adds the LoRA part of dX with separate
     matmuls through the dropout mask. dropout == 0 or eval: the fully fused path.
     """
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qlora_kernels QuantState, got {type(state).__name__}")
     if len(state.shape) != 2:
@@ -168,6 +207,8 @@ def qlora_linear(
     for what, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{what} must be a float32/bfloat16/float16 tensor")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (its last holds the {k} features), got a 0-d tensor")
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n \
@@ -184,6 +225,14 @@ def qlora_linear(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     state.validate(packed)
+    # The kernels take raw pointers: a tensor on another device would be read as garbage (or, on
+    # meta, as uninitialised memory) instead of failing. Fake tensors under torch.compile all
+    # report the device they stand in for, so this holds while tracing too.
+    others = [("packed", packed), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)]
+    others += [(f"state.{name}", getattr(state, name)) for name in ("absmax", "nested_absmax", "code", "nested_code", "offset")]
+    for what, t in others:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{what} is on {t.device} but x is on {x.device}; qlora_linear needs every tensor on one device")
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

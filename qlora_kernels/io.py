@@ -19,17 +19,21 @@ when everything fits, so a bad file leaves the model as it was.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
+import secrets
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .formats import QuantState, get_code
-from .nn import QLoRALinear, _set_submodule, freeze_all_but_adapters
+from .nn import QLoRALinear, _module_paths, _set_submodule, freeze_all_but_adapters, guard_state_dict_loads
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,14 +77,107 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: d
             t = t.clone()
         seen.add(key)
         out[k] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_file(out, str(path), metadata=metadata)
+
+
+def _temp_name(final: Path) -> Path:
+    # Same directory as `final`, so os.replace is a rename on one file system; a random part keeps
+    # two writers apart. Not mkstemp: its files are 0600, and the result should get the umask's mode.
+    return final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+
+
+def _write_files(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write a set of files so that a failure leaves the previous set as it was.
+
+    Each writer writes to a temporary name next to its file; only when every one has succeeded are
+    they renamed onto the final names (os.replace), in order. Should a rename fail, the files
+    already renamed get their previous content back (kept as hard links meanwhile), so a directory
+    never ends up holding new weights next to an old config. Temporary files are removed either way.
+    """
+    temps: list[Path] = []
+    done: list[tuple[Path, Optional[Path], bool]] = []  # (final, hard link to its old content, existed before)
+    try:
+        for final, write in files:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temp_name(final)
+            temps.append(tmp)
+            write(tmp)
+        try:
+            for (final, _), tmp in zip(files, temps):
+                backup = None
+                if final.is_file():
+                    backup = _temp_name(final)
+                    try:
+                        os.link(final, backup)
+                        temps.append(backup)
+                    except OSError:  # no hard links on this file system: this one cannot be rolled back
+                        backup = None
+                existed = final.exists()
+                os.replace(tmp, final)
+                done.append((final, backup, existed))
+        except BaseException:
+            for final, backup, existed in reversed(done):
+                try:
+                    if backup is not None:
+                        os.replace(backup, final)
+                    elif not existed:
+                        final.unlink()
+                except OSError:
+                    pass
+            raise
+    finally:
+        for tmp in temps:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _qlora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
+def _check_model(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes an nn.Module as `model`, got {type(model).__name__}")
+
+
+def _dtype_mismatch(file_t: torch.Tensor, model_t: torch.Tensor) -> bool:
+    """True when copying `file_t` into `model_t` would change what its values mean: floats load into
+    floats of any width (as load_state_dict casts), anything else (ints, bools, ...) needs its own dtype."""
+    if file_t.is_floating_point() or model_t.is_floating_point():
+        return file_t.is_floating_point() != model_t.is_floating_point()
+    return file_t.dtype != model_t.dtype
+
+
+# The hyperparameter checks below return the value as it is used, or None when it is not one.
+# save_adapter refuses what load_adapter would refuse, so every file it writes loads back.
+
+
+def _real(value) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None  # JSON's true/false are not numbers here; strings are not parsed
+    try:
+        v = float(value)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _as_rank(value) -> Optional[int]:
+    """A positive integer; an integral float (8.0) is taken as that integer, 4.7 is refused."""
+    v = _real(value)
+    return int(v) if v is not None and v >= 1 and v == int(v) else None
+
+
+def _as_alpha(value) -> Optional[float]:
+    # Any finite real, as QLoRALinear.lora_alpha and PEFT take it (a negative one flips the update's sign).
+    return _real(value)
+
+
+def _as_dropout(value) -> Optional[float]:
+    v = _real(value)
+    return v if v is not None and 0.0 <= v < 1.0 else None
 
 
 # --- adapters (PEFT layout) -------------------------------------------------------------------
@@ -91,17 +188,54 @@ def save_adapter(
     directory: PathLike,
     modules_to_save: Optional[Sequence[str]] = None,
     task_type: Optional[str] = None,
-    base_model_name_or_path: Optional[str] = None,
+    base_model_name_or_path: Optional[PathLike] = None,
 ) -> Path:
     """Write the LoRA weights of every QLoRALinear in `model` in PEFT's adapter layout.
 
-    modules_to_save: names of other modules trained in full (e.g. a classification head), saved
-    whole as PEFT saves its modules_to_save. task_type: PEFT's task type string (e.g.
-    "SEQ_CLS"), None for a plain PeftModel. Returns the directory.
+    modules_to_save: a list of names of other modules trained in full (e.g. a classification head),
+    saved whole as PEFT saves its modules_to_save (a bare string is refused: PEFT would read it
+    letter by letter). task_type: PEFT's task type string (e.g. "SEQ_CLS"), None for a plain
+    PeftModel. Returns the directory.
+
+    Ranks and alphas that differ between layers go into rank_pattern / alpha_pattern under
+    "^"-anchored full module names, which select exactly that layer both in PEFT and in
+    load_adapter. PEFT's config has a single lora_dropout: when the layers' dropouts differ, the
+    largest is written (with a warning naming the layers), so load_adapter gives every layer that
+    one value; dropout does not change the model's outputs in eval mode.
+
+    Both files are written to temporary names and renamed into place only when both are complete,
+    so a failure leaves the directory's previous adapter as it was.
     """
+    _check_model(model, "save_adapter")
+    if modules_to_save is not None:
+        if isinstance(modules_to_save, (str, bytes)):
+            # PEFT matches each element of modules_to_save, so a string would select modules by its letters.
+            raise TypeError(f"save_adapter: modules_to_save must be a list of module names, got the string "
+                            f"{modules_to_save!r} (use [{modules_to_save!r}])")
+        try:
+            modules_to_save = list(modules_to_save)
+        except TypeError:
+            raise TypeError(f"save_adapter: modules_to_save must be a list of module names, got "
+                            f"{type(modules_to_save).__name__}") from None
+        bad = [m for m in modules_to_save if not isinstance(m, str) or not m]
+        if bad:
+            raise TypeError(f"save_adapter: modules_to_save entries must be non-empty module names, got {bad!r}")
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"save_adapter: task_type must be a string or None, got {type(task_type).__name__}")
+    if base_model_name_or_path is not None:
+        if not isinstance(base_model_name_or_path, (str, os.PathLike)):
+            raise TypeError(f"save_adapter: base_model_name_or_path must be a string, a path or None, got "
+                            f"{type(base_model_name_or_path).__name__}")
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
     layers = _qlora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no QLoRALinear layers (call replace_linear first)")
+    bad_hyper = [f"{n} (lora_alpha={m.lora_alpha!r})" for n, m in layers.items() if _as_alpha(m.lora_alpha) is None]
+    bad_hyper += [f"{n} (lora_dropout={m.lora_dropout!r})" for n, m in layers.items()
+                  if _as_dropout(m.lora_dropout) is None]
+    if bad_hyper:
+        raise ValueError(f"save_adapter: lora_alpha must be a finite number and lora_dropout in [0, 1); "
+                         f"not so for {bad_hyper[:10]}")
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     train_bias = [n for n, m in layers.items() if m.train_bias and m.bias is not None]
@@ -117,16 +251,34 @@ def save_adapter(
             raise ValueError(f"save_adapter: modules_to_save names {mname!r}, which the model lacks") from None
         if isinstance(mod, QLoRALinear):
             raise ValueError(f"save_adapter: {mname!r} is a QLoRALinear; its adapter is saved already")
+        inner = [n for n, m in mod.named_modules() if isinstance(m, QLoRALinear)]
+        if inner:
+            # Their 4-bit bases would go into the adapter file, which load_adapter refuses to write into.
+            raise ValueError(f"save_adapter: modules_to_save entry {mname!r} contains QLoRALinear layer(s) "
+                             f"{[f'{mname}.{n}' for n in inner][:5]}; name the fully trained modules themselves")
         for k, v in mod.state_dict().items():
             tensors[f"{PEFT_PREFIX}{mname}.{k}"] = v
 
+    # Numbers as JSON writes them: an int alpha stays an int, any other real becomes a float.
+    def alpha_of(m: QLoRALinear):
+        return m.lora_alpha if isinstance(m.lora_alpha, int) else float(m.lora_alpha)
+
     ranks = Counter(m.r for m in layers.values())
-    alphas = Counter(m.lora_alpha for m in layers.values())
+    alphas = Counter(alpha_of(m) for m in layers.values())
     r = ranks.most_common(1)[0][0]
     alpha = alphas.most_common(1)[0][0]
-    dropouts = {m.lora_dropout for m in layers.values()}
+    dropouts: dict[float, list[str]] = {}
+    for n, m in layers.items():
+        dropouts.setdefault(float(m.lora_dropout), []).append(n)
+    if len(dropouts) > 1:
+        per_value = "; ".join(f"{d}: {names[:5]}{' ...' if len(names) > 5 else ''}"
+                              for d, names in sorted(dropouts.items()))
+        warnings.warn(f"save_adapter: the layers' lora_dropout differ ({per_value}); PEFT's adapter_config "
+                      f"holds one lora_dropout, so {max(dropouts)} is written and every layer gets it on load",
+                      UserWarning, stacklevel=2)
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        base_model_name_or_path = name_or_path if isinstance(name_or_path, str) and name_or_path else None
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -144,23 +296,54 @@ def save_adapter(
         "bias": "lora_only" if train_bias else "none",
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": list(modules_to_save) if modules_to_save else None,
+        "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        # PEFT reads these keys as regexes matched at the end of a module name; full names pin one layer.
-        "rank_pattern": {re.escape(n): m.r for n, m in layers.items() if m.r != r},
-        "alpha_pattern": {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha},
+        # PEFT (get_pattern_key) takes the first key K with re.match(rf"(.*\.)?({K})$", name): a bare
+        # name "a" would also pick "blk.a". "^" + the escaped full name can only match at the start,
+        # so it selects that one layer, in PEFT and in load_adapter alike.
+        "rank_pattern": {_exact_key(n): m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {_exact_key(n): alpha_of(m) for n, m in layers.items() if alpha_of(m) != alpha},
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_files([
+        (directory / ADAPTER_WEIGHTS, lambda p: _write_safetensors(tensors, p, metadata={"format": "pt"})),
+        (directory / ADAPTER_CONFIG, lambda p: p.write_text(config_text)),  # renamed last
+    ])
     return directory
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _exact_key(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def _read_patterns(config: dict, field: str, check, cfg_path: Path) -> list[tuple[re.Pattern, object]]:
+    """rank_pattern / alpha_pattern as PEFT reads them: {regex: value}, checked and compiled."""
+    patterns = config.get(field)
+    if patterns is None:
+        return []
+    if not isinstance(patterns, dict):
+        raise AdapterFileError(f"{cfg_path}: {field} must be an object {{module-name regex: value}}, "
+                               f"got {type(patterns).__name__} {patterns!r:.80}")
+    out = []
+    for key, value in patterns.items():
+        try:  # compiled as PEFT uses it: the key matched at the end of a name, after a "." or alone
+            pattern = re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise AdapterFileError(f"{cfg_path}: {field} key {key!r} is not a valid regex ({e})") from None
+        v = check(value)
+        if v is None:
+            what = "a positive integer" if field == "rank_pattern" else "a finite number"
+            raise AdapterFileError(f"{cfg_path}: {field}[{key!r}] must be {what}, got {value!r}")
+        out.append((pattern, v))
+    return out
+
+
+def _pattern_value(patterns: list[tuple[re.Pattern, object]], name: str, default):
+    # The first key that matches wins, as in PEFT's get_pattern_key (keys in the file's order).
+    for pattern, value in patterns:
+        if pattern.match(name):
             return value
     return default
 
@@ -171,9 +354,14 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     The model's layers must already be QLoRALinear (replace_linear) with the adapter's rank at the
     adapter's module names. Sets each layer's lora_A, lora_B, lora_alpha (and dropout, bias and
     modules_to_save when the adapter has them). strict: every QLoRALinear of the model must get an
-    adapter. Raises (AdapterFileError / ValueError / FileNotFoundError) and leaves the model
-    unchanged when the files are unreadable or do not fit.
+    adapter. rank_pattern / alpha_pattern resolve as in PEFT (the first key matching the end of a
+    module name wins). Other entries of the file load only into parameters and buffers outside the
+    QLoRALinear layers (their 4-bit bases are load_quantized's), with the model's shape and a
+    matching kind of dtype (floating into floating; anything else only into its own dtype).
+    Raises (AdapterFileError / ValueError / FileNotFoundError) and leaves the model unchanged when
+    the files are unreadable, the config's hyperparameters are out of range, or the files do not fit.
     """
+    _check_model(model, "load_adapter")
     directory = Path(directory)
     cfg_path = directory / ADAPTER_CONFIG
     if not cfg_path.is_file():
@@ -188,12 +376,20 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
         if config.get(flag):
             raise AdapterFileError(f"{cfg_path}: {flag}=true is not supported by QLoRALinear")
-    try:
-        r_default = int(config["r"])
-        alpha_default = float(config["lora_alpha"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterFileError(f"{cfg_path}: needs integer r and numeric lora_alpha ({e})") from None
-    dropout = float(config.get("lora_dropout") or 0.0)
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise AdapterFileError(f"{cfg_path}: no {field!r} in the config")
+    r_default = _as_rank(config["r"])
+    if r_default is None:
+        raise AdapterFileError(f"{cfg_path}: r must be a positive integer, got {config['r']!r}")
+    alpha_default = _as_alpha(config["lora_alpha"])
+    if alpha_default is None:
+        raise AdapterFileError(f"{cfg_path}: lora_alpha must be a finite number, got {config['lora_alpha']!r}")
+    dropout = 0.0 if config.get("lora_dropout") is None else _as_dropout(config["lora_dropout"])
+    if dropout is None:
+        raise AdapterFileError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {config['lora_dropout']!r}")
+    rank_pattern = _read_patterns(config, "rank_pattern", _as_rank, cfg_path)
+    alpha_pattern = _read_patterns(config, "alpha_pattern", _as_alpha, cfg_path)
     tensors, _ = _read_safetensors(directory / ADAPTER_WEIGHTS)
 
     layers = _qlora_layers(model)
@@ -228,7 +424,7 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         if missing:
             problems.append(f"{name}: {' and '.join(missing)} missing from the adapter file")
             continue
-        r = int(_pattern_value(config.get("rank_pattern"), name, r_default))
+        r = _pattern_value(rank_pattern, name, r_default)
         a, b = pair["lora_A"], pair["lora_B"]
         want_a, want_b = (layer.r, layer.in_features), (layer.out_features, layer.r)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
@@ -243,18 +439,30 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         elif not (a.is_floating_point() and b.is_floating_point()):
             problems.append(f"{name}: LoRA weights must be floating point, got {a.dtype} / {b.dtype}")
         else:
-            alpha = float(_pattern_value(config.get("alpha_pattern"), name, alpha_default))
+            alpha = _pattern_value(alpha_pattern, name, alpha_default)
             plan.append((layer, a, b, alpha))
     for name, bias in biases.items():
         layer = layers.get(name)
         if layer is None or layer.bias is None or tuple(bias.shape) != (layer.out_features,):
             problems.append(f"{name}: a bias of shape {tuple(bias.shape)} that the model's layer cannot take")
+        elif not bias.is_floating_point():
+            problems.append(f"{name}.base_layer.bias: dtype {bias.dtype} in the file, the layer's bias is "
+                            f"{layer.bias.dtype} (a floating-point bias is needed)")
     current = model.state_dict()
     for k, t in others.items():
-        if k not in current:
+        owner = _qlora_owner(k, layers)
+        if owner is not None:
+            # A QLoRALinear's base is frozen 4-bit state (packed_weight, absmax, ...): load_quantized
+            # checks and replaces it as a whole; an adapter only carries its LoRA weights and bias.
+            problems.append(f"{PEFT_PREFIX + k!r} addresses QLoRALinear {owner!r} outside its adapter: only "
+                            f"{owner}.lora_A.weight, .lora_B.weight and .base_layer.bias load from an adapter file")
+        elif k not in current:
             problems.append(f"unexpected key {PEFT_PREFIX + k!r} (no such parameter in the model)")
         elif tuple(current[k].shape) != tuple(t.shape):
             problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(current[k].shape)} in the model")
+        elif _dtype_mismatch(t, current[k]):
+            problems.append(f"{k}: dtype {t.dtype} in the file, {current[k].dtype} in the model (floating-point "
+                            "values load only into floating-point tensors, other dtypes only into their own)")
     if strict:
         untouched = sorted(set(layers) - set(lora))
         if untouched:
@@ -278,16 +486,38 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     return model
 
 
+def _qlora_owner(key: str, layers: dict[str, QLoRALinear]) -> Optional[str]:
+    """The QLoRALinear whose state `key` (a state-dict name) addresses or lies under, or None."""
+    if "" in layers:  # the model is itself a QLoRALinear
+        return ""
+    prefix = key
+    while "." in prefix:
+        prefix = prefix.rpartition(".")[0]
+        if prefix in layers:
+            return prefix
+    return None
+
+
 # --- quantized base (bitsandbytes Linear4bit layout) ------------------------------------------
 
 
+def _alias_paths(model: nn.Module) -> set[str]:
+    """The names a module is registered under besides its first (s.x = s.y = lin: "y"). Their
+    state-dict entries are the first name's tensors again, so files hold each module once."""
+    return {p for paths in _module_paths(model).values() for p in paths[1:]}
+
+
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict without adapters, QLoRALinear entries under Linear4bit's keys."""
+    """The model's state dict without adapters, QLoRALinear entries under Linear4bit's keys. A
+    module registered under several names appears under its first (load_quantized restores the
+    other names, which point to the same module)."""
+    _check_model(model, "quantized_state_dict")
     layers = _qlora_layers(model)
+    aliases = _alias_paths(model)
     out: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         module, _, leaf = k.rpartition(".")
-        if module in layers and leaf in _QLORA_INTERNAL:
+        if (module in layers and leaf in _QLORA_INTERNAL) or module in aliases:
             continue
         out[k] = v
     for name, layer in layers.items():
@@ -298,11 +528,21 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model: nn.Module, path: PathLike) -> Path:
-    """Write the 4-bit base of `model` (everything but the adapters) to one .safetensors file."""
+    """Write the 4-bit base of `model` (everything but the adapters) to one .safetensors file.
+
+    The file is written under a temporary name and renamed into place when complete, so a failure
+    leaves a previous file at `path` as it was.
+    """
+    _check_model(model, "save_quantized")
     if not _qlora_layers(model):
         raise ValueError("save_quantized: the model has no QLoRALinear layers (call replace_linear first)")
     path = Path(path)
-    _write_safetensors(quantized_state_dict(model), path, metadata={"format": "pt", "quantization": "bitsandbytes-4bit"})
+    if path.is_dir():
+        raise IsADirectoryError(f"save_quantized: {path} is a directory; give a file path "
+                                f"(e.g. {path / 'model.safetensors'})")
+    tensors = quantized_state_dict(model)
+    _write_files([(path, lambda p: _write_safetensors(
+        tensors, p, metadata={"format": "pt", "quantization": "bitsandbytes-4bit"}))])
     return path
 
 
@@ -312,8 +552,12 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
     Each quantized entry goes into the QLoRALinear at that name (its adapter is kept), or replaces
     an nn.Linear there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...; the
     model is then frozen but for the adapters, as replace_linear leaves it). Every other entry must
-    match the model's state dict. Raises and leaves the model unchanged when the file does not fit.
+    match the model's state dict (shape, and a matching kind of dtype: floating into floating,
+    anything else only into its own dtype); a quantized layer's bias must be floating point and of
+    shape [out]. Raises and leaves the model unchanged when the file does not fit: everything is
+    checked before the first change.
     """
+    _check_model(model, "load_quantized")
     path = Path(path)
     tensors, _ = _read_safetensors(path)
     problems: list[str] = []
@@ -348,7 +592,7 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         quantized[name] = (packed, state, tensors.get(f"{name}.bias"))
 
     swaps: list[tuple[str, QLoRALinear]] = []
-    updates: list[tuple[QLoRALinear, torch.Tensor, QuantState]] = []
+    updates: list[tuple[QLoRALinear, torch.Tensor, QuantState, Optional[torch.Tensor]]] = []
     for name, (packed, state, bias) in quantized.items():
         try:
             mod = model.get_submodule(name)
@@ -366,9 +610,15 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             continue
         if bias is not None:
             consumed.add(f"{name}.bias")
+            if tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
+                # Checked here, not left to copy_: a (1,) bias would broadcast silently, and any
+                # failure in the apply phase would come after other layers were already changed.
+                problems.append(f"{name}.bias: {bias.dtype} of shape {tuple(bias.shape)} in the file, the layer "
+                                f"needs a floating-point bias of shape ({out_f},)")
+                continue
         device = next((t.device for t in mod.parameters()), torch.device("cpu"))
         if isinstance(mod, QLoRALinear):
-            updates.append((mod, packed.to(device), state.to(device)))
+            updates.append((mod, packed.to(device), state.to(device), bias))
         elif isinstance(mod, nn.Linear):
             try:
                 swaps.append((name, QLoRALinear.from_quantized(
@@ -381,8 +631,11 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
     replaced = set(quantized)
     current = model.state_dict()
     expected = {}
+    aliases = _alias_paths(model)
     for k, v in current.items():
         module, _, leaf = k.rpartition(".")
+        if module in aliases:  # the same tensors as under the module's first name
+            continue
         if module in replaced and (leaf in _QLORA_INTERNAL or leaf in ("weight", "bias")):
             continue
         if module in _qlora_layers(model) and leaf in _QLORA_INTERNAL:
@@ -401,24 +654,29 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
     for k in sorted(set(rest) & set(expected)):
         if tuple(rest[k].shape) != tuple(expected[k].shape):
             problems.append(f"{k}: shape {tuple(rest[k].shape)} in the file, {tuple(expected[k].shape)} in the model")
+        elif _dtype_mismatch(rest[k], expected[k]):
+            problems.append(f"{k}: dtype {rest[k].dtype} in the file, {expected[k].dtype} in the model (floating-point "
+                            "values load only into floating-point tensors, other dtypes only into their own)")
     if not quantized:
         problems.append("the file holds no 4-bit quantized weights (no *.weight.quant_state.bitsandbytes__* key)")
     if problems:
         raise AdapterFileError(f"{path}: does not fit the model:\n  " + "\n  ".join(problems))
 
+    paths = _module_paths(model)  # a Linear registered under several names is swapped at each
     with torch.no_grad():
-        for layer, packed, state in updates:
+        for layer, packed, state, bias in updates:
             layer._set_quantized(packed, state)
             layer.weight_dtype = state.dtype
-            name = next(n for n, m in model.named_modules() if m is layer)
-            if f"{name}.bias" in tensors:
-                layer.bias.copy_(tensors[f"{name}.bias"])
+            if bias is not None:
+                layer.bias.copy_(bias)
         for k in expected:
             current[k].copy_(rest[k])
         for name, layer in swaps:
-            _set_submodule(model, name, layer)
+            for path in paths[id(model.get_submodule(name))]:
+                _set_submodule(model, path, layer)
     if swaps:
         freeze_all_but_adapters(model)
+        guard_state_dict_loads(model)
         model.qlora_replaced = list(getattr(model, "qlora_replaced", [])) + [n for n, _ in swaps]
     return model
 

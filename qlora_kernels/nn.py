@@ -13,17 +13,19 @@ functional.qlora_linear (the fused op; nothing here dequantizes W for the forwar
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
-from .formats import QuantState, check_blocksize, check_quant_type, get_code
+from .formats import QuantState, check_blocksize, check_quant_type, get_code, values_readable
 from .functional import dequantize_4bit, qlora_linear, quantize_4bit
 
 logger = logging.getLogger("qlora_kernels")
@@ -31,6 +33,32 @@ logger = logging.getLogger("qlora_kernels")
 # Buffers that hold the quantized weight; their dtypes are part of the format and must survive
 # module.to(dtype) / .half() (see QLoRALinear._apply).
 _QUANT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "offset")
+_NESTED_BUFFERS = ("nested_absmax", "offset")
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_READ_ONLY = (
+    "QLoRALinear.weight is a read-only stand-in for the frozen 4-bit base (a QuantizedWeight, "
+    "dequantized afresh on each use), so {what} would be lost. Train the adapter (lora_A / lora_B); to "
+    "change the base, fold the adapter in with merge_and_requantize(), or build a new layer from the new "
+    "weight with QLoRALinear.from_linear"
+)
+
+
+def _written_args(func, args, kwargs) -> list:
+    """The tensors an aten op writes to: arguments its schema marks mutable (Tensor(a!)), out= included."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            written.extend(tree_leaves(args[i] if i < len(args) else kwargs.get(arg.name)))
+    return written
+
+
+def _check_real(what: str, v) -> None:
+    """A finite real number (int or float, not bool), as LoRA's scalar settings must be."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{what} must be a real number (int or float), got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {v!r}")
 
 
 class QuantizedWeight(torch.Tensor):
@@ -41,7 +69,15 @@ class QuantizedWeight(torch.Tensor):
     .float()) dequantizes afresh for that op; nothing is cached.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # What torch._C._disabled_torch_function_impl does (straight to __torch_dispatch__, results
+        # not wrapped), but as an override torch can see: fast paths that read Linear weights
+        # directly and skip the module's forward (nn.TransformerEncoderLayer's and
+        # nn.MultiheadAttention's inference paths) stand down for arguments with a
+        # __torch_function__, so the adapter is not bypassed there.
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
     @staticmethod
     def __new__(cls, packed: torch.Tensor, state: QuantState, dtype: torch.dtype):
@@ -59,6 +95,26 @@ class QuantizedWeight(torch.Tensor):
         """The dequantized weight as a plain tensor of this stand-in's dtype (a new copy)."""
         return dequantize_4bit(self._packed, self._state, self.dtype)
 
+    # `.data` and detach() give another read-only stand-in of the same base, so a write through them
+    # (weight.data.normal_()) is refused like one on the weight itself, instead of landing on a
+    # dequantized copy and vanishing. Reads (numpy, tolist, deepcopy) dequantize.
+    @property
+    def data(self) -> "QuantizedWeight":
+        return QuantizedWeight(self._packed, self._state, self.dtype)
+
+    @data.setter
+    def data(self, value) -> None:
+        raise RuntimeError(_READ_ONLY.format(what="assigning its .data"))
+
+    def numpy(self, *, force: bool = False):
+        return self.dequantize_weight().numpy(force=force)
+
+    def tolist(self):
+        return self.dequantize_weight().tolist()
+
+    def __deepcopy__(self, memo):
+        return self.dequantize_weight()
+
     def __repr__(self, *, tensor_contents=None) -> str:
         s = self._state
         return (
@@ -68,10 +124,17 @@ class QuantizedWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable and any(isinstance(t, QuantizedWeight) for t in _written_args(func, args, kwargs)):
+            raise RuntimeError(_READ_ONLY.format(what=f"writing to it ({func.overloadpacket.__name__})"))
+        if func is torch.ops.aten.detach.default:
+            w = args[0]
+            return QuantizedWeight(w._packed, w._state, w.dtype)
+
         def unwrap(t):
             return t.dequantize_weight() if isinstance(t, QuantizedWeight) else t
 
-        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
 @dataclass
@@ -126,12 +189,14 @@ class QLoRALinear(nn.Module):
         for what, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be a positive int, got {v!r}")
+        _check_real("lora_alpha", lora_alpha)
+        _check_real("lora_dropout", lora_dropout)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         check_blocksize(blocksize)
         check_quant_type(quant_type)
         for what, dt in (("compute_dtype", compute_dtype), ("lora_dtype", lora_dtype)):
-            if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            if dt not in _COMPUTE_DTYPES:
                 raise TypeError(f"{what} must be float32, bfloat16 or float16, got {dt}")
         self.in_features = in_features
         self.out_features = out_features
@@ -240,6 +305,17 @@ class QLoRALinear(nn.Module):
     # --- the quantized weight ---------------------------------------------------------------
 
     @property
+    def lora_alpha(self) -> Union[int, float]:
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value) -> None:
+        # Checked on every assignment (load_adapter sets it too): a bad value would otherwise
+        # surface only in the forward, as an obscure error from the scale.
+        _check_real("lora_alpha", value)
+        self._lora_alpha = int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    @property
     def scale(self) -> float:
         return self.lora_alpha / self.r
 
@@ -277,9 +353,19 @@ class QLoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # module.to(dtype) / .half() would cast fp32 scales (lossy) or a float quant_storage (which
         # only reinterprets bytes). Let them move devices but keep their dtypes; the compute dtype
-        # follows a floating cast as nn.Linear's weight would.
+        # follows a floating cast as nn.Linear's weight would. A cast to a dtype the layer cannot
+        # compute in (float64 by .double(), complex) is refused before anything changes, rather
+        # than accepted and failing at the next forward.
         before = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed_weight.device))
+        if (isinstance(probe, torch.Tensor) and (probe.is_floating_point() or probe.is_complex())
+                and probe.dtype not in _COMPUTE_DTYPES):
+            raise TypeError(
+                f"QLoRALinear computes in float32, bfloat16 or float16 and cannot be cast to {probe.dtype} "
+                f"(e.g. by .double() or .to({probe.dtype})); this layer was left in {self.compute_dtype} "
+                "(modules cast before it in the same call were cast: cast them back, or convert only the "
+                "modules that need it)"
+            )
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -288,6 +374,88 @@ class QLoRALinear(nn.Module):
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
         return self
+
+    # --- state dict -------------------------------------------------------------------------
+
+    # The format settings a state dict records in its metadata (state_dict()._metadata[<module>],
+    # which torch.save keeps; safetensors files do not): a state dict without them (older ones,
+    # ones read back from safetensors) is checked by its tensors alone.
+    _FORMAT_METADATA = ("quant_type", "blocksize", "double_quant")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {}).update(
+                {k: getattr(self, k) for k in self._FORMAT_METADATA})
+
+    def _load_problems(self, state_dict, prefix: str, metadata: Optional[dict]) -> list[str]:
+        """Why `state_dict`'s entries under `prefix` cannot load into this layer ([] if they can).
+
+        Looks only at keys, dtypes, shapes and the recorded format (no tensor values). The packed
+        weight and its scales load as a whole or not at all (strict=False may leave all of them out,
+        e.g. to load only an adapter); with them, dtypes must be this layer's (a copy_ would cast
+        uint8 double-quantized scales into fp32 ones, or reinterpret packed bytes), and so must the
+        quant type, blocksize and double quantization where the state dict records them.
+        """
+        problems = []
+        if prefix + "weight" in state_dict:
+            problems.append(
+                f"{prefix}weight is a dense or bitsandbytes Linear4bit weight, which a QLoRALinear does not "
+                "load (it holds packed_weight/absmax): load a Linear4bit checkpoint with "
+                "qlora_kernels.load_quantized, or load dense weights into the nn.Linear model before "
+                "replace_linear")
+        mine = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        present = [n for n in _QUANT_BUFFERS if prefix + n in state_dict]
+        if present:
+            for key in self._FORMAT_METADATA:
+                theirs, ours = (metadata or {}).get(key), getattr(self, key)
+                if theirs is not None and theirs != ours:
+                    problems.append(f"{key} is {theirs!r} in the state dict, {ours!r} in the layer")
+            extra = [n for n in present if n not in mine]
+            missing = [n for n in mine if n not in present]
+            if extra:
+                problems.append(f"the state dict has {extra}: a double-quantized weight, but the layer has "
+                                "double_quant=False")
+            if missing:
+                problems.append(
+                    f"the state dict has {present} but not {missing}"
+                    + (": a weight without double quantization, but the layer has double_quant=True"
+                       if set(missing) <= set(_NESTED_BUFFERS) else
+                       " (the packed weight and its scales load together)"))
+        for n in present + ["lora_A", "lora_B", "bias"]:
+            t, ours = state_dict.get(prefix + n), getattr(self, n)
+            if t is None or ours is None:  # (extra double-quant keys are reported above)
+                continue
+            if not isinstance(t, torch.Tensor):
+                problems.append(f"{n} is a {type(t).__name__} in the state dict, not a tensor")
+            elif n in mine and t.dtype != ours.dtype:  # the format's root difference: named before shapes
+                problems.append(f"{n} is {t.dtype} {tuple(t.shape)} in the state dict, {ours.dtype} "
+                                f"{tuple(ours.shape)} in the layer")
+            elif tuple(t.shape) != tuple(ours.shape):
+                hint = (f" (r={t.shape[0 if n == 'lora_A' else 1]} vs r={self.r})"
+                        if n in ("lora_A", "lora_B") and t.dim() == 2 else "")
+                problems.append(f"{n} has shape {tuple(t.shape)} in the state dict, {tuple(ours.shape)} in the "
+                                f"layer{hint}")
+            elif n not in mine and not t.is_floating_point():
+                problems.append(f"{n} is {t.dtype} in the state dict; a floating-point tensor is expected")
+        return problems
+
+    def _describe(self) -> str:
+        return (f"QLoRALinear({self.in_features}->{self.out_features}, {self.quant_type}, blocksize "
+                f"{self.blocksize}, double_quant={self.double_quant}, quant_storage {self.quant_storage}, r={self.r})")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked before anything is copied (torch copies each tensor in turn, and copy_ casts
+        # silently): on a mismatch none of this layer's tensors change.
+        problems = self._load_problems(state_dict, prefix, local_metadata)
+        if problems:
+            where = f"{prefix[:-1]}: " if prefix else ""
+            raise ValueError(f"load_state_dict: {where}the state dict does not fit {self._describe()}: "
+                             + "; ".join(problems) + ". Nothing was loaded into this layer")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -326,9 +494,19 @@ class QLoRALinear(nn.Module):
         """A new QLoRALinear whose base is W + s * B @ A re-quantized (fresh adapter, same settings).
 
         The error re-quantization adds is on the result's `requantization_error`
-        (RequantizationError) and logged.
+        (RequantizationError) and logged. Raises ValueError when the merged weight has NaN/Inf
+        (a diverged adapter): a 4-bit base cannot hold them.
         """
         merged = self._merged_weight_fp32()
+        if values_readable(merged) and not bool(torch.isfinite(merged).all()):
+            bad = [n for n, t in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) if not bool(torch.isfinite(t).all())]
+            raise ValueError(
+                "merge_and_requantize: the merged weight W + (lora_alpha / r) * lora_B @ lora_A has NaN or Inf "
+                + (f"entries ({' and '.join(bad)} {'hold' if len(bad) > 1 else 'holds'} NaN/Inf: the adapter diverged?)" if bad else
+                   f"entries (an overflow: lora_alpha / r = {self.scale})")
+                + ", which a 4-bit base cannot hold. Fix the adapter first (reset_lora_parameters(), or "
+                "load a good one with load_adapter); merge() gives the merged weight unquantized, NaN included"
+            )
         with torch.no_grad():
             delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
         new = QLoRALinear(
@@ -367,6 +545,9 @@ def _matcher(spec: Targets, what: str):
     name equal to an entry or ending in "." + entry (PEFT's target_modules rules)."""
     if spec is None:
         return None
+    if isinstance(spec, (bytes, bytearray)) or not isinstance(spec, (str, collections.abc.Iterable)):
+        raise TypeError(f"{what} must be None, a regex string or a list of module names, got "
+                        f"{type(spec).__name__} {spec!r}")
     if isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -385,18 +566,49 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name it is registered under (s.x = s.y = lin gives lin two), the name
+    named_modules() reports first."""
+    paths: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(name)
+    return paths
+
+
 def _tied_linear_names(model: nn.Module) -> set[str]:
-    """Linear modules whose weight another module shares (e.g. a tied lm_head)."""
-    owners: dict[int, list[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(p), []).append(mname)
+    """Linear modules whose weight another module shares (e.g. a tied lm_head). One module under two
+    names (an alias) does not count: that is one layer, not two sharing a weight."""
+    owners: dict[int, set[int]] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(mod))
     tied = set()
     for mname, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and isinstance(getattr(mod, "weight", None), nn.Parameter):
-            if len(set(owners.get(id(mod.weight), []))) > 1:
+            if len(owners.get(id(mod.weight), ())) > 1:
                 tied.add(mname)
     return tied
+
+
+def _forward_unused(model: nn.Module) -> dict[int, str]:
+    """id(linear) -> why, for Linears their owner uses without calling their forward: a QLoRALinear
+    there would be read through its weight stand-in only, its adapter dead (no effect, no grads)."""
+    unused = {}
+    for mod in model.modules():
+        if isinstance(mod, nn.MultiheadAttention) and isinstance(getattr(mod, "out_proj", None), nn.Linear):
+            unused[id(mod.out_proj)] = ("nn.MultiheadAttention reads out_proj.weight/.bias directly and never calls "
+                                        "its forward, so an adapter there would get no input and no gradient")
+    return unused
+
+
+def _own_forward(mod: nn.Linear) -> Optional[str]:
+    """Why a Linear's behaviour is more than nn.Linear.forward (None when it is not)."""
+    if "forward" in vars(mod):
+        return "its forward was replaced on the instance; a QLoRALinear would drop that behaviour"
+    if type(mod).forward is not nn.Linear.forward:
+        return (f"{type(mod).__name__} overrides nn.Linear.forward; a QLoRALinear would drop what that forward "
+                "does")
+    return None
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
@@ -411,16 +623,42 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
                 mod.bias.requires_grad_(mod.train_bias)
 
 
+def guard_state_dict_loads(model: nn.Module) -> None:
+    """Make model.load_state_dict check every QLoRALinear before anything is copied (_check_qlora_load),
+    once per model: replace_linear and io.load_quantized call it."""
+    if not any(getattr(h, "hook", None) is _check_qlora_load for h in model._load_state_dict_pre_hooks.values()):
+        model._register_load_state_dict_pre_hook(_check_qlora_load, with_module=True)
+
+
+def _check_qlora_load(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook replace_linear puts on the model: checks every QLoRALinear's entries
+    before torch copies anything, so a state dict of another format (NF4 vs FP4, double
+    quantization, r, ...) leaves the whole model as it was, not just the layer that does not fit.
+    A module-level function (not a closure), so the hook survives deepcopy and pickling."""
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    problems = []
+    for name, layer in module.named_modules(remove_duplicate=False):
+        if isinstance(layer, QLoRALinear) and name:
+            sub = f"{prefix}{name}."
+            problems += [f"{sub[:-1]}: {p}" for p in layer._load_problems(state_dict, sub, metadata.get(sub[:-1]))]
+    if problems:
+        raise ValueError("load_state_dict: the state dict does not fit the model's QLoRALinear layer(s); nothing "
+                         "was loaded:\n  " + "\n  ".join(problems))
+
+
 @dataclass
 class ReplaceReport:
     """What replace_linear did (also stored on the model as `qlora_replace_report`)."""
 
     replaced: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # replaced name -> its other names
 
     def __str__(self) -> str:
         lines = [f"replace_linear: {len(self.replaced)} Linear layer(s) -> QLoRALinear"]
-        lines += [f"  {n}" for n in self.replaced]
+        lines += [f"  {n}" + (f" (also registered as {', '.join(self.aliases[n])})" if n in self.aliases else "")
+                  for n in self.replaced]
         lines += [f"  skipped {n}: {why}" for n, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -442,23 +680,40 @@ def replace_linear(
     Every parameter of the model is frozen except the new layers' lora_A/lora_B (and their bias
     with train_bias=True). What was replaced: the returned model's `qlora_replaced` (list of
     names) and `qlora_replace_report`, logged at INFO (printed with verbose=True).
+
+    Never replaced, with the reason in the report's `skipped` (and a warning when targeted by
+    name): an nn.MultiheadAttention's out_proj (the attention reads its weight directly, so an
+    adapter there would be dead) and nn.Linear subclasses with their own forward (its behaviour
+    would be lost). A Linear registered under several names (s.x = s.y = lin) is one layer: it
+    becomes one QLoRALinear at every one of its names (the original sharing kept), matched when any
+    of its names matches, left alone when any is excluded; the report lists it under its first
+    name, the others in `aliases`.
     Raises ValueError when nothing matches, or when a targeted module is not an nn.Linear; the model
-    is untouched then.
+    is untouched then. A model given replace_linear also checks, on load_state_dict, every
+    QLoRALinear's entries against the layer's format before anything loads (see
+    QLoRALinear._load_problems): a mismatch raises ValueError with the model unchanged.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"replace_linear takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"replace_linear takes an nn.Module as `model`, got {type(model).__name__}")
     want = _matcher(target_modules, "target_modules")
     skip = _matcher(exclude, "exclude")
     tied = _tied_linear_names(model) if target_modules is None else set()
+    unused = _forward_unused(model)
+    paths = _module_paths(model)
     report = ReplaceReport()
     chosen: list[tuple[str, nn.Linear]] = []
     not_linear: list[str] = []
     for name, mod in model.named_modules():
         if not name:
             continue
-        if want is not None and not want(name):
+        names = paths[id(mod)]
+        if want is not None and not any(want(n) for n in names):
             continue
-        if skip is not None and skip(name):
+        excluded = [n for n in names if skip is not None and skip(n)]
+        if excluded:
+            if len(excluded) < len(names) and isinstance(mod, nn.Linear):  # matched under another name: say why
+                report.skipped[name] = (f"excluded as {', '.join(excluded)}; it is one module registered as "
+                                        f"{names}, left alone under every name")
             continue
         if isinstance(mod, QLoRALinear):
             report.skipped[name] = "already a QLoRALinear"
@@ -469,6 +724,12 @@ def replace_linear(
         if not replaceable:
             if want is not None:  # named explicitly: say so rather than ignore it
                 not_linear.append(f"{name} ({type(mod).__name__})")
+            continue
+        why = unused.get(id(mod)) or _own_forward(mod)
+        if why is not None:
+            report.skipped[name] = why
+            if want is not None:
+                logger.warning("replace_linear: not replacing %s, which target_modules matched: %s", name, why)
             continue
         if name in tied:
             report.skipped[name] = "weight tied to another module"
@@ -488,10 +749,14 @@ def replace_linear(
         )
     # Build every new layer before swapping any, so a failure (bad kwargs) leaves the model as it was.
     new_layers = [(name, QLoRALinear.from_linear(mod, **layer_kwargs)) for name, mod in chosen]
-    for name, layer in new_layers:
-        _set_submodule(model, name, layer)
+    for (name, layer), (_, old) in zip(new_layers, chosen):
+        for path in paths[id(old)]:
+            _set_submodule(model, path, layer)
         report.replaced.append(name)
+        if len(paths[id(old)]) > 1:
+            report.aliases[name] = paths[id(old)][1:]
     freeze_all_but_adapters(model)
+    guard_state_dict_loads(model)
     previous = list(getattr(model, "qlora_replaced", []))
     model.qlora_replaced = previous + report.replaced
     model.qlora_replace_report = report
@@ -516,8 +781,10 @@ def _swap_qlora_layers(model: nn.Module, build, what: str) -> nn.Module:
                          "use its merge() / merge_and_requantize()")
     # Built first, swapped after: an error (e.g. out of memory) leaves the model as it was.
     new_layers = [(name, build(layer).train(layer.training)) for name, layer in layers]
-    for name, layer in new_layers:
-        _set_submodule(model, name, layer)
+    paths = _module_paths(model)
+    for (name, layer), (_, old) in zip(new_layers, layers):
+        for path in paths[id(old)]:  # every name of a layer registered under several
+            _set_submodule(model, path, layer)
     if not any(isinstance(m, QLoRALinear) for m in model.modules()):
         model.qlora_replaced = []
     logger.info("%s: %d layer(s)", what, len(new_layers))
@@ -613,6 +880,8 @@ class MemoryReport:
 def memory_report(model: nn.Module) -> MemoryReport:
     """Per-module storage of `model`: each QLoRALinear (quantized base, bits/param, LoRA bytes) and
     each other module that owns parameters/buffers directly (dense bytes). Print it for a table."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memory_report takes an nn.Module as `model`, got {type(model).__name__}")
     rows: list[MemoryRow] = []
     seen: set[int] = set()
     for name, mod in model.named_modules():

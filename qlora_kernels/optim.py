@@ -26,9 +26,9 @@ them, so does the 2.11 of the lent GPU machines), a device without
 managed memory), states use ordinary CUDA memory and a warning says why, once. On the CPU states
 are ordinary memory.
 
-Invalid input (sparse or complex tensors, lr < 0, betas outside [0, 1), eps < 0, weight_decay < 0,
-a state_dict from another optimizer or of other shapes) raises ValueError / TypeError before
-anything is changed.
+Invalid input (sparse or complex tensors, a parameter listed twice, lr < 0, betas outside [0, 1),
+eps < 0, weight_decay < 0, a state_dict from another optimizer or of other shapes) raises ValueError /
+TypeError before anything is changed.
 """
 
 from __future__ import annotations
@@ -353,6 +353,23 @@ class PagedAdamW(torch.optim.Optimizer):
             params = list(params) if params is not None else []
         for p in params:
             _check_param(p, "")
+        # torch.optim only warns about a parameter listed twice in one group, and the step would
+        # then update it twice while its state counts one step. Across groups torch raises too;
+        # this says which parameter.
+        owner = {id(q): j for j, g in enumerate(self.param_groups) for q in g["params"]}
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(
+                    f"param group lists the same parameter (shape {tuple(p.shape)}) more than once, at "
+                    f"{seen[id(p)]} and {i}; each parameter may appear once"
+                )
+            seen[id(p)] = i
+            if id(p) in owner:
+                raise ValueError(
+                    f"parameter {i} (shape {tuple(p.shape)}) of the new param group is already in param group "
+                    f"{owner[id(p)]}; some parameters appear in more than one parameter group"
+                )
         merged = {**self.defaults, **param_group}
         _check_hyper(merged, "param group: ")
         group = dict(param_group)
@@ -522,7 +539,11 @@ class PagedAdamW(torch.optim.Optimizer):
                     f"param group {i}: state_dict has {len(saved['params'])} params, this optimizer {len(group['params'])}"
                 )
             _check_hyper(saved, f"state_dict param group {i}: ")
-            params_of.update(zip(saved["params"], group["params"]))
+            for key, p in zip(saved["params"], group["params"]):
+                # A repeated id would hand one saved state to two parameters' places and drop the other.
+                if key in params_of:
+                    raise ValueError(f"param group {i} of the state_dict lists param id {key!r} a second time")
+                params_of[key] = p
 
         for key, st in saved_state.items():
             if key not in params_of:

@@ -201,13 +201,24 @@ def dequantize_blockwise(
 # ---------------------------------------------------------------------------------------------
 
 
+def double_quant_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The offset of double quantization, fp32 0-d: mean(absmax) by torch.mean in fp32, as
+    bitsandbytes (its bits are part of the format). Only where that fp32 sum overflows although the
+    mean is representable (finite weights near float32's limit), the mean taken in float64: an inf
+    offset would decode every absmax to inf/NaN. Non-finite absmax keep the non-finite fp32 mean.
+    A select, not a branch, so no device sync."""
+    offset = absmax.float().mean()
+    wide = absmax.double().mean().float()
+    return torch.where(torch.isfinite(offset) | ~torch.isfinite(wide), offset, wide)
+
+
 def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q uint8 [nb], nested_absmax fp32 [ceil(nb/256)], offset fp32 0-d).
 
-    offset = mean(absmax) (torch.mean in fp32, as bitsandbytes); absmax - offset is quantized
-    blockwise (blocks of 256) with the signed dynamic map.
+    offset = double_quant_offset(absmax); absmax - offset is quantized blockwise (blocks of 256)
+    with the signed dynamic map.
     """
-    offset = absmax.float().mean()
+    offset = double_quant_offset(absmax)
     q, nested_absmax = quantize_blockwise(absmax.float() - offset, get_code("dynamic", absmax.device), nested_blocksize)
     return q, nested_absmax, offset
 
