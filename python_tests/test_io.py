@@ -79,6 +79,14 @@ def _assert_unchanged(model, snap):
     assert {n: (m.lora_alpha, m.lora_dropout) for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == hyper
 
 
+def _assert_refused_unchanged(model, load, match, errors=AdapterFileError):
+    """load() raises `errors` matching `match`, and the model is as it was before."""
+    snap = _snapshot(model)
+    with pytest.raises(errors, match=match):
+        load()
+    _assert_unchanged(model, snap)
+
+
 # --- adapters ------------------------------------------------------------------------------------
 
 
@@ -211,19 +219,14 @@ def test_bad_adapter_files_leave_model_unchanged(tmp_path, case):
         match = "only LORA"
     else:
         match = "no such file"
-    snap = _snapshot(target)
-    with pytest.raises((AdapterFileError, FileNotFoundError), match=match):
-        load_adapter(target, tmp_path)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_adapter(target, tmp_path), match,
+                              errors=(AdapterFileError, FileNotFoundError))
 
 
 def test_strict_adapter_must_cover_every_layer(tmp_path):
     save_adapter(_qlora_llama(targets=("q_proj",)), tmp_path)
     target = _qlora_llama(targets=("q_proj", "v_proj"), train=False)
-    snap = _snapshot(target)
-    with pytest.raises(AdapterFileError, match="no adapter weights for"):
-        load_adapter(target, tmp_path)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_adapter(target, tmp_path), "no adapter weights for")
     load_adapter(target, tmp_path, strict=False)
 
 
@@ -350,10 +353,7 @@ def test_bad_quantized_files_leave_model_unchanged(tmp_path, case):
             match = "no 4-bit quantized weights"
         safetensors_torch.save_file(sd, str(path))
     target = _llama(seed=1)
-    snap = _snapshot(target)
-    with pytest.raises(AdapterFileError, match=match):
-        load_quantized(target, path, r=4)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_quantized(target, path, r=4), match)
 
 
 # --- input validation ------------------------------------------------------------------------------
@@ -465,10 +465,7 @@ def test_load_quantized_checks_biases_and_dtypes_before_any_change(tmp_path, int
     sd[key] = value
     safetensors_torch.save_file(sd, str(path))
     target = _small_qlora() if into == "qlora" else _small()
-    snap = _snapshot(target)
-    with pytest.raises(AdapterFileError, match=match):
-        load_quantized(target, path, r=4)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_quantized(target, path, r=4), match)
 
 
 LAYER = "model.layers.1.self_attn.v_proj"
@@ -482,10 +479,8 @@ def test_adapter_cannot_write_into_qlora_internals(tmp_path, leaf):
     own = target.state_dict()[f"{LAYER}.{leaf}"]  # right shape and dtype: only the address is wrong
     _write_adapter(tmp_path, _qlora_llama(), lambda t: t.__setitem__(
         f"base_model.model.{LAYER}.{leaf}", torch.ones_like(own)))
-    snap = _snapshot(target)
-    with pytest.raises(AdapterFileError, match=rf"{LAYER}\.{leaf}'? addresses QLoRALinear '{LAYER}'"):
-        load_adapter(target, tmp_path)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_adapter(target, tmp_path),
+                              rf"{LAYER}\.{leaf}'? addresses QLoRALinear '{LAYER}'")
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -505,10 +500,7 @@ def test_adapter_entries_keep_their_dtype_kind(tmp_path, key, value, match):
     if "base_layer" in key:  # Llama's projections have no bias; give this one a bias the file may set
         target.get_submodule(LAYER).bias = nn.Parameter(torch.zeros(32), requires_grad=False)
     _write_adapter(tmp_path, model(train=True), lambda t: t.__setitem__(f"base_model.model.{key}", value))
-    snap = _snapshot(target)
-    with pytest.raises(AdapterFileError, match=match):
-        load_adapter(target, tmp_path)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_adapter(target, tmp_path), match)
 
 
 def test_save_adapter_warns_when_layer_dropouts_differ(tmp_path):
@@ -549,10 +541,7 @@ def test_bad_adapter_config_values_are_refused(tmp_path, field, value, match):
     cfg[field] = value
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
     target = _qlora_llama(train=False)
-    snap = _snapshot(target)
-    with pytest.raises(AdapterFileError, match=match):
-        load_adapter(target, tmp_path)
-    _assert_unchanged(target, snap)
+    _assert_refused_unchanged(target, lambda: load_adapter(target, tmp_path), match)
 
 
 def test_integral_float_rank_and_missing_dropout_still_load(tmp_path):
