@@ -763,3 +763,29 @@ def test_gradient_checkpointing_gives_the_same_grads(backend, use_reentrant):
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)
+
+
+def test_replace_linear_moves_an_accelerate_hook_onto_the_new_layer():
+    """A Linear of a model dispatched by accelerate (device_map) has its forward wrapped by a hook
+    that still calls nn.Linear.forward: it is replaced, and the hook wraps the QLoRALinear, so it
+    keeps running. An offloading hook (weights kept elsewhere under the Linear's names) cannot
+    serve a QLoRALinear: that Linear is skipped with the reason."""
+    from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module
+
+    class CountCalls(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountCalls.calls += 1
+            return args, kwargs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    add_hook_to_module(model[0], CountCalls())
+    add_hook_to_module(model[2], AlignDevicesHook(execution_device="cpu", offload=True))
+    replace_linear(model, r=2, compute_dtype=torch.float32)
+    assert isinstance(model[0], QLoRALinear) and isinstance(model[0]._hf_hook, CountCalls)
+    assert not isinstance(model[2], QLoRALinear)
+    assert "offloads" in model.qlora_replace_report.skipped["2"]
+    model(torch.randn(3, 64))
+    assert CountCalls.calls == 1

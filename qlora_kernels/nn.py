@@ -601,8 +601,23 @@ def _forward_unused(model: nn.Module) -> dict[int, str]:
     return unused
 
 
+def _accelerate_hook(mod: nn.Module):
+    """The accelerate hook (device placement of a dispatched model) that wraps mod's forward, if any:
+    that wrapper still runs nn.Linear.forward, so the Linear is replaceable and the hook is moved
+    onto the QLoRALinear."""
+    return getattr(mod, "_hf_hook", None) if "forward" in vars(mod) else None
+
+
 def _own_forward(mod: nn.Linear) -> Optional[str]:
     """Why a Linear's behaviour is more than nn.Linear.forward (None when it is not)."""
+    hook = _accelerate_hook(mod)
+    if hook is not None:
+        # An offloading hook keeps the weights elsewhere under the Linear's names and brings them
+        # in per call; a QLoRALinear has other tensors, so that hook cannot serve it.
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", None) or [hook]):
+            return ("accelerate offloads its weights (a device_map with CPU/disk offload); replace the Linears "
+                    "before dispatching the model")
+        return None
     if "forward" in vars(mod):
         return "its forward was replaced on the instance; a QLoRALinear would drop that behaviour"
     if type(mod).forward is not nn.Linear.forward:
@@ -750,6 +765,11 @@ def replace_linear(
     # Build every new layer before swapping any, so a failure (bad kwargs) leaves the model as it was.
     new_layers = [(name, QLoRALinear.from_linear(mod, **layer_kwargs)) for name, mod in chosen]
     for (name, layer), (_, old) in zip(new_layers, chosen):
+        hook = _accelerate_hook(old)
+        if hook is not None:
+            from accelerate.hooks import add_hook_to_module  # present: it made the hook
+
+            add_hook_to_module(layer, hook)
         for path in paths[id(old)]:
             _set_submodule(model, path, layer)
         report.replaced.append(name)
