@@ -789,3 +789,25 @@ def test_replace_linear_moves_an_accelerate_hook_onto_the_new_layer():
     assert "offloads" in model.qlora_replace_report.skipped["2"]
     model(torch.randn(3, 64))
     assert CountCalls.calls == 1
+
+
+def test_replace_linear_keeps_hooks_registered_on_the_linear():
+    """Forward, pre-forward and backward hooks registered on a Linear fire on its QLoRALinear, and
+    the handles registration returned still remove them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+    seen = []
+    handles = [
+        model[0].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__))),
+        model[0].register_forward_hook(lambda m, args, out: seen.append(("fwd", tuple(out.shape)))),
+        model[0].register_full_backward_hook(lambda m, gin, gout: seen.append(("bwd", tuple(gout[0].shape)))),
+    ]
+    replace_linear(model, r=2, compute_dtype=torch.float32)
+    assert isinstance(model[0], QLoRALinear)
+    model(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    assert seen == [("pre", "QLoRALinear"), ("fwd", (3, 32)), ("bwd", (3, 32))]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    model(torch.randn(3, 64)).sum().backward()
+    assert seen == []

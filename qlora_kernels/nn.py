@@ -608,6 +608,24 @@ def _accelerate_hook(mod: nn.Module):
     return getattr(mod, "_hf_hook", None) if "forward" in vars(mod) else None
 
 
+# The hook registries of nn.Module that a replaced Linear hands to its QLoRALinear (by sharing the
+# dicts, so the handles register_*_hook returned still remove them).
+_CALL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                    "_backward_hooks")
+
+
+def _take_call_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Hooks registered on `old` (forward, pre-forward, backward) fire on `new` from now on."""
+    if not any(getattr(old, d, None) for d in _CALL_HOOK_DICTS):
+        return
+    for d in _CALL_HOOK_DICTS:
+        if hasattr(old, d):
+            setattr(new, d, getattr(old, d))
+    if hasattr(old, "_is_full_backward_hook"):
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def _own_forward(mod: nn.Linear) -> Optional[str]:
     """Why a Linear's behaviour is more than nn.Linear.forward (None when it is not)."""
     hook = _accelerate_hook(mod)
@@ -765,6 +783,7 @@ def replace_linear(
     # Build every new layer before swapping any, so a failure (bad kwargs) leaves the model as it was.
     new_layers = [(name, QLoRALinear.from_linear(mod, **layer_kwargs)) for name, mod in chosen]
     for (name, layer), (_, old) in zip(new_layers, chosen):
+        _take_call_hooks(layer, old)
         hook = _accelerate_hook(old)
         if hook is not None:
             from accelerate.hooks import add_hook_to_module  # present: it made the hook
