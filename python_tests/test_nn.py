@@ -195,8 +195,12 @@ def test_merge_and_requantize():
     torch.testing.assert_close(merged.weight, expected, rtol=0, atol=0)
     torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
 
+    # The merged Linear has the dtype of the Linear that was replaced (an fp32 one here, computed
+    # in bf16), following later casts of the module, not the compute dtype: see the model test below.
     bf16 = QLoRALinear.from_linear(_linear_from(w), r=8, compute_dtype=torch.bfloat16)
-    assert bf16.merge().weight.dtype == torch.bfloat16
+    assert bf16.merge().weight.dtype == torch.float32
+    assert QLoRALinear.from_linear(_linear_from(w).to(torch.bfloat16), r=8).merge().weight.dtype == torch.bfloat16
+    assert bf16.to(torch.float16).merge().weight.dtype == torch.float16
 
     new = layer.merge_and_requantize()
     assert isinstance(new, QLoRALinear) and new is not layer
@@ -811,3 +815,83 @@ def test_replace_linear_keeps_hooks_registered_on_the_linear():
     seen.clear()
     model(torch.randn(3, 64)).sum().backward()
     assert seen == []
+
+
+def test_merge_and_unload_of_a_float32_model_computed_in_bf16_still_runs():
+    """The README's setup: an fp32 model whose Linears compute in bf16 (QLoRALinear casts its
+    input). After merge_and_unload / unload the plain Linears are fp32 again, as the model around
+    them, so it runs and gives the unmerged outputs up to bf16 rounding."""
+    torch.manual_seed(0)
+
+    def block():
+        return nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.GELU(), nn.Linear(128, 64))
+
+    x = torch.randn(5, 64)
+    for fn in (qk.merge_and_unload, qk.unload):
+        model = replace_linear(block(), r=4, compute_dtype=torch.bfloat16)
+        for mod in model.modules():
+            if isinstance(mod, QLoRALinear):
+                _randomize_lora(mod)
+        with torch.no_grad():
+            before = model(x).float()
+            if fn is qk.unload:
+                for mod in model.modules():
+                    if isinstance(mod, QLoRALinear):
+                        mod.lora_B.zero_()
+                before = model(x).float()
+        fn(model)
+        assert all(type(m) is not QLoRALinear and (not isinstance(m, nn.Linear) or m.weight.dtype == torch.float32)
+                   for m in model.modules())
+        with torch.no_grad():
+            after = model(x)
+        assert after.dtype == torch.float32
+        torch.testing.assert_close(after, before, rtol=3e-2, atol=3e-2)  # bf16 rounding of the computed path
+
+
+def test_merge_and_unload_keep_the_hooks_of_the_layers():
+    """Hooks registered on a QLoRALinear (or carried to it from the replaced Linear) fire on the
+    Linear that merge_and_unload / unload put in its place."""
+    for fn in (qk.merge_and_unload, qk.unload, lambda m: qk.merge_and_unload(m, requantize=True)):
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64))
+        seen = []
+        model[0].register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+        replace_linear(model, r=2, compute_dtype=torch.float32)
+        fn(model)
+        model(torch.randn(3, 64))
+        assert seen == [type(model[0]).__name__], seen
+
+
+def test_second_replace_linear_keeps_the_adapters_a_user_froze_frozen():
+    """Only the new layers' adapters are made trainable; an earlier layer's adapter keeps the
+    requires_grad the user gave it, and every non-adapter parameter is frozen."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64), nn.LayerNorm(64))
+    replace_linear(model, target_modules=["0"], r=2)
+    model[0].lora_A.requires_grad_(False)
+    replace_linear(model, target_modules=["2"], r=2)
+    assert not model[0].lora_A.requires_grad and model[0].lora_B.requires_grad
+    assert model[2].lora_A.requires_grad and model[2].lora_B.requires_grad
+    assert not any(p.requires_grad for p in model[3].parameters())
+
+
+def test_replace_linear_on_a_meta_model_then_load_with_assign():
+    """A model built on the meta device (no memory, as from_pretrained with low_cpu_mem_usage or
+    init_empty_weights) can be replaced, then take real tensors with load_state_dict(assign=True),
+    and gives the outputs of the same model replaced on the CPU."""
+    def block():
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    with torch.device("meta"):
+        model = block()
+    replace_linear(model, r=4, compute_dtype=torch.float32)
+    assert model[0].packed_weight.device.type == "meta"
+    assert QLoRALinear(64, 32, device="meta").packed_weight.device.type == "meta"
+    torch.manual_seed(0)
+    real = replace_linear(block(), r=4, compute_dtype=torch.float32)
+    model.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(model(x), real(x), rtol=0, atol=0)
+
+
+def test_memory_report_names_a_root_qlora_layer_like_any_root():
+    report = qk.memory_report(QLoRALinear(64, 32, r=2))
+    assert [row.name for row in report.rows] == ["(root)"]

@@ -39,7 +39,7 @@ def _check_float_tensor(x, what: str, check_finite: bool) -> None:
         raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
     if x.is_sparse or x.layout != torch.strided:
         raise TypeError(f"{what} must be a dense (strided) tensor, got layout {x.layout}")
-    if check_finite and not bool(torch.isfinite(x).all()):
+    if check_finite and values_readable(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what} contains NaN or Inf; pass check_finite=False to quantize it anyway")
 
 

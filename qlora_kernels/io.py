@@ -675,7 +675,7 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             for path in paths[id(model.get_submodule(name))]:
                 _set_submodule(model, path, layer)
     if swaps:
-        freeze_all_but_adapters(model)
+        freeze_all_but_adapters(model, [layer for _, layer in swaps])
         guard_state_dict_loads(model)
         model.qlora_replaced = list(getattr(model, "qlora_replaced", [])) + [n for n, _ in swaps]
     return model

@@ -373,6 +373,9 @@ class QLoRALinear(nn.Module):
                 self._buffers[name] = old.to(new.device)
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
+            # The dtype the replaced nn.Linear's weight would have now (what merge() and unload()
+            # give back), and the quant state's dtype, follows the same casts.
+            self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
         return self
 
     # --- state dict -------------------------------------------------------------------------
@@ -477,9 +480,12 @@ class QLoRALinear(nn.Module):
             return self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     def _as_linear(self, weight_fp32: torch.Tensor) -> nn.Linear:
-        """An nn.Linear of the compute dtype holding `weight_fp32` (rounded once) and this bias."""
+        """An nn.Linear holding `weight_fp32` (rounded once) and this bias, in weight_dtype: the
+        dtype of the Linear this layer replaced (following later casts of the module). Not the
+        compute dtype: a QLoRALinear casts its input to that, an nn.Linear does not, so a bf16
+        Linear among a float32 model's layers would fail on their float32 activations."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.packed_weight.device, dtype=self.compute_dtype)
+                        device=self.packed_weight.device, dtype=self.weight_dtype)
         with torch.no_grad():
             lin.weight.copy_(weight_fp32)
             if self.bias is not None:
@@ -487,7 +493,8 @@ class QLoRALinear(nn.Module):
         return lin
 
     def merge(self) -> nn.Linear:
-        """An nn.Linear with W + s * B @ A (summed in fp32, rounded once to the compute dtype)."""
+        """An nn.Linear with W + s * B @ A (summed in fp32, rounded once to weight_dtype, the dtype of
+        the Linear this layer replaced)."""
         return self._as_linear(self._merged_weight_fp32())
 
     def merge_and_requantize(self) -> "QLoRALinear":
@@ -626,6 +633,17 @@ def _take_call_hooks(new: nn.Module, old: nn.Module) -> None:
         new._is_full_backward_hook = old._is_full_backward_hook
 
 
+def _move_hooks(new: nn.Module, old: nn.Module) -> None:
+    """What was hooked on `old` fires on `new`, which takes its place: the call hooks, and an
+    accelerate device hook (which wraps forward)."""
+    _take_call_hooks(new, old)
+    hook = _accelerate_hook(old)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module  # present: it made the hook
+
+        add_hook_to_module(new, hook)
+
+
 def _own_forward(mod: nn.Linear) -> Optional[str]:
     """Why a Linear's behaviour is more than nn.Linear.forward (None when it is not)."""
     hook = _accelerate_hook(mod)
@@ -644,16 +662,25 @@ def _own_forward(mod: nn.Linear) -> Optional[str]:
     return None
 
 
-def freeze_all_but_adapters(model: nn.Module) -> None:
-    """requires_grad only on QLoRALinear adapters (and their bias where train_bias)."""
+def freeze_all_but_adapters(model: nn.Module, layers: Optional[Iterable[QLoRALinear]] = None) -> None:
+    """requires_grad only on QLoRALinear adapters (and their bias where train_bias). layers: only
+    these layers' adapters are made trainable; every other QLoRALinear keeps its adapter's
+    requires_grad as it is (a second replace_linear leaves the adapters a user froze frozen)."""
+    chosen = None if layers is None else {id(m) for m in layers}
+    kept = []
+    for mod in model.modules():
+        if isinstance(mod, QLoRALinear) and chosen is not None and id(mod) not in chosen:
+            kept += [(p, p.requires_grad) for p in (mod.lora_A, mod.lora_B, mod.bias) if p is not None]
     for p in model.parameters():
         p.requires_grad_(False)
     for mod in model.modules():
-        if isinstance(mod, QLoRALinear):
+        if isinstance(mod, QLoRALinear) and (chosen is None or id(mod) in chosen):
             mod.lora_A.requires_grad_(True)
             mod.lora_B.requires_grad_(True)
             if mod.bias is not None:
                 mod.bias.requires_grad_(mod.train_bias)
+    for p, flag in kept:
+        p.requires_grad_(flag)
 
 
 def guard_state_dict_loads(model: nn.Module) -> None:
@@ -711,7 +738,8 @@ def replace_linear(
     layer_kwargs go to QLoRALinear.from_linear (r, lora_alpha, compute_dtype, ...).
 
     Every parameter of the model is frozen except the new layers' lora_A/lora_B (and their bias
-    with train_bias=True). What was replaced: the returned model's `qlora_replaced` (list of
+    with train_bias=True); QLoRALinear layers from an earlier call keep their adapters'
+    requires_grad as they are. What was replaced: the returned model's `qlora_replaced` (list of
     names) and `qlora_replace_report`, logged at INFO (printed with verbose=True).
 
     Never replaced, with the reason in the report's `skipped` (and a warning when targeted by
@@ -783,18 +811,13 @@ def replace_linear(
     # Build every new layer before swapping any, so a failure (bad kwargs) leaves the model as it was.
     new_layers = [(name, QLoRALinear.from_linear(mod, **layer_kwargs)) for name, mod in chosen]
     for (name, layer), (_, old) in zip(new_layers, chosen):
-        _take_call_hooks(layer, old)
-        hook = _accelerate_hook(old)
-        if hook is not None:
-            from accelerate.hooks import add_hook_to_module  # present: it made the hook
-
-            add_hook_to_module(layer, hook)
+        _move_hooks(layer, old)
         for path in paths[id(old)]:
             _set_submodule(model, path, layer)
         report.replaced.append(name)
         if len(paths[id(old)]) > 1:
             report.aliases[name] = paths[id(old)][1:]
-    freeze_all_but_adapters(model)
+    freeze_all_but_adapters(model, [layer for _, layer in new_layers])
     guard_state_dict_loads(model)
     previous = list(getattr(model, "qlora_replaced", []))
     model.qlora_replaced = previous + report.replaced
@@ -822,6 +845,7 @@ def _swap_qlora_layers(model: nn.Module, build, what: str) -> nn.Module:
     new_layers = [(name, build(layer).train(layer.training)) for name, layer in layers]
     paths = _module_paths(model)
     for (name, layer), (_, old) in zip(new_layers, layers):
+        _move_hooks(layer, old)
         for path in paths[id(old)]:  # every name of a layer registered under several
             _set_submodule(model, path, layer)
     if not any(isinstance(m, QLoRALinear) for m in model.modules()):
@@ -841,7 +865,8 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Fold each QLoRALinear's adapter into its base weight, in place, as PEFT's merge_and_unload.
 
     requantize=False: each becomes an nn.Linear with W + s * B @ A (summed in fp32, rounded once to
-    the layer's compute dtype): a plain model to save or serve, at 16 bits per weight.
+    the dtype of the Linear it replaced, so the model runs as it did before replace_linear): a plain
+    model to save or serve.
     requantize=True: each becomes a QLoRALinear whose NF4 base is that merged weight re-quantized,
     with a fresh adapter (B = 0, trainable) and its `requantization_error`: the model stays
     4-bit, e.g. to train a next adapter on top.
@@ -855,7 +880,7 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter, in place: each QLoRALinear becomes an nn.Linear holding its dequantized
-    base weight (compute dtype) and bias, frozen; the LoRA weights are discarded (save_adapter
+    base weight (in the dtype of the Linear it replaced) and bias, frozen; the LoRA weights are discarded (save_adapter
     first to keep them). As PEFT's unload."""
 
     return _swap_qlora_layers(model, lambda layer: _frozen(layer._as_linear(layer.dequantize(torch.float32))),
@@ -925,7 +950,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
     seen: set[int] = set()
     for name, mod in model.named_modules():
         if isinstance(mod, QLoRALinear):
-            rows.append(MemoryRow(name, "QLoRALinear", mod.in_features * mod.out_features, mod.quantized_nbytes(),
+            rows.append(MemoryRow(name or "(root)", "QLoRALinear", mod.in_features * mod.out_features, mod.quantized_nbytes(),
                                   lora_bytes=_nbytes([mod.lora_A, mod.lora_B]),
                                   bias_bytes=_nbytes([mod.bias])))
             seen.update(id(t) for t in (mod.lora_A, mod.lora_B, mod.bias) if t is not None)
