@@ -608,3 +608,163 @@ def test_state_dict_listing_a_param_id_twice_rejected_unchanged(cls):
     with pytest.raises(ValueError, match="param id 0 a second time"):
         opt.load_state_dict(bad)
     _assert_unchanged(opt, params, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.optim API: load_state_dict hooks, named parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_load_state_dict_hooks_run_as_torch_optims(cls):
+    """Pre-hooks run first on a shallow copy (one may substitute the state dict), post-hooks after
+    loading; a removed hook no longer runs; a substituted invalid dict still changes nothing."""
+    source_params, source = _stepped(cls)
+    saved = source.state_dict()
+    params, opt = _stepped(cls)
+    calls = []
+
+    def pre(o, sd):
+        calls.append(("pre", o is opt, sd is not passed, sd.get("substitute_me")))
+        return saved  # used instead of what load_state_dict was given
+
+    def pre_after(o, sd):
+        calls.append(("pre_after", sd is saved))  # a later pre-hook sees the substitute
+
+    def post(o):
+        calls.append("post")
+        for p, q in zip(params, source_params):  # the substitute's states are loaded by now
+            for key, v in source.state[q].items():
+                if torch.is_tensor(v):
+                    assert_same_bits(o.state[p][key], v, key)
+                else:
+                    assert o.state[p][key] == v
+
+    handles = [opt.register_load_state_dict_pre_hook(pre), opt.register_load_state_dict_pre_hook(pre_after),
+               opt.register_load_state_dict_post_hook(post)]
+    passed = {"substitute_me": True}  # not a state dict: loading it without the pre-hook raises
+    opt.load_state_dict(passed)
+    assert calls == [("pre", True, True, True), ("pre_after", True), "post"]
+    assert passed == {"substitute_me": True}
+
+    # An invalid substitute raises before any change; the post-hook does not run.
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["step"] = -1
+    handles[0].remove()
+    opt.register_load_state_dict_pre_hook(lambda o, sd: bad, prepend=True)
+    snap = _snapshot(opt, params)
+    calls.clear()
+    with pytest.raises(ValueError, match="step"):
+        opt.load_state_dict(saved)
+    assert calls == [("pre_after", False)]
+    _assert_unchanged(opt, params, snap)
+
+    # The same hooks on torch.optim.AdamW, for comparison.
+    torch_calls = []
+    topt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))])
+    tsd = topt.state_dict()
+    topt.register_load_state_dict_pre_hook(lambda o, sd: torch_calls.append(("pre", sd is not tsd)))
+    topt.register_load_state_dict_post_hook(lambda o: torch_calls.append("post"))
+    topt.load_state_dict(tsd)
+    assert torch_calls == [("pre", True), "post"]
+
+
+def _named_groups(model, named: bool):
+    items = list(model.named_parameters())
+    if not named:
+        items = [p for _, p in items]
+    return [{"params": items[:2]}, {"params": items[2:], "lr": 2e-3}]
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_named_parameters_train_bit_identically_and_keep_names(cls):
+    model, data = _model_and_data()
+    names = [n for n, _ in model.named_parameters()]
+    models, opts = {}, {}
+    with use_backend("reference"):
+        for named in (False, True):
+            models[named] = copy.deepcopy(model)
+            opts[named] = cls(_named_groups(models[named], named), lr=5e-3, weight_decay=0.1)
+            sched = torch.optim.lr_scheduler.StepLR(opts[named], 3, 0.5)
+            _steps(models[named], opts[named], sched, data[:5])
+        # The flat form, as torch.optim.AdamW(model.named_parameters()).
+        flat = cls(copy.deepcopy(model).named_parameters())
+    for (name, a), b in zip(models[False].named_parameters(), models[True].parameters()):
+        assert_same_bits(b.detach(), a.detach(), name)
+    opt = opts[True]
+    assert [g.get("param_names") for g in opt.param_groups] == [names[:2], names[2:]]
+    assert all("param_names" not in g for g in opts[False].param_groups)
+    assert flat.param_groups[0]["param_names"] == names
+    assert all(isinstance(p, torch.Tensor) for p in flat.param_groups[0]["params"])
+    torch_opt = torch.optim.AdamW(_named_groups(copy.deepcopy(model), True))
+    sd = opt.state_dict()
+    assert [g["param_names"] for g in sd["param_groups"]] == [g["param_names"] for g in torch_opt.state_dict()["param_groups"]]
+
+    # Round trip through torch.save: the names come back, and resuming stays bit exact.
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed_model = copy.deepcopy(models[True])
+    resumed = cls(_named_groups(resumed_model, True), lr=1.0)
+    resumed.load_state_dict(ckpt)
+    assert [g["param_names"] for g in resumed.param_groups] == [names[:2], names[2:]]
+    assert resumed.param_groups[1]["lr"] == opt.param_groups[1]["lr"]
+    with use_backend("reference"):
+        for m, o in ((models[True], opt), (resumed_model, resumed)):
+            sched = torch.optim.lr_scheduler.StepLR(o, 3, 0.5)
+            _steps(m, o, sched, data[5:])
+    for (name, a), b in zip(models[True].named_parameters(), resumed_model.parameters()):
+        assert_same_bits(b.detach(), a.detach(), name)
+
+    # As torch.optim: saved names replace a group's (also where it had none); a saved group
+    # without names leaves the group's own.
+    for named_opt, named_sd in ((False, True), (True, False)):
+        ours = cls(_named_groups(copy.deepcopy(model), named_opt))
+        theirs = torch.optim.AdamW(_named_groups(copy.deepcopy(model), named_opt))
+        src = opts[named_sd].state_dict()
+        torch_src = torch.optim.AdamW(_named_groups(copy.deepcopy(model), named_sd)).state_dict()
+        ours.load_state_dict(src)
+        theirs.load_state_dict(torch_src)
+        got = [g.get("param_names") for g in ours.param_groups]
+        assert got == [g.get("param_names") for g in theirs.param_groups] == [names[:2], names[2:]]
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_mixed_named_and_unnamed_params_rejected_as_torch_does(cls):
+    p, q, r = (torch.nn.Parameter(torch.randn(8)) for _ in range(3))
+    for make in (torch.optim.AdamW, cls):  # the same cases are errors in torch.optim
+        with pytest.raises(ValueError, match="with/without names"):
+            make([("p", p), q])
+        with pytest.raises(ValueError, match="with/without names"):
+            make([{"params": [("p", p)]}, {"params": [q]}])
+        with pytest.raises(ValueError, match="with/without names"):
+            make([{"params": [p]}, {"params": [("q", q)]}])
+    opt = cls([("p", p)], lr=1e-2)
+    with pytest.raises(ValueError, match="without names"):
+        opt.add_param_group({"params": [q]})
+    with pytest.raises(TypeError, match="pair"):
+        opt.add_param_group({"params": [("q", q, r)]})
+    with pytest.raises(TypeError, match="float32"):
+        opt.add_param_group({"params": [("q", torch.zeros(3, dtype=torch.int64))]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [("q", q), ("r", r)], "lr": 1e-3})
+    assert opt.param_groups[1]["param_names"] == ["q", "r"] and opt.param_groups[1]["params"] == [q, r]
+    unnamed = cls([p])
+    with pytest.raises(ValueError, match="with names"):
+        unnamed.add_param_group({"params": [("q", q)]})
+    assert len(unnamed.param_groups) == 1
+
+    # Malformed saved names: rejected, nothing changed.
+    for pp in (p, q, r):
+        pp.grad = torch.randn(8)
+    with use_backend("reference"):
+        opt.step()
+    snap = _snapshot(opt, [p, q, r])
+    for bad_names in (["q"], "qr", ["q", 3]):
+        bad = opt.state_dict()
+        bad["param_groups"][1]["param_names"] = bad_names
+        with pytest.raises(ValueError, match="param_names"):
+            opt.load_state_dict(bad)
+    _assert_unchanged(opt, [p, q, r], snap)
+    assert opt.param_groups[1]["param_names"] == ["q", "r"]

@@ -26,9 +26,13 @@ them, so does the 2.11 of the lent GPU machines), a device without
 managed memory), states use ordinary CUDA memory and a warning says why, once. On the CPU states
 are ordinary memory.
 
-Invalid input (sparse or complex tensors, a parameter listed twice, lr < 0, betas outside [0, 1),
-eps < 0, weight_decay < 0, a state_dict from another optimizer or of other shapes) raises ValueError /
-TypeError before anything is changed.
+Parameters may be named, as torch.optim (>= 2.6) takes them: PagedAdamW(model.named_parameters())
+or groups of (name, tensor) pairs; the names are kept in group["param_names"] and in state_dict().
+load_state_dict runs the hooks of register_load_state_dict_pre_hook / _post_hook as torch.optim's.
+
+Invalid input (sparse or complex tensors, a parameter listed twice, named and unnamed params mixed,
+lr < 0, betas outside [0, 1), eps < 0, weight_decay < 0, a state_dict from another optimizer or of
+other shapes) raises ValueError / TypeError before anything is changed.
 """
 
 from __future__ import annotations
@@ -351,8 +355,32 @@ class PagedAdamW(torch.optim.Optimizer):
             raise TypeError("optimizer parameters must be an ordered collection, not a set")
         else:
             params = list(params) if params is not None else []
+        # Named parameters, as torch.optim (>= 2.6) takes them: (name, tensor) pairs, e.g.
+        # model.named_parameters(). The names go to group["param_names"] (and so into state_dict);
+        # a group mixes no named and unnamed params, and an optimizer no named and unnamed groups.
+        names = None
+        if any(isinstance(p, tuple) for p in params):
+            if not all(isinstance(p, tuple) for p in params):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            for i, p in enumerate(params):
+                if len(p) != 2 or not isinstance(p[0], str):
+                    raise TypeError(f"named param {i} must be a (str name, tensor) pair, got {p!r:.80}")
+            names = [name for name, _ in params]
+            params = [t for _, t in params]
+        elif "param_names" in param_group:
+            names = param_group["param_names"]
+            if (not isinstance(names, (list, tuple)) or len(names) != len(params)
+                    or not all(isinstance(n, str) for n in names)):
+                raise ValueError(f"param_names must be a list of {len(params)} str (one per param), got {names!r:.80}")
+            names = list(names)
         for p in params:
             _check_param(p, "")
+        for g in self.param_groups:
+            if ("param_names" in g) != (names is not None):
+                raise ValueError(
+                    "all optimizer param groups should be with/without names. cannot add param group "
+                    f"{'with' if names is not None else 'without'} names to the optimizer"
+                )
         # torch.optim only warns about a parameter listed twice in one group, and the step would
         # then update it twice while its state counts one step. Across groups torch raises too;
         # this says which parameter.
@@ -374,6 +402,8 @@ class PagedAdamW(torch.optim.Optimizer):
         _check_hyper(merged, "param group: ")
         group = dict(param_group)
         group["params"] = params
+        if names is not None:
+            group["param_names"] = names
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
         super().add_param_group(group)
@@ -514,10 +544,22 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from state_dict(): everything is checked first; on any error nothing changes.
-        The states are copied into fresh (paged, when enabled) buffers on each parameter's device."""
+        The states are copied into fresh (paged, when enabled) buffers on each parameter's device.
+
+        As torch.optim.Optimizer.load_state_dict: the load_state_dict pre-hooks run first, on a
+        shallow copy of state_dict (one that returns a dict has it loaded instead), the post-hooks
+        after loading; saved "param_names" replace the group's, a group keeps its own where the
+        saved one has none (names are not matched against the params: pre-hooks may use them)."""
         name = type(self).__name__
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may edit it in place
+        for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"a load_state_dict pre-hook returned a {type(state_dict).__name__}, not a dict")
         marker = state_dict.get(STATE_DICT_KEY)
         if not isinstance(marker, dict) or marker.get("optimizer") != name:
             source = marker.get("optimizer") if isinstance(marker, dict) else "another optimizer (e.g. torch.optim)"
@@ -539,6 +581,12 @@ class PagedAdamW(torch.optim.Optimizer):
                     f"param group {i}: state_dict has {len(saved['params'])} params, this optimizer {len(group['params'])}"
                 )
             _check_hyper(saved, f"state_dict param group {i}: ")
+            if "param_names" in saved:
+                names = saved["param_names"]
+                if (not isinstance(names, (list, tuple)) or len(names) != len(saved["params"])
+                        or not all(isinstance(n, str) for n in names)):
+                    raise ValueError(f"param group {i} of the state_dict: param_names must be a list of "
+                                     f"{len(saved['params'])} str (one per param), got {names!r:.80}")
             for key, p in zip(saved["params"], group["params"]):
                 # A repeated id would hand one saved state to two parameters' places and drop the other.
                 if key in params_of:
@@ -582,11 +630,18 @@ class PagedAdamW(torch.optim.Optimizer):
             ng = {k: v for k, v in saved.items() if k != "params"}
             ng["betas"] = tuple(ng["betas"])
             ng["params"] = group["params"]
+            if "param_names" in ng:
+                ng["param_names"] = list(ng["param_names"])
+            elif "param_names" in group:
+                ng["param_names"] = group["param_names"]
             new_groups.append(ng)
 
         self.state = new_state
         self._buffers = new_buffers
         self.param_groups = new_groups
+
+        for post_hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
+            post_hook(self)
 
 
 class PagedAdamW8bit(PagedAdamW):
