@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -715,6 +716,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the rest are listed as left out)")
     args = parser.parse_args(argv)
+    # Checked before the (long) run, which would otherwise fail only when it writes its results.
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        parser.error(f"argument --budget-s: must be a finite number of seconds > 0, got {args.budget_s}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {str(args.out)!r} exists and is not a directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --out: cannot create directory {str(args.out)!r}: {e.strerror or e}")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        parser.error(f"argument --out: directory {str(args.out)!r} is not writable")
     _, results = run(args.ops, args.quick, args.out, budget_s=args.budget_s)
     if not results:
         print("no benchmark case ran", file=sys.stderr)

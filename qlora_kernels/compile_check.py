@@ -594,13 +594,37 @@ def _with_progress(rows: Any, total: int) -> list[Row]:
     return out
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The paths given checked before any compile (minutes of them): parser.error (exit status 2,
+    naming the argument) rather than a failure on every kernel, or after all of them."""
+    if args.ptxas is not None:
+        found = shutil.which(args.ptxas)
+        if found is None:
+            why = ("is not an executable file" if os.path.exists(args.ptxas)
+                   else "does not exist" if os.sep in args.ptxas or (os.altsep and os.altsep in args.ptxas)
+                   else "is not on PATH")
+            parser.error(f"argument --ptxas: {args.ptxas!r} {why}")
+        args.ptxas = found
+    if args.json is not None:
+        path = os.path.abspath(args.json)
+        parent = os.path.dirname(path)
+        if os.path.isdir(path):
+            parser.error(f"argument --json: {args.json!r} is a directory")
+        if not os.path.isdir(parent):
+            parser.error(f"argument --json: directory {parent!r} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            parser.error(f"argument --json: {args.json!r} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
     if argv[:1] == ["compile-check"]:
         argv = argv[1:]
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if _interpret_requested():
         return _rerun_without_interpreter(argv)
 

@@ -153,6 +153,12 @@ def replace_dense_lora(model: nn.Module, targets: str, r: int, lora_alpha: float
 
 
 def batches(n: int, batch_size: int, steps: int, seed: int):
+    """`steps` lists of `batch_size` distinct indices below n: reshuffled epochs, each cut into
+    full batches (the remainder of an epoch is dropped). ValueError when no full batch fits."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be between 1 and the number of examples ({n}), got {batch_size}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
     g = torch.Generator().manual_seed(seed)
     out = []
     while len(out) < steps:
@@ -251,6 +257,59 @@ def memory_table(qmodel: nn.Module) -> tuple[str, dict]:
     return "\n".join(lines), info
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_args(p: argparse.ArgumentParser, args, n_train: int) -> torch.device:
+    """Every argument checked before anything slow runs (the model load, two training runs):
+    p.error (exit status 2, naming the argument) on the first bad one. Returns the device."""
+    if args.steps < 1:
+        p.error(f"argument --steps: must be >= 1, got {args.steps}")
+    if not 1 <= args.batch_size <= n_train:
+        p.error(f"argument --batch-size: must be between 1 and the training set size ({n_train}), "
+                f"got {args.batch_size}")
+    if args.r < 1:
+        p.error(f"argument --r: the LoRA rank must be >= 1, got {args.r}")
+    for name in ("lr", "head_lr"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            p.error(f"argument --{name.replace('_', '-')}: must be a finite number >= 0, got {v}")
+    if not -(2**63) <= args.seed < 2**64:
+        p.error(f"argument --seed: must be in [-2**63, 2**64), got {args.seed}")
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            p.error(f"argument --device: {args.device!r} is not a device; use cpu, cuda or cuda:N")
+        if device.type not in ("cpu", "cuda"):
+            p.error(f"argument --device: {args.device!r}: the demo runs on cpu or cuda only")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                p.error(f"argument --device: {args.device!r} asked for, but CUDA is not available "
+                        f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                p.error(f"argument --device: {args.device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"argument --out: {str(out)!r} exists and is not a directory")
+    base = _nearest_existing(out)
+    if not base.is_dir():
+        p.error(f"argument --out: cannot create {str(out)!r}: {str(base)!r} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        p.error(f"argument --out: {str(base)!r} is not writable")
+    for name, want_dir in (("adapter", True), ("results.json", False)):
+        q = out / name
+        if q.exists() and q.is_dir() != want_dir:
+            p.error(f"argument --out: {str(q)!r} exists and is {'not ' if want_dir else ''}a directory")
+    return device
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qlora_kernels demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None,
@@ -275,7 +334,8 @@ def main(argv=None) -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, evals = demo_data.load_splits(args.seed)  # cheap: the batch size is checked against it
+    device = _check_args(p, args, len(train))
     if device.type == "cuda":
         compute_dtype = torch.bfloat16
         note = "bf16 compute on the GPU"
@@ -285,7 +345,6 @@ def main(argv=None) -> int:
                 "base weights in bf16, the QLoRA run in NF4+DQ")
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    train, evals = demo_data.load_splits(args.seed)
     texts = [t for t, _ in train + evals]
     print(f"task: topic of a sentence ({', '.join(demo_data.LABELS)}); {len(train)} train / {len(evals)} eval "
           f"examples (eval uses held-out templates)")
