@@ -41,15 +41,19 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
+def _fill_trainable(model: nn.Module, seed: int) -> nn.Module:
+    """Stands in for training: every trainable parameter (the adapters) different and non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
 def _qlora_llama(targets=("q_proj", "v_proj"), r=4, train=True) -> nn.Module:
     model = replace_linear(_llama(), target_modules=list(targets), r=r, lora_alpha=2 * r, compute_dtype=torch.float32)
-    if train:  # stands in for training: every adapter different and non-zero
-        g = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return _fill_trainable(model, 11) if train else model
 
 
 def _dequantized_base(qmodel: nn.Module) -> nn.Module:
@@ -392,13 +396,7 @@ def _nested_qlora(case: str, train: bool = True) -> nn.Module:
     model = replace_linear(_nested(), target_modules=["blk.a", "blk.c"], r=4, lora_alpha=16,
                            compute_dtype=torch.float32)
     replace_linear(model, target_modules=r"a", r=r_a, lora_alpha=alpha_a, compute_dtype=torch.float32)
-    if train:
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return _fill_trainable(model, 5) if train else model
 
 
 @pytest.mark.parametrize("case", ["alpha", "rank"])
