@@ -1,19 +1,16 @@
 """Bad command-line arguments of demo, bench and compile-check: argparse's exit status 2 with a
 message naming the argument, before anything slow runs (model load, training, benchmarks,
-compiles). The slow functions are replaced by ones that fail the test when called."""
+compiles): the slow functions are replaced by ones that fail the test when called."""
 
 import contextlib
 import os
 import signal
 import stat
-import time
 
 import pytest
 import torch
 
 from qlora_kernels import bench, compile_check, demo, demo_data
-
-FAST_S = 5.0  # seconds a rejection may take (it must not load a model or compile anything)
 
 
 class SlowPathCalled(Exception):
@@ -25,14 +22,12 @@ def _forbid(*_a, **_k):
 
 
 def _rejects(main, argv, capsys, names):
-    """main(argv) exits with status 2, fast, and its message names every one of `names`."""
-    t0 = time.perf_counter()
+    """main(argv) exits with status 2 (before any slow function: those raise SlowPathCalled) and
+    its message names every one of `names`."""
     with pytest.raises(SystemExit) as e:
         main(argv)
-    elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
     assert e.value.code == 2, err
-    assert elapsed < FAST_S, f"took {elapsed:.1f} s to reject {argv}"
     for name in names:
         assert name in err, err
     return err
