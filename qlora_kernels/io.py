@@ -672,8 +672,8 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         for k in expected:
             current[k].copy_(rest[k])
         for name, layer in swaps:
-            for path in paths[id(model.get_submodule(name))]:
-                _set_submodule(model, path, layer)
+            for alias in paths[id(model.get_submodule(name))]:
+                _set_submodule(model, alias, layer)
     if swaps:
         freeze_all_but_adapters(model, [layer for _, layer in swaps])
         guard_state_dict_loads(model)
