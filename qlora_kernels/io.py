@@ -19,8 +19,6 @@ when everything fits, so a bad file leaves the model as it was.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import re
 import secrets
@@ -33,7 +31,14 @@ import torch
 import torch.nn as nn
 
 from .formats import QuantState, get_code
-from .nn import QLoRALinear, _module_paths, _set_submodule, freeze_all_but_adapters, guard_state_dict_loads
+from .nn import (
+    QLoRALinear,
+    _module_paths,
+    _set_submodule,
+    finite_real,
+    freeze_all_but_adapters,
+    guard_state_dict_loads,
+)
 
 PathLike = Union[str, os.PathLike]
 
@@ -154,29 +159,19 @@ def _dtype_mismatch(file_t: torch.Tensor, model_t: torch.Tensor) -> bool:
 # save_adapter refuses what load_adapter would refuse, so every file it writes loads back.
 
 
-def _real(value) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None  # JSON's true/false are not numbers here; strings are not parsed
-    try:
-        v = float(value)
-    except OverflowError:
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _as_rank(value) -> Optional[int]:
     """A positive integer; an integral float (8.0) is taken as that integer, 4.7 is refused."""
-    v = _real(value)
+    v = finite_real(value)
     return int(v) if v is not None and v >= 1 and v == int(v) else None
 
 
 def _as_alpha(value) -> Optional[float]:
     # Any finite real, as QLoRALinear.lora_alpha and PEFT take it (a negative one flips the update's sign).
-    return _real(value)
+    return finite_real(value)
 
 
 def _as_dropout(value) -> Optional[float]:
-    v = _real(value)
+    v = finite_real(value)
     return v if v is not None and 0.0 <= v < 1.0 else None
 
 
@@ -580,9 +575,7 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         except (ValueError, TypeError) as e:
             problems.append(f"{name}: bad quant state: {e}")
             continue
-        if not torch.equal(state.code, get_code(state.quant_type)):
-            problems.append(f"{name}: quant_map is not the standard {state.quant_type} table")
-            continue
+        # (QuantState.validate already refused a quant_map that is not quant_type's table.)
         if state.nested and not torch.equal(state.nested_code, get_code("dynamic")):
             problems.append(f"{name}: nested_quant_map is not the signed dynamic map")
             continue

@@ -53,11 +53,26 @@ def _written_args(func, args, kwargs) -> list:
     return written
 
 
+def _is_real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real)  # bool (JSON's true) is not a number here
+
+
+def finite_real(v) -> Optional[float]:
+    """v as a float when it is a finite real number (int or float, not bool), else None."""
+    if not _is_real(v):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an int too large for a float
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _check_real(what: str, v) -> None:
     """A finite real number (int or float, not bool), as LoRA's scalar settings must be."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not _is_real(v):
         raise TypeError(f"{what} must be a real number (int or float), got {type(v).__name__} {v!r}")
-    if not math.isfinite(v):
+    if finite_real(v) is None:
         raise ValueError(f"{what} must be finite, got {v!r}")
 
 
