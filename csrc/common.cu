@@ -16,6 +16,7 @@ __global__ void qk_probe_kernel(int* unused) {
 
 constexpr int kMaxDevices = 64;
 int g_sm_count[kMaxDevices] = {0};
+int g_cc_major[kMaxDevices] = {0};
 
 }  // namespace
 
@@ -55,6 +56,27 @@ int sm_count() {
     if (dev >= kMaxDevices) return query_sm_count(dev);
     if (g_sm_count[dev] == 0) g_sm_count[dev] = query_sm_count(dev);  // a benign race: all store the same
     return g_sm_count[dev];
+}
+
+// Compute capability major of device `dev`, or 0 when the runtime cannot say (error cleared).
+static int query_cc_major(int dev) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return v;
+}
+
+int cc_major() {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (dev >= kMaxDevices) return query_cc_major(dev);
+    if (g_cc_major[dev] == 0) g_cc_major[dev] = query_cc_major(dev);
+    return g_cc_major[dev];
 }
 
 }  // namespace qk

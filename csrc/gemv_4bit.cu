@@ -24,6 +24,13 @@
 // never through the read-only or L1 caches.
 #include "qk_common.cuh"
 
+// The tensor-core GEMV's pair table (gemv_4bit_mma_kernel): entry e holds the codes of byte e's two
+// nibbles as one mma operand register (high nibble, the element with the even k, in the low half).
+// Stored once per lane, entry e of lane l at word 32 e + l, so a warp's 32 lookups hit 32 different
+// banks whatever the bytes. A shared variable at global scope, so its PTX name is this one and the
+// lookups (code_pair_at) can address it as symbol + offset: LDS [R + imm], no base register to add.
+__shared__ uint32_t qk_gemv_code_pairs[256 * 32];
+
 namespace {
 
 using qk::Dtype;
@@ -276,6 +283,290 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(co
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// Tensor-core variant (bf16/fp16 X): the same one-launch protocol (T CTAs first, splits summed by
+// the last one to arrive, "T ready" count), with the weights fed to mma.sync instead of FMAs.
+//
+// Why: at M = 1 every weight is used once, and an H100 can issue about 4.4 instructions per weight
+// while streaming W at its full HBM bandwidth (an H200, with more bandwidth per SM, about 3.1). The
+// FMA kernel above spends at least five on each weight (nibble extraction, code lookup, decode
+// multiply, X conversion, FMA), so it cannot reach the decode goal whatever its memory access. Here
+// one lookup in a 256-entry table turns a packed byte into the two 16-bit codes of an mma operand
+// register, X goes to the tensor cores as it is stored, and the block scale multiplies the tensor
+// cores' fp32 sum once per (row, block). ptxas's count for the span loop (bench/sass_budget.py):
+// about 3.4 instructions per weight on sm_90 with double-quantized scales at blocksize 64 (3.1 on
+// sm_80, where the table address folds into the load).
+//
+// Layout: a warp takes a tile of 16 rows (A rows g and g + 8 are rows n0 + g and n0 + g + 8) and
+// walks its split's K range in spans of 128: lane t of group g loads the span's 16-byte chunk t of
+// both its rows (k = 32t .. 32t + 31). The k order inside an mma is free as long as A and B use the
+// same one, so mma j (0..7) takes from lane t the k's 32t + 4j .. 32t + 4j + 3: bytes 2j (A columns
+// 2t, 2t+1) and 2j + 1 (columns 2t+8, 2t+9) of each chunk, and X words 2j and 2j + 1 of the lane's
+// 32 X elements. The 8 B columns are (X row, block in the span) pairs: column c is X row c / NB and
+// the span's block c % NB (NB = 128 / blocksize blocks per span, at least 1); lane (g, t) supplies
+// X only where its k's lie in column g's block, zeros elsewhere, so C[row][c] is the span's sum over
+// one block and one X row, which its lane scales by that block's absmax. Hence M * NB <= 8.
+//
+// Numerics: the codes enter the tensor cores rounded to bf16/fp16 and are multiplied by the fp32
+// scale after the sum over the block, where the FMA kernel rounds nothing and scales each weight.
+// Both stay within DESIGN.md section 6's rule (tests: test_cuda_backend.py).
+constexpr int kSpan = 128;
+
+template <int DT>
+__device__ __forceinline__ uint32_t code_pair(int quant_type, int e) {
+    return (uint32_t)Dtype<DT>::store(qk_code_4bit(quant_type, e >> 4)) |
+           ((uint32_t)Dtype<DT>::store(qk_code_4bit(quant_type, e & 15)) << 16);
+}
+
+// The pair-table entry of the byte at bit sh of u for this lane (lane4 = 4 * lane): the entry's byte
+// offset byte * 128 + lane4 takes one shift and one and-or. The load is PTX on the table's symbol:
+// on sm_80 ptxas folds the symbol into the load's immediate, where a C++ pointer costs an add per
+// load; on sm_90 it adds the CTA's shared window base either way.
+__device__ __forceinline__ uint32_t code_pair_at(uint32_t lane4, uint32_t u, int sh) {
+    const uint32_t off = ((sh >= 7 ? (u >> (sh - 7)) : (u << (7 - sh))) & 0x7F80u) | lane4;
+#if defined(__CUDA_ARCH__)
+    uint32_t v;
+    asm volatile(
+        "{\n\t.reg .u32 qk_base;\n\tmov.u32 qk_base, qk_gemv_code_pairs;\n\tadd.u32 qk_base, qk_base, %1;\n\t"
+        "ld.shared.b32 %0, [qk_base];\n\t}"
+        : "=r"(v)
+        : "r"(off));
+    return v;
+#else
+    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const unsigned char*>(qk_gemv_code_pairs) + off);
+#endif
+}
+
+// The scales of blocks b and b + 1 (PAIR; b is even there) or of block b alone (both outputs).
+template <bool NESTED, bool PAIR>
+__device__ __forceinline__ void block_scales(const GemvArgs& a, const float* s_code2, float offset, int64_t b,
+                                             float& s0, float& s1) {
+    if constexpr (NESTED) {
+        // b and b + 1 share their nested block (256 blocks, b even).
+        const float a2 = __ldg(a.absmax2 + (b >> QK_NESTED_LOG2));
+        if constexpr (PAIR) {
+            const uint32_t q = __ldg(reinterpret_cast<const uint16_t*>(a.absmax_q + b));
+            s0 = qk_double_dequant(s_code2[q & 0xFFu], a2, offset);
+            s1 = qk_double_dequant(s_code2[q >> 8], a2, offset);
+        } else {
+            s0 = s1 = qk_double_dequant(s_code2[__ldg(a.absmax_q + b)], a2, offset);
+        }
+    } else if constexpr (PAIR) {
+        const float2 v = __ldg(reinterpret_cast<const float2*>(a.absmax_f32 + b));
+        s0 = v.x;
+        s1 = v.y;
+    } else {
+        s0 = s1 = __ldg(a.absmax_f32 + b);
+    }
+}
+
+// Adds one span (128 k) of rows r0 and r1 to acc (the lane's four C entries, each scaled by its
+// block): w0/w1 the lane's chunks of the two rows, xw its 16 X words, blk0/blk1 the index of each
+// row's first block in the span plus the block of the lane's column 2t.
+template <int DT, int NB_LOG2, bool NESTED>
+__device__ __forceinline__ void mma_span(const GemvArgs& a, const float* s_code2, float offset, uint32_t lane4,
+                                         int64_t blk0, int64_t blk1, const uint4& w0, const uint4& w1,
+                                         const uint32_t xw[16], float acc[4]) {
+    const uint32_t u0[4] = {w0.x, w0.y, w0.z, w0.w}, u1[4] = {w1.x, w1.y, w1.z, w1.w};
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int sh = 16 * (j & 1);  // byte 2j of the chunk: word j / 2, bit 16 (j % 2)
+        const uint32_t af[4] = {code_pair_at(lane4, u0[j >> 1], sh), code_pair_at(lane4, u1[j >> 1], sh),
+                                code_pair_at(lane4, u0[j >> 1], sh + 8), code_pair_at(lane4, u1[j >> 1], sh + 8)};
+        const uint32_t bf[2] = {xw[2 * j], xw[2 * j + 1]};
+        qk::mma_16816<DT>(c, af, bf);
+    }
+    // C entry i: row r0 (i < 2) or r1, column 2t + i % 2, so (NB > 1) block 2t % NB or the next.
+    float s00, s01, s10, s11;
+    block_scales<NESTED, (NB_LOG2 > 0)>(a, s_code2, offset, blk0, s00, s01);
+    block_scales<NESTED, (NB_LOG2 > 0)>(a, s_code2, offset, blk1, s10, s11);
+    acc[0] = qk_fma(c[0], s00, acc[0]);
+    acc[1] = qk_fma(c[1], s01, acc[1]);
+    acc[2] = qk_fma(c[2], s10, acc[2]);
+    acc[3] = qk_fma(c[3], s11, acc[3]);
+}
+
+// Stores one finished output (X row m, W row n) and, with splits, nothing else: v is the full sum.
+template <int DT>
+__device__ __forceinline__ void store_out(const GemvArgs& a, int m, int64_t n, float v) {
+    static_cast<typename Dtype<DT>::T*>(a.y)[m * a.N + n] = Dtype<DT>::store(out_value<DT>(a, m, n, v));
+}
+
+template <int DT, int NB_LOG2, bool NESTED>
+__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
+    constexpr int NB = 1 << NB_LOG2;
+    __shared__ float s_code2[256];
+    __shared__ int s_last;
+    if ((int64_t)blockIdx.x < a.t_blocks) {
+        lora_down_cta<DT, 8>(a, blockIdx.x, &s_last);
+        return;
+    }
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+        const uint32_t v = code_pair<DT>(a.quant_type, e);
+        uint4* dst = reinterpret_cast<uint4*>(qk_gemv_code_pairs + e * 32);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) dst[q] = make_uint4(v, v, v, v);
+        if (NESTED) s_code2[e] = a.code2[e];
+    }
+    __syncthreads();
+    const float offset = NESTED ? __ldg(a.offset) : 0.0f;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const uint32_t lane4 = (uint32_t)lane * 4u;  // the lane's column of the pair table
+    const int64_t K = a.K, N = a.N;
+    const int64_t tiles = (N + 15) / 16;
+    const int spans = (int)(K / kSpan), sps = (int)a.cps;
+    // B column g: X row g / NB, block g % NB of the span; lane t's k's lie in block (32 t) / blocksize.
+    const int x_row = g >> NB_LOG2;
+    const bool x_lane = x_row < a.M && (NB == 1 || ((t >> (a.log2B - 5)) == (g & (NB - 1))));
+    // The block of the lane's C column 2t within a span (its column 2t + 1 has the next one).
+    const int col_blk = NB == 1 ? 0 : (2 * t) & (NB - 1);
+    const int blk_log2 = a.log2B;
+
+    // Work unit of a CTA: split s of 8 consecutive tiles, one per warp. Everything that steers the
+    // span loop depends on the CTA alone (uniform control flow: ptxas keeps the per-span block and
+    // pointer arithmetic out of the loop, which it recomputed there per warp-dependent bounds).
+    const int64_t groups = (tiles + kWarps - 1) / kWarps;
+    for (int64_t unit = (int64_t)blockIdx.x - a.t_blocks; unit < groups * a.splits; unit += (int64_t)gridDim.x - a.t_blocks) {
+        const int64_t s = unit / groups;
+        const int64_t tile = (unit % groups) * kWarps + (threadIdx.x >> 5);
+        const bool tile_ok = tile < tiles;  // the last group's spare warps compute on tile 0, store nothing
+        const int64_t n0 = tile_ok ? tile * 16 : 0;
+        const int64_t r0 = tile_ok ? n0 + g : N, r1 = tile_ok ? r0 + 8 : N;
+        // Rows past N read row 0 (valid memory); their C rows are never stored.
+        const int64_t r0c = r0 < N ? r0 : 0, r1c = r1 < N ? r1 : 0;
+        const int sp_lo = (int)(s * sps), sp_hi = sp_lo + sps < spans ? sp_lo + sps : spans;
+        // Chunk t of span sp of row r: 16 bytes at r K / 2 + 64 sp + 16 t (K % 128 == 0: aligned).
+        const uint4* p0 = reinterpret_cast<const uint4*>(a.packed + r0c * (K / 2)) + t + 4 * (int64_t)sp_lo;
+        const uint4* p1 = reinterpret_cast<const uint4*>(a.packed + r1c * (K / 2)) + t + 4 * (int64_t)sp_lo;
+        const uint4* px = reinterpret_cast<const uint4*>(x + (int64_t)(x_row < a.M ? x_row : 0) * K) + 4 * t +
+                          16 * (int64_t)sp_lo;
+        // The blocks of the lane's column 2t in span sp_lo of each row (K % blocksize == 0: rows start
+        // blocks), carried from span to span rather than recomputed.
+        int64_t blk0 = ((r0c * K) >> blk_log2) + col_blk + ((sp_lo * kSpan) >> blk_log2);
+        int64_t blk1 = ((r1c * K) >> blk_log2) + col_blk + ((sp_lo * kSpan) >> blk_log2);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // Lanes without X keep these zeros: their loads below never run.
+        uint32_t xw[16];
+#pragma unroll
+        for (int q = 0; q < 16; ++q) xw[q] = 0u;
+        for (int sp = sp_lo; sp < sp_hi; ++sp) {
+            const uint4 w0 = __ldg(p0), w1 = __ldg(p1);
+            if (x_lane) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const uint4 v = __ldg(px + q);
+                    xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+                }
+            }
+            mma_span<DT, NB_LOG2, NESTED>(a, s_code2, offset, lane4, blk0, blk1, w0, w1, xw, acc);
+            p0 += 4;
+            p1 += 4;
+            px += 16;
+            const int next_blocks = (((sp + 1) * kSpan) >> blk_log2) - ((sp * kSpan) >> blk_log2);
+            blk0 += next_blocks;
+            blk1 += next_blocks;
+        }
+
+        if (!tile_ok) continue;  // a spare warp of the last group: nothing to store or count
+
+        // The lane's sums per (X row, W row): column 2t + i % 2 is X row (2t + i % 2) / NB; the NB
+        // blocks of one X row are added (NB = 4: across lanes t and t ^ 1, whose columns continue).
+        // Slot i holds (out_m[i], out_n[i]) when out_ok[i]; fixed slots keep everything in registers.
+        float out[4];
+        int out_m[4];
+        int64_t out_n[4];
+        bool out_ok[4];
+        if constexpr (NB == 1) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                out[i] = acc[i];
+                out_m[i] = 2 * t + (i & 1);
+                out_n[i] = i < 2 ? r0 : r1;
+            }
+        } else {
+            float v0 = qk_fadd(acc[0], acc[1]), v1 = qk_fadd(acc[2], acc[3]);
+            if constexpr (NB == 4) {
+                v0 = qk_fadd(v0, __shfl_xor_sync(0xffffffffu, v0, 1));
+                v1 = qk_fadd(v1, __shfl_xor_sync(0xffffffffu, v1, 1));
+            }
+            out[0] = v0; out[1] = v1; out[2] = out[3] = 0.0f;
+            // NB = 4: lanes t and t ^ 1 now hold the same sums; the even one keeps them.
+            const int m = (NB == 4 && (t & 1)) ? a.M : (2 * t) >> NB_LOG2;
+            out_m[0] = out_m[1] = m;
+            out_m[2] = out_m[3] = a.M;  // unused slots
+            out_n[0] = out_n[2] = r0;
+            out_n[1] = out_n[3] = r1;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) out_ok[i] = out_m[i] < a.M && out_n[i] < N;
+
+        if (a.splits > 1) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (out_ok[i]) a.partial[(s * a.M + out_m[i]) * N + out_n[i]] = out[i];
+            __threadfence();  // every lane's partials are visible before lane 0's count
+            __syncwarp();
+            float last = 0.0f;
+            if (lane == 0) last = atomicAdd(a.counters + 2 + n0, 1) == a.splits - 1 ? 1.0f : 0.0f;
+            if (warp_sum(last) == 0.0f) continue;  // another split finishes this tile
+            if (lane == 0) atomicExch(a.counters + 2 + n0, 0);
+            __threadfence();
+            // The tile's 16 x M sums, in split order: slot i is entry e = lane + 32 i, that is
+            // (X row e / 16, W row n0 + e % 16).
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int e = lane + 32 * i;
+                out_m[i] = e >> 4;
+                out_n[i] = n0 + (e & 15);
+                out_ok[i] = out_m[i] < a.M && out_n[i] < N;
+                float v = 0.0f;
+                if (out_ok[i]) {
+                    v = __ldcg(a.partial + out_m[i] * N + out_n[i]);
+                    for (int64_t p = 1; p < a.splits; ++p)
+                        v = qk_fadd(v, __ldcg(a.partial + (p * a.M + out_m[i]) * N + out_n[i]));
+                }
+                out[i] = v;
+            }
+        }
+        if (a.lora_a) {  // wait until the T CTAs have published T
+            if (lane == 0)
+                while (*reinterpret_cast<volatile int*>(a.counters + 1) == 0) {
+                }
+            __syncwarp();
+            __threadfence();
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (out_ok[i]) store_out<DT>(a, out_m[i], out_n[i], out[i]);
+        if (a.lora_a) {
+            __syncwarp();
+            if (lane == 0) atomicSub(a.counters + 1, (int)(N - n0 < 16 ? N - n0 : 16));  // these rows are done with T
+        }
+    }
+}
+
+// Which tensor-core kernel runs: NB_LOG2 + 1 for bf16/fp16 X with K a multiple of 128 and of the
+// blocksize (spans and blocks inside rows) and at most 8 (X row, block) columns; 0 for the FMA
+// kernel. The callers add the other conditions: x 16-byte aligned, an sm_80+ device.
+static int mma_variant(int x_dtype, int64_t m, int64_t k, int log2B) {
+    if (x_dtype != QK_DTYPE_BFLOAT16 && x_dtype != QK_DTYPE_FLOAT16) return 0;
+    // K < 2^30: the kernel's per-row span arithmetic is 32-bit.
+    if (k <= 0 || k >= (int64_t{1} << 30) || k % kSpan != 0 || log2B < 5 || k % (int64_t{1} << log2B) != 0) return 0;
+    const int nb_log2 = log2B < 7 ? 7 - log2B : 0;
+    if ((m << nb_log2) > 8) return 0;
+    return nb_log2 + 1;
+}
+
+template <int DT, int NB_LOG2>
+void launch_gemv_mma(const void* x, GemvArgs a, cudaStream_t stream) {
+    const int64_t units = qk::ceil_div(qk::ceil_div(a.N, 16), kWarps) * a.splits;
+    const dim3 grid((unsigned)(a.t_blocks + units));
+    const auto* xt = static_cast<const typename Dtype<DT>::T*>(x);
+    if (a.absmax_q) QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, true>)(xt, a);
+    else QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, false>)(xt, a);
+}
+
 template <int DT, int MB>
 void launch_gemv(const void* x, GemvArgs a, cudaStream_t stream) {
     const int64_t row_ctas = qk::ceil_div(a.N, kWarps);
@@ -295,6 +586,12 @@ int64_t workspace_floats(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_
 QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_t splits) {
     if (m < 1 || m > QK_GEMV_MAX_M || n < 0 || k < 0 || lora_r < 0 || splits < 1 || splits > 65535) return -1;
     return workspace_floats(m, n, k, lora_r, splits);
+}
+
+QK_API int64_t qk_gemv_4bit_tile_rows(int x_dtype, int64_t m, int64_t k, int64_t blocksize) {
+    if (m < 1 || m > QK_GEMV_MAX_M || k < 0 || !qk::is_pow2(blocksize) || blocksize < 32 || blocksize > 4096) return -1;
+    if (x_dtype != QK_DTYPE_FLOAT32 && x_dtype != QK_DTYPE_BFLOAT16 && x_dtype != QK_DTYPE_FLOAT16) return -1;
+    return qk::cc_major() >= 8 && mma_variant(x_dtype, m, k, qk::log2i(blocksize)) ? 16 : 1;
 }
 
 static bool operand_dtype_ok(int dtype) {
@@ -378,6 +675,21 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     a.y = y;
     a.xvec = qk::aligned(x, 16) && k % 8 == 0;
 
+    // absmax 8-byte aligned: the tensor-core kernel reads two blocks' scales per load.
+    const int mma = a.xvec && qk::aligned(absmax, 8) && qk::cc_major() >= 8 ? mma_variant(x_dtype, m, k, a.log2B) : 0;
+    if (mma) {
+        a.cps = qk::ceil_div(k / kSpan, splits);  // spans of 128 per split
+        if (x_dtype == QK_DTYPE_BFLOAT16) {
+            if (mma == 1) launch_gemv_mma<QK_DTYPE_BFLOAT16, 0>(x, a, stream);
+            else if (mma == 2) launch_gemv_mma<QK_DTYPE_BFLOAT16, 1>(x, a, stream);
+            else launch_gemv_mma<QK_DTYPE_BFLOAT16, 2>(x, a, stream);
+        } else {
+            if (mma == 1) launch_gemv_mma<QK_DTYPE_FLOAT16, 0>(x, a, stream);
+            else if (mma == 2) launch_gemv_mma<QK_DTYPE_FLOAT16, 1>(x, a, stream);
+            else launch_gemv_mma<QK_DTYPE_FLOAT16, 2>(x, a, stream);
+        }
+        return qk::check_launch("qk_gemv_4bit");
+    }
     QK_DISPATCH_DTYPE(x_dtype, DT, {
         if (m == 1) launch_gemv<DT, 1>(x, a, stream);
         else if (m == 2) launch_gemv<DT, 2>(x, a, stream);

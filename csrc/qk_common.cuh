@@ -27,6 +27,10 @@ int check_launch(const char* what);
 // times over and loop (grid-stride), rather than one CTA per tile.
 int sm_count();
 
+// Compute capability major of the current device (cached per device; 0 when unknown): kernels that
+// need sm_80 instructions (mma_16816) are chosen only where it is >= 8.
+int cc_major();
+
 inline bool is_pow2(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
 inline int log2i(int64_t x) {
     int l = 0;
@@ -108,6 +112,51 @@ __device__ __forceinline__ uint4 pack16(const float* v) {
         r.x = w[0]; r.y = w[1]; r.z = w[2]; r.w = w[3];
     }
     return r;
+}
+
+// D = A B + C on the tensor cores, one warp: mma.sync m16n8k16 with bf16 (DT = QK_DTYPE_BFLOAT16)
+// or fp16 (QK_DTYPE_FLOAT16) operands and fp32 accumulators (sm_80+). Fragments as the PTX ISA lays
+// them out, with g = lane / 4 and t = lane % 4: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
+// a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];
+// c[i] = C[g + 8 (i / 2)][2t + i % 2]; each 32-bit register holds its lower-indexed element in the
+// low half. Every lane of the warp must call it. The CPU emulation computes each D element as C plus
+// the 16 exact products added in k order in fp32 (the tensor cores' order and rounding of that sum
+// are not specified, so callers' tests hold the result to a tolerance).
+template <int DT>
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    static_assert(DT == QK_DTYPE_BFLOAT16 || DT == QK_DTYPE_FLOAT16, "mma_16816 takes bf16 or fp16 operands");
+#if defined(QK_CUDA_EMULATION)
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    uint32_t all[32 * 6];
+    ::qk_emu::warp_gather(mine, 6, all);
+    const int lane = (int)(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
+    auto elem = [&](int l, int reg, int k) {
+        const uint32_t w = all[l * 6 + reg];
+        return Dtype<DT>::load((uint16_t)((k & 1) ? (w >> 16) : (w & 0xFFFFu)));
+    };
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float s = c[i];
+        for (int k = 0; k < 16; ++k) {
+            const float av = elem((row & 7) * 4 + ((k & 7) >> 1), (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k);
+            const float bv = elem(col * 4 + ((k & 7) >> 1), 4 + (k >= 8 ? 1 : 0), k);
+            s += av * bv;  // exact: a product of two 16-bit floats fits fp32
+        }
+        c[i] = s;
+    }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (DT == QK_DTYPE_BFLOAT16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#elif defined(__CUDA_ARCH__)
+    __trap();  // built for an arch below sm_80: the host never launches a caller there (cc_major())
+#endif
 }
 
 // Max of |x| over a group of G consecutive threads (G a power of two, groups aligned to G, the

@@ -39,7 +39,7 @@ typedef struct CUstream_st* cudaStream_t;
 #define QK_API QK_EXTERN_C __attribute__((visibility("default")))
 
 /* Bumped when a signature changes; Python refuses a library of another version. */
-#define QK_ABI_VERSION 4
+#define QK_ABI_VERSION 5
 
 /* Status codes. */
 #define QK_OK 0
@@ -141,6 +141,12 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
                         const void* lora_b, int lora_a_dtype, int lora_b_dtype, int64_t lora_r, float lora_scale,
                         float* lora_t, const void* bias, int bias_dtype, int64_t splits, float* workspace,
                         int32_t* counters, void* y, cudaStream_t stream);
+
+/* Rows of W one warp of qk_gemv_4bit works on at a time for these arguments, when x is 16-byte
+ * aligned: 16 where the tensor-core kernel runs (x bf16/fp16, k a multiple of 128 and of blocksize,
+ * m * max(1, 128 / blocksize) <= 8, an sm_80+ device), else 1; -1 if the arguments are invalid.
+ * Callers size splits with it (a launch needs enough warps to fill the GPU). */
+QK_API int64_t qk_gemv_4bit_tile_rows(int x_dtype, int64_t m, int64_t k, int64_t blocksize);
 
 /* Floats of workspace qk_gemv_4bit needs for these sizes (lora_r 0: no LoRA term); -1 if invalid. */
 QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t lora_r, int64_t splits);

@@ -118,8 +118,10 @@ def test_pluggable_allocator_signatures(header):
 
 def test_every_launch_takes_a_stream(header):
     funcs, _ = header
-    # Queries that launch nothing (the GEMV's workspace size is arithmetic on its arguments).
-    no_stream = {"qk_abi_version", "qk_last_error_message", "qk_check_device", "qk_gemv_4bit_workspace"}
+    # Queries that launch nothing (the GEMV's workspace size and tile rows are arithmetic on their
+    # arguments and the device's compute capability).
+    no_stream = {"qk_abi_version", "qk_last_error_message", "qk_check_device", "qk_gemv_4bit_workspace",
+                 "qk_gemv_4bit_tile_rows"}
     for name, (_, args) in funcs.items():
         if name not in no_stream:
             assert args and args[-1] == "cudaStream_t", f"{name} must take the cudaStream_t as its last argument"
@@ -221,9 +223,12 @@ def test_launchers_call_the_library_as_the_table_says(fake_lib):
     C.adamw_step_8bit(p, torch.randn(1000), torch.zeros(1000, dtype=torch.uint8), torch.zeros(4),
                       torch.zeros(1000, dtype=torch.uint8), torch.zeros(4), 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, 256)
     names = [c[0] for c in fake_lib.calls]
-    assert names == ["qk_gemv_4bit_workspace", "qk_gemv_4bit", "qk_gemv_4bit_workspace", "qk_gemv_4bit",
-                     "qk_adamw_step_32bit", "qk_dynamic_map_lut", "qk_dynamic_map_lut", "qk_adamw_step_8bit"], names
-    ws_lora, gemv_nested, ws_plain, gemv_plain = (c[1] for c in fake_lib.calls[:4])
+    # splits None: the launcher asks which kernel runs (rows per warp) to choose them.
+    assert names == ["qk_gemv_4bit_tile_rows", "qk_gemv_4bit_workspace", "qk_gemv_4bit", "qk_gemv_4bit_workspace",
+                     "qk_gemv_4bit", "qk_adamw_step_32bit", "qk_dynamic_map_lut", "qk_dynamic_map_lut",
+                     "qk_adamw_step_8bit"], names
+    assert fake_lib.calls[0][1] == (1, 3, 96, 64)  # bf16 x, m, k, blocksize
+    ws_lora, gemv_nested, ws_plain, gemv_plain = (c[1] for c in fake_lib.calls[1:5])
     assert ws_lora == (3, 40, 96, 4, gemv_nested[22]) and ws_plain == (3, 40, 96, 0, 3)
     assert gemv_nested[2] == 3 and gemv_nested[8:12] == (40, 96, 64, 0) and gemv_nested[5] is not None
     # The LoRA arguments: x_lora, A, B, A's and B's dtypes (fp32: 0), r, s, T out; none without LoRA.
@@ -234,9 +239,9 @@ def test_launchers_call_the_library_as_the_table_says(fake_lib):
     assert gemv_plain[5:8] == (None, None, None) and gemv_plain[20] is None and gemv_plain[22] == 3
     assert gemv_plain[23] is not None and gemv_plain[24] is not None  # split sums: workspace, counters
     s = ref.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
-    assert list(fake_lib.calls[4][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
+    assert list(fake_lib.calls[5][1][7:15]) == [s[k] for k in ("decay", "beta1", "one_minus_beta1", "beta2",
                                                                "one_minus_beta2", "step_size", "bc2_sqrt", "eps")]
-    assert fake_lib.calls[7][1][9] == 256
+    assert fake_lib.calls[8][1][9] == 256
 
 
 def test_qlora_linear_fwd_hands_large_m_to_triton(fake_lib, monkeypatch):

@@ -416,6 +416,80 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
         assert_bits_equal(y1, y2, "repeat")
 
 
+# The tensor-core GEMV (csrc/gemv_4bit.cu: gemv_4bit_mma_kernel) runs for bf16/fp16 X when K is a
+# multiple of 128 and of the blocksize and M * max(1, 128 / blocksize) <= 8. Cases: each blocks-per-span
+# count (4 at blocksize 32, 2 at 64, 1 at 128 and above, blocks over several spans at 512), M at its
+# limit, N not a multiple of the 16-row tile (and under one tile), and more splits than spans.
+MMA_GEMV_CASES = [  # (m, n, k, blocksize, quant_type)
+    (1, 40, 256, 64, "nf4"),
+    (4, 17, 384, 64, "fp4"),
+    (2, 33, 512, 32, "nf4"),
+    (1, 9, 128, 32, "nf4"),
+    (8, 50, 256, 128, "nf4"),
+    (3, 24, 1024, 512, "fp4"),
+]
+
+
+def test_gemv_tile_rows_says_which_kernel_runs(monkeypatch):
+    lib = _lib.get_lib()
+    bf16, fp16, fp32 = C._dtype_code(torch.bfloat16, "x"), C._dtype_code(torch.float16, "x"), C._dtype_code(torch.float32, "x")
+    for m, _n, k, blocksize, _q in MMA_GEMV_CASES:
+        assert lib.qk_gemv_4bit_tile_rows(bf16, m, k, blocksize) == 16
+        assert lib.qk_gemv_4bit_tile_rows(fp16, m, k, blocksize) == 16
+        assert lib.qk_gemv_4bit_tile_rows(fp32, m, k, blocksize) == 1  # fp32 X: the FMA kernel
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 4096, 64) == 16  # a Llama decode step
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 5, 4096, 64) == 1  # 5 rows x 2 blocks per span > 8 columns
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 3, 4096, 32) == 1  # 3 x 4 > 8
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 9, 4096, 256) == 1  # 9 rows > 8
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 320, 64) == 1  # K % 128 != 0
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 128, 256) == 1  # K % blocksize != 0: blocks cross rows
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 0, 4096, 64) == -1
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 4096, 48) == -1
+    assert lib.qk_gemv_4bit_tile_rows(7, 1, 4096, 64) == -1
+    # Splits follow the kernel: on 132 SMs a 4096 x 4096 decode runs unsplit one row per warp, and in
+    # 8 parts (4 spans of 128 each, the floor) with 16-row tiles (256 tiles for 2112 warps wanted).
+    monkeypatch.setattr(C, "sm_count", lambda device: 132)
+    assert C.gemv_splits(4096, 4096, torch.device(DEV), 1) == 1
+    assert C.gemv_splits(4096, 4096, torch.device(DEV), 16) == 8
+
+
+@pytest.mark.parametrize("case", MMA_GEMV_CASES, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-bs{c[3]}-{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_tensor_core_kernel_matches_reference_by_the_rule(case, dtype, monkeypatch):
+    """The tensor-core GEMV against float64 by the GEMV rule (the codes enter the tensor cores
+    rounded to the activation dtype and the block scale multiplies the block's fp32 sum, where the
+    FMA kernel scales each weight: both are held to the same rule), with the LoRA term, a bias and
+    splits up to more than the K range has spans; every counter zero afterwards."""
+    m, n, k, blocksize, quant_type = case
+    lib = _lib.get_lib()
+    assert lib.qk_gemv_4bit_tile_rows(C._dtype_code(dtype, "x"), m, k, blocksize) == 16, "not the tensor-core case"
+    handed = guarded_counters(monkeypatch, C)
+    gen = torch.Generator().manual_seed(7 * m + n + k + (dtype == torch.float16))
+    launches = 0  # launches that take counters: every LoRA one, and the others when split
+    for nested in (False, True):
+        x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
+        lora_a = (torch.randn(3, k, generator=gen) / math.sqrt(k)).to(torch.float32 if nested else dtype)
+        lora_b = (torch.randn(n, 3, generator=gen) * 0.1).to(dtype)
+        x_lora = (x.float() * (torch.rand(m, k, generator=gen) > 0.1)).to(dtype)
+        t_exact = x_lora.double() @ lora_a.double().t()
+        addend = 0.5 * (t_exact @ lora_b.double().t())
+        bias = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+        for splits in (None, 1, 3, k // 128 + 2):
+            poison(m * n * x.element_size())
+            y, t = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), lora_a=dev(lora_a),
+                               lora_b=dev(lora_b), lora_scale=0.5, x_lora=dev(x_lora), bias=dev(bias), splits=splits)
+            sync()
+            assert (t.cpu().double() - t_exact).abs().max().item() <= 1e-5 * t_exact.abs().max().item()
+            _assert_within_rule(y, x, w32, addend, bias, f"nested={nested} splits={splits}")
+            # Without the LoRA term and bias: the weight stream alone.
+            y0, _ = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), splits=splits)
+            sync()
+            _assert_within_rule(y0, x, w32, None, None, f"no LoRA, nested={nested} splits={splits}")
+            parts = C.gemv_splits(n, k, torch.device(DEV), 16) if splits is None else splits
+            launches += 1 + (parts > 1)
+    check_counters(handed, launches)
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_gemv_one_launch_leaves_counters_zero(splits, monkeypatch):
     """The one-launch decode GEMV with 16 T CTAs (K = 4096) and split rows: T and Y right, and every

@@ -34,6 +34,7 @@ bool g_have_template = false;
 std::vector<Fiber> g_fibers;
 std::vector<std::vector<char>> g_stacks;
 std::vector<uint32_t> g_slots;
+std::vector<uint32_t> g_gather;  // kGatherWords per thread: warp_gather's slots
 const std::function<void()>* g_body = nullptr;
 dim3 g_grid, g_block, g_block_idx;
 int g_current = -1;
@@ -148,6 +149,17 @@ uint32_t exchange_xor(uint32_t bits, int lane_mask) {
     return got;
 }
 
+void warp_gather(const uint32_t* mine, int n, uint32_t* all) {
+    if (n < 0 || n > kGatherWords) die("warp_gather: too many words");
+    const int t = g_current;
+    const int w0 = t - t % kWarp;
+    if ((long)w0 + kWarp > (long)g_block.x * g_block.y * g_block.z) die("warp_gather: needs a full warp");
+    memcpy(&g_gather[(size_t)t * kGatherWords], mine, (size_t)n * 4);
+    wait(kAtWarpBarrier);  // every lane of the warp has written its words
+    for (int l = 0; l < kWarp; ++l) memcpy(all + (size_t)l * n, &g_gather[(size_t)(w0 + l) * kGatherWords], (size_t)n * 4);
+    wait(kAtWarpBarrier);  // every lane has read before the slots are reused
+}
+
 void run(dim3 grid, dim3 block, const std::function<void()>& body) {
     if (g_running) die("nested or concurrent launch");
     const long n = (long)block.x * block.y * block.z;
@@ -161,6 +173,7 @@ void run(dim3 grid, dim3 block, const std::function<void()>& body) {
         g_fibers.resize(n);
         g_stacks.resize(n, std::vector<char>(kStackBytes));
         g_slots.resize(n);
+        g_gather.resize((size_t)n * kGatherWords);
     }
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)

@@ -34,6 +34,7 @@ struct dim3 {
 };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(8) float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
@@ -83,6 +84,11 @@ dim3 block_dim();
 dim3 grid_dim();
 void sync_block();
 uint32_t exchange_xor(uint32_t bits, int lane_mask);
+// Warp-collective: every lane contributes n (<= kGatherWords) words and receives all 32 lanes'
+// words, lane l's at all[l * n .. l * n + n). Every lane of the warp must call it (mma.sync needs
+// a full warp on the GPU too); the tensor-core emulation (qk_common.cuh: qk::mma_16816) uses it.
+constexpr int kGatherWords = 8;
+void warp_gather(const uint32_t* mine, int n, uint32_t* all);
 void run(dim3 grid, dim3 block, const std::function<void()>& body);
 
 template <class... P>

@@ -215,16 +215,23 @@ def prefetch(t: torch.Tensor, device: Optional[int] = None) -> None:
 GEMV_MAX_M = 16
 # Below this many chunks (32 weights) per split per row, splitting K costs more than it gains.
 _GEMV_MIN_CHUNKS_PER_SPLIT = 64
+# The same for the tensor-core kernel (tile_rows 16), which walks K in spans of 128 weights.
+_GEMV_MIN_SPANS_PER_SPLIT = 4
 _GEMV_MAX_SPLITS = 32
 
 
-def gemv_splits(n: int, k: int, device: torch.device) -> int:
-    """How many parts each row's K range is cut into: enough warps (one per row and part) for
-    about two 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks. Splits cost
-    an fp32 round trip of the partial sums (added by each row's last split, in the same launch), so
-    a 4096-row decode GEMV runs unsplit."""
-    want = -(-(sm_count(device) * 16) // max(n, 1))
-    most = max(1, -(-k // 32) // _GEMV_MIN_CHUNKS_PER_SPLIT)
+def gemv_splits(n: int, k: int, device: torch.device, tile_rows: int = 1) -> int:
+    """How many parts each row's K range is cut into: enough warps (one per tile_rows rows and
+    part; lib.qk_gemv_4bit_tile_rows says how many rows the kernel that runs gives a warp) for
+    about two 8-warp CTAs per SM, never parts under _GEMV_MIN_CHUNKS_PER_SPLIT chunks (or
+    _GEMV_MIN_SPANS_PER_SPLIT spans). Splits cost an fp32 round trip of the partial sums (added by
+    each row's last split, in the same launch), so a 4096-row decode GEMV on the one-row-per-warp
+    kernel runs unsplit, and on the 16-row one in about 8 parts."""
+    want = -(-(sm_count(device) * 16) // max(-(-n // max(tile_rows, 1)), 1))
+    if tile_rows > 1:
+        most = max(1, (k // 128) // _GEMV_MIN_SPANS_PER_SPLIT)
+    else:
+        most = max(1, -(-k // 32) // _GEMV_MIN_CHUNKS_PER_SPLIT)
     return max(1, min(want, most, _GEMV_MAX_SPLITS))
 
 
@@ -351,8 +358,10 @@ def gemv_4bit(
         return y, t
     xc = x.contiguous()
     raw, a, ptrs, _keep = _weight_pointers(packed, absmax, nested_absmax, nested_code, offset, n * k, blocksize, device)
-    splits = gemv_splits(n, k, device) if splits is None else int(splits)
     lib = _lib.get_lib()
+    if splits is None:
+        splits = gemv_splits(n, k, device, lib.qk_gemv_4bit_tile_rows(x_code, m, k, blocksize))
+    splits = int(splits)
     ws_floats = lib.qk_gemv_4bit_workspace(m, n, k, r, splits)
     if ws_floats < 0:
         raise ValueError(f"qk_gemv_4bit_workspace rejected m={m}, n={n}, k={k}, r={r}, splits={splits}")

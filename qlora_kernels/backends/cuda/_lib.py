@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 # Must equal QK_ABI_VERSION of the header the library was built from.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # Override of the library's location (tests, out-of-tree builds).
 LIB_ENV = "QLORA_KERNELS_LIB"
@@ -70,6 +70,7 @@ SIGNATURES: dict[str, tuple[str, tuple[str, ...]]] = {
          "cudaStream_t"),
     ),
     "qk_gemv_4bit_workspace": ("int64_t", ("int64_t", "int64_t", "int64_t", "int64_t", "int64_t")),
+    "qk_gemv_4bit_tile_rows": ("int64_t", ("int", "int64_t", "int64_t", "int64_t")),
     "qk_adamw_step_32bit": (
         "int",
         ("void*", "int", "const void*", "int", "float*", "float*", "int64_t") + ("float",) * 8 + ("cudaStream_t",),

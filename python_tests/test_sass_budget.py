@@ -1,0 +1,75 @@
+"""bench/sass_budget.py: the loop finder on hand-written SASS, and the issue-budget gate on csrc's
+tensor-core decode GEMV as ptxas compiles it for sm_90 (no GPU needed: nvcc and the nvdisasm of the
+Triton wheel)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("sass_budget", ROOT / "bench" / "sass_budget.py")
+sass_budget = importlib.util.module_from_spec(_spec)
+sys.modules["sass_budget"] = sass_budget  # its dataclass looks its module up there
+_spec.loader.exec_module(sass_budget)
+
+# An outer loop (label .L_x_0) around an inner one (.L_x_1), a forward branch, and an instruction
+# after the outer loop; predicates and operands as nvdisasm prints them.
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+.L_x_1:
+        /*0020*/                   LDS R8, [R9] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R12, R8, R4, R12 ;
+        /*0040*/                   IADD3 R9, R9, 0x80, RZ ;
+        /*0050*/               @P0 BRA `(.L_x_1) ;
+        /*0060*/              @!P1 BRA `(.L_x_2) ;
+        /*0070*/                   FFMA R20, R12, R13, R20 ;
+.L_x_2:
+        /*0080*/                   ISETP.GE.AND P2, PT, R3, UR5, PT ;
+        /*0090*/               @!P2 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_loops_found_by_backward_branches_only():
+    entries = sass_budget.parse_sass(SASS)
+    found = sorted((lp.start, lp.end) for lp in sass_budget.loops(entries))
+    assert found == [(1, 9), (2, 5)]  # instruction indices: outer .L_x_0 .. BRA, inner .L_x_1 .. BRA
+    inner = sass_budget.innermost_with(entries, "HMMA")
+    assert (inner.start, inner.end, inner.size) == (2, 5, 4)
+    assert inner.ops == {"LDS": 1, "HMMA": 1, "IADD3": 1, "BRA": 1}
+    outer = sass_budget.innermost_with(entries, "HMMA", "FFMA")
+    assert (outer.start, outer.end) == (1, 9)
+    assert sass_budget.innermost_with(entries, "F2FP") is None
+
+
+def test_issue_budget_follows_the_card():
+    # 2 weights per byte: an H100 SXM streams 3.35e12 * 2 / (132 * 1.98e9) = 25.6 weights per SM
+    # clock, and 4 warp instructions per clock allow 128 / 25.6 = 5.0 instructions per weight.
+    assert sass_budget.issue_budget("H100 SXM") == pytest.approx(4.99, abs=0.01)
+    assert sass_budget.issue_budget("H200 SXM") == pytest.approx(3.48, abs=0.01)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="compiling csrc/gemv_4bit.cu for sm_90 needs nvcc")
+def test_csrc_decode_gemv_fits_the_issue_budget(tmp_path):
+    """Every instantiation of the tensor-core GEMV spends at most 90% of the H100's issue budget per
+    weight in its span loop (the decode goal, 3.5x of a 3.88x byte limit, needs 90% of HBM
+    bandwidth), so the weight stream, not the instruction issue, can bound it."""
+    try:
+        sass_budget._nvdisasm()
+    except FileNotFoundError as e:
+        pytest.skip(f"disassembling needs nvdisasm: {e}")
+    rows = sass_budget.csrc_rows(90, tmp_path)
+    assert {(r["x"], r["blocksize"], r["nested"]) for r in rows} == {
+        (x, bs, nested) for x in ("bf16", "fp16") for bs in ("32", "64", ">=128") for nested in (False, True)}
+    limit = 0.9 * sass_budget.issue_budget("H100 SXM")
+    for r in rows:
+        ipw = r["loop_instructions"] / r["weights_per_trip"]
+        assert r["ops"].get("HMMA") == 8, r  # the span loop: 8 mma per 128-wide span
+        assert ipw <= limit, f"{r}: {ipw:.2f} instructions per weight > {limit:.2f}"
