@@ -15,7 +15,8 @@ small-M kernel's real-shape variant (compile_check's spec), disassembles them (n
 Triton wheel), finds the innermost loop that streams the weight (for csrc the one with the tensor-core
 instructions, HMMA; for Triton the one with HMMA fed by bf16 packing, F2FP) and counts
 its instructions per weight (the weights one thread covers per trip are known from the kernel's
-layout: 64 per lane per 128-wide span for csrc's tensor-core GEMV, BN * BK / threads for Triton's).
+layout: 64 per lane per 128-wide span for csrc's tensor-core GEMV, whose loop holds 8 HMMA per span
+it is unrolled over; BN * BK / threads for Triton's).
 A count is what one trip of the loop issues when every instruction in it runs (branch-free loops;
 the ones counted here are).
 
@@ -151,9 +152,14 @@ def csrc_rows(arch: int, work: Path) -> list[dict]:
         if loop is None:
             raise RuntimeError(f"no loop with HMMA in {name}")
         nb = 1 << int(m.group(2))
+        # 8 mma per span: a loop unrolled over several spans holds a multiple of 8.
+        spans_per_trip, rest = divmod(loop.ops["HMMA"], 8)
+        if rest or not spans_per_trip:
+            raise RuntimeError(f"{name}: {loop.ops['HMMA']} HMMA in the span loop, not a multiple of 8")
         rows.append({"kernel": "csrc gemv_4bit_mma_kernel", "x": dtypes[m.group(1)],
                      "blocksize": f"{128 // nb}" if nb > 1 else ">=128", "nested": m.group(3) == "1",
-                     "arch": arch, "loop_instructions": loop.size, "weights_per_trip": CSRC_WEIGHTS_PER_LANE_SPAN,
+                     "arch": arch, "loop_instructions": loop.size,
+                     "weights_per_trip": CSRC_WEIGHTS_PER_LANE_SPAN * spans_per_trip,
                      "ops": dict(loop.ops.most_common(8))})
     if not rows:
         raise RuntimeError("no gemv_4bit_mma_kernel in the cubin")

@@ -294,8 +294,8 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(co
 // one lookup in a 256-entry table turns a packed byte into the two 16-bit codes of an mma operand
 // register, X goes to the tensor cores as it is stored, and the block scale multiplies the tensor
 // cores' fp32 sum once per (row, block). ptxas's count for the span loop (bench/sass_budget.py):
-// about 3.4 instructions per weight on sm_90 with double-quantized scales at blocksize 64 (3.1 on
-// sm_80, where the table address folds into the load).
+// 3.35 instructions per weight on sm_90 with double-quantized scales at blocksize 64, 2.8 with fp32
+// scales (fewer on sm_80, where the table address folds into the load).
 //
 // Layout: a warp takes a tile of 16 rows (A rows g and g + 8 are rows n0 + g and n0 + g + 8) and
 // walks its split's K range in spans of 128: lane t of group g loads the span's 16-byte chunk t of
@@ -450,8 +450,16 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typena
         uint32_t xw[16];
 #pragma unroll
         for (int q = 0; q < 16; ++q) xw[q] = 0u;
+        // W one span ahead: the next span's 32 bytes per lane are in flight while this one's mmas run.
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        uint4 w0_next = sp_lo < sp_hi ? __ldg(p0) : zero, w1_next = sp_lo < sp_hi ? __ldg(p1) : zero;
+#pragma unroll 2
         for (int sp = sp_lo; sp < sp_hi; ++sp) {
-            const uint4 w0 = __ldg(p0), w1 = __ldg(p1);
+            const uint4 w0 = w0_next, w1 = w1_next;
+            if (sp + 1 < sp_hi) {
+                w0_next = __ldg(p0 + 4);
+                w1_next = __ldg(p1 + 4);
+            }
             if (x_lane) {
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
