@@ -36,48 +36,35 @@ int check_launch(const char* what) {
     return QK_OK;
 }
 
-// SMs of device `dev`, or 108 when the runtime cannot say. A failed query's error is cleared, so
-// that the next check_launch does not report it as a launch failure.
-static int query_sm_count(int dev) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-        cudaGetLastError();
-        return 108;
-    }
-    return n > 0 ? n : 108;
-}
-
-int sm_count() {
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
-        cudaGetLastError();
-        return 108;
-    }
-    if (dev >= kMaxDevices) return query_sm_count(dev);
-    if (g_sm_count[dev] == 0) g_sm_count[dev] = query_sm_count(dev);  // a benign race: all store the same
-    return g_sm_count[dev];
-}
-
-// Compute capability major of device `dev`, or 0 when the runtime cannot say (error cleared).
-static int query_cc_major(int dev) {
+// Attribute `attr` of device `dev`, or `fallback` when the runtime cannot say (or says <= 0). A
+// failed query's error is cleared, so that the next check_launch does not report it as a launch
+// failure.
+static int query_attribute(int dev, cudaDeviceAttr attr, int fallback) {
     int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) {
         cudaGetLastError();
-        return 0;
+        return fallback;
     }
-    return v;
+    return v > 0 ? v : fallback;
 }
 
-int cc_major() {
+// Attribute `attr` of the current device, cached per device in `cache` (kMaxDevices entries, 0 =
+// not asked yet; a benign race: every thread stores the same value).
+static int current_device_attribute(int* cache, cudaDeviceAttr attr, int fallback) {
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
         cudaGetLastError();
-        return 0;
+        return fallback;
     }
-    if (dev >= kMaxDevices) return query_cc_major(dev);
-    if (g_cc_major[dev] == 0) g_cc_major[dev] = query_cc_major(dev);
-    return g_cc_major[dev];
+    if (dev >= kMaxDevices) return query_attribute(dev, attr, fallback);
+    if (cache[dev] == 0) cache[dev] = query_attribute(dev, attr, fallback);
+    return cache[dev];
 }
+
+int sm_count() { return current_device_attribute(g_sm_count, cudaDevAttrMultiProcessorCount, 108); }
+
+// 0 when unknown: callers then take the kernels that need nothing newer than the library's archs.
+int cc_major() { return current_device_attribute(g_cc_major, cudaDevAttrComputeCapabilityMajor, 0); }
 
 }  // namespace qk
 

@@ -155,6 +155,46 @@ __device__ __forceinline__ float out_value(const GemvArgs& a, int m, int64_t n, 
     return v;
 }
 
+// Called by a warp after it stored its split's partials of the rows counted at counters[2 + c]:
+// true in every lane when this split is the last to arrive (the count is reset to 0, and every
+// split's partials are visible to the warp's reads), false when another split finishes the rows.
+__device__ __forceinline__ bool last_split(const GemvArgs& a, int lane, int64_t c) {
+    __threadfence();  // every lane's partials are visible before lane 0's count
+    __syncwarp();
+    float last = 0.0f;
+    if (lane == 0) last = atomicAdd(a.counters + 2 + c, 1) == a.splits - 1 ? 1.0f : 0.0f;
+    if (warp_sum(last) == 0.0f) return false;
+    if (lane == 0) atomicExch(a.counters + 2 + c, 0);
+    __threadfence();
+    return true;
+}
+
+// Output (m, n) as the sum of the splits' partials in split order; they were written in this
+// launch, so they are read at L2 (__ldcg), never from L1.
+__device__ __forceinline__ float split_sum(const GemvArgs& a, int m, int64_t n) {
+    float v = __ldcg(a.partial + m * a.N + n);
+    for (int64_t p = 1; p < a.splits; ++p) v = qk_fadd(v, __ldcg(a.partial + (p * a.M + m) * a.N + n));
+    return v;
+}
+
+// A warp that finishes rows waits (lane 0 spins, the warp follows) until the T CTAs have
+// published T: "T ready" (counters[1]) is nonzero from then until every row is done with it.
+__device__ __forceinline__ void wait_for_t(const GemvArgs& a, int lane) {
+    if (!a.lora_a) return;
+    if (lane == 0)
+        while (*reinterpret_cast<volatile int*>(a.counters + 1) == 0) {
+        }
+    __syncwarp();
+    __threadfence();
+}
+
+// The warp has stored `rows` finished rows and reads T no more: their share of "T ready" goes.
+__device__ __forceinline__ void done_with_t(const GemvArgs& a, int lane, int rows) {
+    if (!a.lora_a) return;
+    __syncwarp();
+    if (lane == 0) atomicSub(a.counters + 1, rows);
+}
+
 // minBlocks: 1 for M > 1 (held to fewer registers, ptxas spilled those variants); 3 for M = 1, which
 // keeps three CTAs (24 warps of loads in flight) per SM: the T CTA and row-finishing code had taken
 // it from 80 to 87 registers, two CTAs per SM.
@@ -251,35 +291,18 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(co
 #pragma unroll
             for (int m = 0; m < MB; ++m)
                 if (m < a.M && lane == m) a.partial[(s * a.M + m) * a.N + n] = acc[m];
-            __threadfence();  // every lane's partial is visible before lane 0's count
-            __syncwarp();
-            float last = 0.0f;
-            if (lane == 0) last = atomicAdd(a.counters + 2 + n, 1) == a.splits - 1 ? 1.0f : 0.0f;
-            if (warp_sum(last) == 0.0f) continue;  // another split finishes this row
-            if (lane == 0) atomicExch(a.counters + 2 + n, 0);
-            __threadfence();
+            if (!last_split(a, lane, n)) continue;  // another split finishes this row
 #pragma unroll
             for (int m = 0; m < MB; ++m) {
                 if (m >= a.M) break;
-                float v = __ldcg(a.partial + m * a.N + n);
-                for (int64_t p = 1; p < a.splits; ++p) v = qk_fadd(v, __ldcg(a.partial + (p * a.M + m) * a.N + n));
-                acc[m] = v;
+                acc[m] = split_sum(a, m, n);
             }
         }
-        if (a.lora_a) {  // wait until the T CTAs have published T
-            if (lane == 0)
-                while (*reinterpret_cast<volatile int*>(a.counters + 1) == 0) {
-                }
-            __syncwarp();
-            __threadfence();
-        }
+        wait_for_t(a, lane);
 #pragma unroll
         for (int m = 0; m < MB; ++m)
             if (m < a.M && lane == m) static_cast<T*>(a.y)[m * a.N + n] = Dtype<DT>::store(out_value<DT>(a, m, n, acc[m]));
-        if (a.lora_a) {
-            __syncwarp();
-            if (lane == 0) atomicSub(a.counters + 1, 1);  // this row is done with T
-        }
+        done_with_t(a, lane, 1);
     }
 }
 
@@ -513,13 +536,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typena
 #pragma unroll
             for (int i = 0; i < 4; ++i)
                 if (out_ok[i]) a.partial[(s * a.M + out_m[i]) * N + out_n[i]] = out[i];
-            __threadfence();  // every lane's partials are visible before lane 0's count
-            __syncwarp();
-            float last = 0.0f;
-            if (lane == 0) last = atomicAdd(a.counters + 2 + n0, 1) == a.splits - 1 ? 1.0f : 0.0f;
-            if (warp_sum(last) == 0.0f) continue;  // another split finishes this tile
-            if (lane == 0) atomicExch(a.counters + 2 + n0, 0);
-            __threadfence();
+            if (!last_split(a, lane, n0)) continue;  // another split finishes this tile
             // The tile's 16 x M sums, in split order: slot i is entry e = lane + 32 i, that is
             // (X row e / 16, W row n0 + e % 16).
 #pragma unroll
@@ -528,29 +545,14 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typena
                 out_m[i] = e >> 4;
                 out_n[i] = n0 + (e & 15);
                 out_ok[i] = out_m[i] < a.M && out_n[i] < N;
-                float v = 0.0f;
-                if (out_ok[i]) {
-                    v = __ldcg(a.partial + out_m[i] * N + out_n[i]);
-                    for (int64_t p = 1; p < a.splits; ++p)
-                        v = qk_fadd(v, __ldcg(a.partial + (p * a.M + out_m[i]) * N + out_n[i]));
-                }
-                out[i] = v;
+                out[i] = out_ok[i] ? split_sum(a, out_m[i], out_n[i]) : 0.0f;
             }
         }
-        if (a.lora_a) {  // wait until the T CTAs have published T
-            if (lane == 0)
-                while (*reinterpret_cast<volatile int*>(a.counters + 1) == 0) {
-                }
-            __syncwarp();
-            __threadfence();
-        }
+        wait_for_t(a, lane);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
             if (out_ok[i]) store_out<DT>(a, out_m[i], out_n[i], out[i]);
-        if (a.lora_a) {
-            __syncwarp();
-            if (lane == 0) atomicSub(a.counters + 1, (int)(N - n0 < 16 ? N - n0 : 16));  // these rows are done with T
-        }
+        done_with_t(a, lane, (int)(N - n0 < 16 ? N - n0 : 16));
     }
 }
 

@@ -365,6 +365,21 @@ def _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen):
     return x, packed, wargs, w32
 
 
+def _gemv_lora_case(x, n, r, nested, bias_dtype, gen):
+    """The LoRA term s * T B^T (s = 0.5), T = X_lora A^T computed by the same launch: A [r, k] and
+    B [n, r] in x's dtype, or (nested) A in fp32 beside B in x's dtype; X_lora a dropout-like variant
+    of x; a bias of bias_dtype. Each operand is read in its own dtype by the kernel, none cast first.
+    Returns (lora_a, lora_b, x_lora, T in float64, s * T B^T in float64, bias)."""
+    m, k = x.shape
+    lora_a = (torch.randn(r, k, generator=gen) / math.sqrt(k)).to(torch.float32 if nested else x.dtype)
+    lora_b = (torch.randn(n, r, generator=gen) * 0.1).to(x.dtype)
+    x_lora = (x.float() * (torch.rand(m, k, generator=gen) > 0.1)).to(x.dtype)
+    t_exact = x_lora.double() @ lora_a.double().t()
+    addend = 0.5 * (t_exact @ lora_b.double().t())
+    bias = (torch.randn(n, generator=gen) * 0.1).to(bias_dtype)
+    return lora_a, lora_b, x_lora, t_exact, addend, bias
+
+
 def _assert_within_rule(got, x, w32, addend, bias, what):
     exact = x.double() @ w32.double().t()
     low = (dev(x) @ dev(w32.to(x.dtype)).t()).cpu().double()
@@ -389,16 +404,9 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + DTYPES.index(dtype))
     for nested in (False, True):
         x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
-        # The LoRA term s * T B^T, T = X_lora A^T computed by the same launch: A [r, k], B [n, r]
-        # in the activation dtype, or (nested) A in fp32 beside B in the activation dtype; X_lora a
-        # dropout-like variant of x. The bias in each of the three dtypes across the cases. Each
-        # operand is read in its own dtype by the kernel, none cast first.
-        lora_a = (torch.randn(5, k, generator=gen) / math.sqrt(k)).to(torch.float32 if nested else dtype)
-        lora_b = (torch.randn(n, 5, generator=gen) * 0.1).to(dtype)
-        x_lora = (x.float() * (torch.rand(m, k, generator=gen) > 0.1)).to(dtype)
-        t_exact = x_lora.double() @ lora_a.double().t()
-        addend = 0.5 * (t_exact @ lora_b.double().t())
-        bias = (torch.randn(n, generator=gen) * 0.1).to(DTYPES[(DTYPES.index(dtype) + nested) % 3])
+        # The bias in each of the three dtypes across the cases.
+        lora_a, lora_b, x_lora, t_exact, addend, bias = _gemv_lora_case(
+            x, n, 5, nested, DTYPES[(DTYPES.index(dtype) + nested) % 3], gen)
         for splits in (None, 1, 3):
             for xin in (dev(x), dev(torch.stack([x, x], 2).reshape(m, 2 * k))[:, ::2]):  # contiguous, strided
                 poison(m * n * x.element_size())
@@ -468,12 +476,7 @@ def test_gemv_tensor_core_kernel_matches_reference_by_the_rule(case, dtype, monk
     launches = 0  # launches that take counters: every LoRA one, and the others when split
     for nested in (False, True):
         x, packed, wargs, w32 = _gemv_inputs(m, n, k, blocksize, quant_type, dtype, nested, gen)
-        lora_a = (torch.randn(3, k, generator=gen) / math.sqrt(k)).to(torch.float32 if nested else dtype)
-        lora_b = (torch.randn(n, 3, generator=gen) * 0.1).to(dtype)
-        x_lora = (x.float() * (torch.rand(m, k, generator=gen) > 0.1)).to(dtype)
-        t_exact = x_lora.double() @ lora_a.double().t()
-        addend = 0.5 * (t_exact @ lora_b.double().t())
-        bias = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+        lora_a, lora_b, x_lora, t_exact, addend, bias = _gemv_lora_case(x, n, 3, nested, dtype, gen)
         for splits in (None, 1, 3, k // 128 + 2):
             poison(m * n * x.element_size())
             y, t = C.gemv_4bit(dev(x), dev(packed), *wargs, blocksize, quant_type, (n, k), lora_a=dev(lora_a),
