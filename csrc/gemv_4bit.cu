@@ -24,13 +24,6 @@
 // never through the read-only or L1 caches.
 #include "qk_common.cuh"
 
-// The tensor-core GEMV's pair table (gemv_4bit_mma_kernel): entry e holds the codes of byte e's two
-// nibbles as one mma operand register (high nibble, the element with the even k, in the low half).
-// Stored once per lane, entry e of lane l at word 32 e + l, so a warp's 32 lookups hit 32 different
-// banks whatever the bytes. A shared variable at global scope, so its PTX name is this one and the
-// lookups (code_pair_at) can address it as symbol + offset: LDS [R + imm], no base register to add.
-__shared__ uint32_t qk_gemv_code_pairs[256 * 32];
-
 namespace {
 
 using qk::Dtype;
@@ -317,8 +310,8 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(co
 // one lookup in a 256-entry table turns a packed byte into the two 16-bit codes of an mma operand
 // register, X goes to the tensor cores as it is stored, and the block scale multiplies the tensor
 // cores' fp32 sum once per (row, block). ptxas's count for the span loop (bench/sass_budget.py):
-// 3.35 instructions per weight on sm_90 with double-quantized scales at blocksize 64, 2.8 with fp32
-// scales (fewer on sm_80, where the table address folds into the load).
+// 2.77 instructions per weight on sm_90 with double-quantized scales at blocksize 64, 2.25 with
+// fp32 scales.
 //
 // Layout: a warp takes a tile of 16 rows (A rows g and g + 8 are rows n0 + g and n0 + g + 8) and
 // walks its split's K range in spans of 128: lane t of group g loads the span's 16-byte chunk t of
@@ -341,22 +334,57 @@ __device__ __forceinline__ uint32_t code_pair(int quant_type, int e) {
            ((uint32_t)Dtype<DT>::store(qk_code_4bit(quant_type, e & 15)) << 16);
 }
 
-// The pair-table entry of the byte at bit sh of u for this lane (lane4 = 4 * lane): the entry's byte
-// offset byte * 128 + lane4 takes one shift and one and-or. The load is PTX on the table's symbol:
-// on sm_80 ptxas folds the symbol into the load's immediate, where a C++ pointer costs an add per
-// load; on sm_90 it adds the CTA's shared window base either way.
-__device__ __forceinline__ uint32_t code_pair_at(uint32_t lane4, uint32_t u, int sh) {
-    const uint32_t off = ((sh >= 7 ? (u >> (sh - 7)) : (u << (7 - sh))) & 0x7F80u) | lane4;
+// Dynamic shared memory of the tensor-core GEMV: the pair table (entry e holds the codes of byte
+// e's two nibbles as one mma operand register, high nibble (the element with the even k) in the low
+// half; stored once per lane, entry e of lane l at word 32 e + l, so a warp's 32 lookups hit 32
+// different banks whatever the bytes) at the first 32 KB-aligned shared address, then the nested
+// code table and a flag. The alignment makes the table address's bits disjoint from the lookup
+// offsets', so the lookup merges them with an or (sm_90 reserves the first 1 KB of a CTA's shared
+// window, so no static placement is aligned, and the table alone is 32 KB: dynamic it is).
+constexpr int kPairTableBytes = 256 * 32 * 4;
+constexpr int kMmaSharedBytes = (kPairTableBytes - 1) + kPairTableBytes + 256 * 4 + 16;
+
+struct MmaShared {
+    uint32_t* pairs;
+    float* code2;
+    int* last;
+    uint32_t table;  // the pair table's shared address (0 under the emulation)
+};
+
+__device__ __forceinline__ MmaShared mma_shared() {
+    unsigned char* dyn = qk::dynamic_shared();
+#if defined(QK_CUDA_EMULATION)
+    const uint32_t addr = (uint32_t)(reinterpret_cast<uintptr_t>(dyn) & 0x7FFFu);  // 0: the emulation aligns it
+#else
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(dyn);
+#endif
+    const uint32_t pad = (0u - addr) & (uint32_t)(kPairTableBytes - 1);
+    MmaShared m;
+    m.pairs = reinterpret_cast<uint32_t*>(dyn + pad);
+    m.code2 = reinterpret_cast<float*>(dyn + pad + kPairTableBytes);
+    m.last = reinterpret_cast<int*>(m.code2 + 256);
+#if defined(QK_CUDA_EMULATION)
+    m.table = 0;
+#else
+    m.table = addr + pad;
+#endif
+    return m;
+}
+
+// The pair-table entry of the byte at bit sh of u for this lane: lane_base is the table's shared
+// address (a multiple of 32 KB, as mma_shared places it) or-ed with 4 * lane, and the entry's byte
+// offset byte * 128 + 4 * lane merges with it in one and-or after one shift. The load is PTX on the
+// 32-bit shared address: through a C++ pointer nvcc re-derives the CTA's shared window per load on
+// sm_90 and adds it.
+__device__ __forceinline__ uint32_t code_pair_at(uint32_t lane_base, uint32_t u, int sh) {
+    const uint32_t addr = ((sh >= 7 ? (u >> (sh - 7)) : (u << (7 - sh))) & 0x7F80u) | lane_base;
 #if defined(__CUDA_ARCH__)
     uint32_t v;
-    asm volatile(
-        "{\n\t.reg .u32 qk_base;\n\tmov.u32 qk_base, qk_gemv_code_pairs;\n\tadd.u32 qk_base, qk_base, %1;\n\t"
-        "ld.shared.b32 %0, [qk_base];\n\t}"
-        : "=r"(v)
-        : "r"(off));
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
     return v;
 #else
-    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const unsigned char*>(qk_gemv_code_pairs) + off);
+    // The emulation's table address is 0: addr is the offset in its (32 KB-aligned) dynamic shared memory.
+    return *reinterpret_cast<const uint32_t*>(qk::dynamic_shared() + addr);
 #endif
 }
 
@@ -387,7 +415,7 @@ __device__ __forceinline__ void block_scales(const GemvArgs& a, const float* s_c
 // block): w0/w1 the lane's chunks of the two rows, xw its 16 X words, blk0/blk1 the index of each
 // row's first block in the span plus the block of the lane's column 2t.
 template <int DT, int NB_LOG2, bool NESTED>
-__device__ __forceinline__ void mma_span(const GemvArgs& a, const float* s_code2, float offset, uint32_t lane4,
+__device__ __forceinline__ void mma_span(const GemvArgs& a, const float* s_code2, float offset, uint32_t lane_base,
                                          int64_t blk0, int64_t blk1, const uint4& w0, const uint4& w1,
                                          const uint32_t xw[16], float acc[4]) {
     const uint32_t u0[4] = {w0.x, w0.y, w0.z, w0.w}, u1[4] = {w1.x, w1.y, w1.z, w1.w};
@@ -395,8 +423,8 @@ __device__ __forceinline__ void mma_span(const GemvArgs& a, const float* s_code2
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         const int sh = 16 * (j & 1);  // byte 2j of the chunk: word j / 2, bit 16 (j % 2)
-        const uint32_t af[4] = {code_pair_at(lane4, u0[j >> 1], sh), code_pair_at(lane4, u1[j >> 1], sh),
-                                code_pair_at(lane4, u0[j >> 1], sh + 8), code_pair_at(lane4, u1[j >> 1], sh + 8)};
+        const uint32_t af[4] = {code_pair_at(lane_base, u0[j >> 1], sh), code_pair_at(lane_base, u1[j >> 1], sh),
+                                code_pair_at(lane_base, u0[j >> 1], sh + 8), code_pair_at(lane_base, u1[j >> 1], sh + 8)};
         const uint32_t bf[2] = {xw[2 * j], xw[2 * j + 1]};
         qk::mma_16816<DT>(c, af, bf);
     }
@@ -416,26 +444,14 @@ __device__ __forceinline__ void store_out(const GemvArgs& a, int m, int64_t n, f
     static_cast<typename Dtype<DT>::T*>(a.y)[m * a.N + n] = Dtype<DT>::store(out_value<DT>(a, m, n, v));
 }
 
+// The GEMV CTA's work after its tables are ready: every (split, 8-tile group) unit of the grid-
+// stride loop. lane_base: the pair table's address or-ed with 4 * lane (code_pair_at).
 template <int DT, int NB_LOG2, bool NESTED>
-__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
+__device__ __forceinline__ void gemv_mma_units(const typename Dtype<DT>::T* __restrict__ x, const GemvArgs& a,
+                                               const float* s_code2, uint32_t lane_base) {
     constexpr int NB = 1 << NB_LOG2;
-    __shared__ float s_code2[256];
-    __shared__ int s_last;
-    if ((int64_t)blockIdx.x < a.t_blocks) {
-        lora_down_cta<DT, 8>(a, blockIdx.x, &s_last);
-        return;
-    }
-    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-        const uint32_t v = code_pair<DT>(a.quant_type, e);
-        uint4* dst = reinterpret_cast<uint4*>(qk_gemv_code_pairs + e * 32);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) dst[q] = make_uint4(v, v, v, v);
-        if (NESTED) s_code2[e] = a.code2[e];
-    }
-    __syncthreads();
     const float offset = NESTED ? __ldg(a.offset) : 0.0f;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const uint32_t lane4 = (uint32_t)lane * 4u;  // the lane's column of the pair table
     const int64_t K = a.K, N = a.N;
     const int64_t tiles = (N + 15) / 16;
     const int spans = (int)(K / kSpan), sps = (int)a.cps;
@@ -490,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typena
                     xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
                 }
             }
-            mma_span<DT, NB_LOG2, NESTED>(a, s_code2, offset, lane4, blk0, blk1, w0, w1, xw, acc);
+            mma_span<DT, NB_LOG2, NESTED>(a, s_code2, offset, lane_base, blk0, blk1, w0, w1, xw, acc);
             p0 += 4;
             p1 += 4;
             px += 16;
@@ -556,6 +572,24 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typena
     }
 }
 
+template <int DT, int NB_LOG2, bool NESTED>
+__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
+    const MmaShared sh = mma_shared();
+    if ((int64_t)blockIdx.x < a.t_blocks) {
+        lora_down_cta<DT, 8>(a, blockIdx.x, sh.last);
+        return;
+    }
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+        const uint32_t v = code_pair<DT>(a.quant_type, e);
+        uint4* dst = reinterpret_cast<uint4*>(sh.pairs + e * 32);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) dst[q] = make_uint4(v, v, v, v);
+        if (NESTED) sh.code2[e] = a.code2[e];
+    }
+    __syncthreads();
+    gemv_mma_units<DT, NB_LOG2, NESTED>(x, a, sh.code2, sh.table | ((threadIdx.x & 31u) * 4u));
+}
+
 // Which tensor-core kernel runs: NB_LOG2 + 1 for bf16/fp16 X with K a multiple of 128 and of the
 // blocksize (spans and blocks inside rows) and at most 8 (X row, block) columns; 0 for the FMA
 // kernel. The callers add the other conditions: x 16-byte aligned, an sm_80+ device.
@@ -568,13 +602,28 @@ static int mma_variant(int x_dtype, int64_t m, int64_t k, int log2B) {
     return nb_log2 + 1;
 }
 
+// false when the kernel cannot get its dynamic shared memory here (the FMA kernel runs instead).
 template <int DT, int NB_LOG2>
-void launch_gemv_mma(const void* x, GemvArgs a, cudaStream_t stream) {
+bool launch_gemv_mma(const void* x, GemvArgs a, cudaStream_t stream) {
     const int64_t units = qk::ceil_div(qk::ceil_div(a.N, 16), kWarps) * a.splits;
     const dim3 grid((unsigned)(a.t_blocks + units));
     const auto* xt = static_cast<const typename Dtype<DT>::T*>(x);
-    if (a.absmax_q) QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, true>)(xt, a);
-    else QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, false>)(xt, a);
+    if (a.absmax_q) {
+        if (!qk::allow_dynamic_smem(reinterpret_cast<const void*>(gemv_4bit_mma_kernel<DT, NB_LOG2, true>),
+                                    [] { return cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, true>,
+                                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                                     kMmaSharedBytes); }))
+            return false;
+        QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, true>)(xt, a);
+    } else {
+        if (!qk::allow_dynamic_smem(reinterpret_cast<const void*>(gemv_4bit_mma_kernel<DT, NB_LOG2, false>),
+                                    [] { return cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, false>,
+                                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                                     kMmaSharedBytes); }))
+            return false;
+        QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, false>)(xt, a);
+    }
+    return true;
 }
 
 template <int DT, int MB>
@@ -688,17 +737,19 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     // absmax 8-byte aligned: the tensor-core kernel reads two blocks' scales per load.
     const int mma = a.xvec && qk::aligned(absmax, 8) && qk::cc_major() >= 8 ? mma_variant(x_dtype, m, k, a.log2B) : 0;
     if (mma) {
-        a.cps = qk::ceil_div(k / kSpan, splits);  // spans of 128 per split
+        GemvArgs am = a;
+        am.cps = qk::ceil_div(k / kSpan, splits);  // spans of 128 per split
+        bool launched;
         if (x_dtype == QK_DTYPE_BFLOAT16) {
-            if (mma == 1) launch_gemv_mma<QK_DTYPE_BFLOAT16, 0>(x, a, stream);
-            else if (mma == 2) launch_gemv_mma<QK_DTYPE_BFLOAT16, 1>(x, a, stream);
-            else launch_gemv_mma<QK_DTYPE_BFLOAT16, 2>(x, a, stream);
+            launched = mma == 1   ? launch_gemv_mma<QK_DTYPE_BFLOAT16, 0>(x, am, stream)
+                       : mma == 2 ? launch_gemv_mma<QK_DTYPE_BFLOAT16, 1>(x, am, stream)
+                                  : launch_gemv_mma<QK_DTYPE_BFLOAT16, 2>(x, am, stream);
         } else {
-            if (mma == 1) launch_gemv_mma<QK_DTYPE_FLOAT16, 0>(x, a, stream);
-            else if (mma == 2) launch_gemv_mma<QK_DTYPE_FLOAT16, 1>(x, a, stream);
-            else launch_gemv_mma<QK_DTYPE_FLOAT16, 2>(x, a, stream);
+            launched = mma == 1   ? launch_gemv_mma<QK_DTYPE_FLOAT16, 0>(x, am, stream)
+                       : mma == 2 ? launch_gemv_mma<QK_DTYPE_FLOAT16, 1>(x, am, stream)
+                                  : launch_gemv_mma<QK_DTYPE_FLOAT16, 2>(x, am, stream);
         }
-        return qk::check_launch("qk_gemv_4bit");
+        if (launched) return qk::check_launch("qk_gemv_4bit");
     }
     QK_DISPATCH_DTYPE(x_dtype, DT, {
         if (m == 1) launch_gemv<DT, 1>(x, a, stream);

@@ -31,6 +31,28 @@ int sm_count();
 // need sm_80 instructions (mma_16816) are chosen only where it is >= 8.
 int cc_major();
 
+// Whether `func` was already allowed its dynamic shared memory on device `dev` (mark_...: it was).
+bool dynamic_smem_ready(const void* func, int dev);
+void mark_dynamic_smem_ready(const void* func, int dev);
+
+// Runs `set` (a cudaFuncSetAttribute raising `func`'s dynamic shared memory limit) once per
+// (kernel, device); false, with the error cleared, when the device or the attribute says no.
+template <class Set>
+inline bool allow_dynamic_smem(const void* func, Set set) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    if (dynamic_smem_ready(func, dev)) return true;
+    if (set() != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    mark_dynamic_smem_ready(func, dev);
+    return true;
+}
+
 inline bool is_pow2(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
 inline int log2i(int64_t x) {
     int l = 0;
@@ -159,6 +181,16 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
 #endif
 }
 
+// The launch's dynamic shared memory (QK_LAUNCH's smem bytes); 16-byte aligned on the GPU.
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+#if defined(QK_CUDA_EMULATION)
+    return ::qk_emu::dynamic_shared();
+#else
+    extern __shared__ __align__(16) unsigned char qk_dynamic_smem[];
+    return qk_dynamic_smem;
+#endif
+}
+
 // Max of |x| over a group of G consecutive threads (G a power of two, groups aligned to G, the
 // same G in the whole CTA); every thread of the group gets the result. smem: 32 floats. Contains
 // __syncthreads() when G > 32, so all threads of the CTA must call it.
@@ -184,7 +216,7 @@ __device__ __forceinline__ float group_max(float m, int G, float* smem) {
 // so a template argument list's commas need no parentheses; under the CPU emulation the launch
 // runs the kernel's threads as fibers (emu/qk_cuda_emu.h).
 #if defined(QK_CUDA_EMULATION)
-#define QK_LAUNCH(grid, block, smem, stream, ...) ((void)(smem), (void)(stream), QK_EMU_LAUNCH(grid, block, __VA_ARGS__))
+#define QK_LAUNCH(grid, block, smem, stream, ...) ((void)(stream), QK_EMU_LAUNCH(grid, block, smem, __VA_ARGS__))
 #else
 #define QK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif

@@ -35,6 +35,8 @@ std::vector<Fiber> g_fibers;
 std::vector<std::vector<char>> g_stacks;
 std::vector<uint32_t> g_slots;
 std::vector<uint32_t> g_gather;  // kGatherWords per thread: warp_gather's slots
+unsigned char* g_dynamic = nullptr;  // the launch's dynamic shared memory (32 KB-aligned)
+size_t g_dynamic_bytes = 0;
 const std::function<void()>* g_body = nullptr;
 dim3 g_grid, g_block, g_block_idx;
 int g_current = -1;
@@ -160,7 +162,12 @@ void warp_gather(const uint32_t* mine, int n, uint32_t* all) {
     wait(kAtWarpBarrier);  // every lane has read before the slots are reused
 }
 
-void run(dim3 grid, dim3 block, const std::function<void()>& body) {
+unsigned char* dynamic_shared() {
+    if (g_dynamic == nullptr) die("dynamic_shared: the launch asked for no dynamic shared memory");
+    return g_dynamic;
+}
+
+void run(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
     if (g_running) die("nested or concurrent launch");
     const long n = (long)block.x * block.y * block.z;
     if (n < 1 || n > 1024) die("block size out of range (1..1024 threads)");
@@ -175,12 +182,21 @@ void run(dim3 grid, dim3 block, const std::function<void()>& body) {
         g_slots.resize(n);
         g_gather.resize((size_t)n * kGatherWords);
     }
+    const size_t align = 32768;
+    g_dynamic_bytes = dynamic_smem;
+    g_dynamic = dynamic_smem ? static_cast<unsigned char*>(aligned_alloc(align, (dynamic_smem + align - 1) / align * align))
+                             : nullptr;
+    if (dynamic_smem && !g_dynamic) die("dynamic shared memory: allocation failed");
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 g_block_idx = dim3(x, y, z);
+                if (g_dynamic) memset(g_dynamic, 0xFF, g_dynamic_bytes);
                 run_block((int)n);
             }
+    free(g_dynamic);
+    g_dynamic = nullptr;
+    g_dynamic_bytes = 0;
     g_body = nullptr;
     g_running = false;
 }

@@ -51,6 +51,7 @@ enum cudaDeviceAttr {
 enum cudaMemLocationType { cudaMemLocationTypeDevice = 1, cudaMemLocationTypeHost = 2 };
 struct cudaMemLocation { cudaMemLocationType type; int id; };
 struct cudaFuncAttributes { int maxThreadsPerBlock; };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 #define cudaMemAttachGlobal 0x01
 #define cudaCpuDeviceId (-1)
 
@@ -66,6 +67,10 @@ cudaError_t cudaMallocManaged(void** ptr, size_t size, unsigned flags);
 cudaError_t cudaFree(void* ptr);
 cudaError_t cudaMemPrefetchAsync(const void* ptr, size_t bytes, cudaMemLocation loc, unsigned flags,
                                  cudaStream_t stream);
+template <class F>
+cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
+    return cudaSuccess;
+}
 template <class F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F*) {
     attr->maxThreadsPerBlock = 1024;
@@ -89,20 +94,25 @@ uint32_t exchange_xor(uint32_t bits, int lane_mask);
 // a full warp on the GPU too); the tensor-core emulation (qk_common.cuh: qk::mma_16816) uses it.
 constexpr int kGatherWords = 8;
 void warp_gather(const uint32_t* mine, int n, uint32_t* all);
-void run(dim3 grid, dim3 block, const std::function<void()>& body);
+// Runs `body` for every thread of every block; each block gets `dynamic_smem` bytes of dynamic
+// shared memory (dynamic_shared(), 32 KB-aligned, zeroed before each block: a GPU's is not zeroed
+// either, so kernels must not rely on it).
+void run(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
+unsigned char* dynamic_shared();
 
 template <class... P>
 struct Launcher {
     dim3 grid, block;
+    size_t smem;
     void (*kernel)(P...);
     template <class... A>
     void operator()(A&&... args) const {
-        run(grid, block, [&] { kernel(static_cast<P>(args)...); });
+        run(grid, block, smem, [&] { kernel(static_cast<P>(args)...); });
     }
 };
 template <class... P>
-Launcher<P...> launch(dim3 grid, dim3 block, void (*kernel)(P...)) {
-    return {grid, block, kernel};
+Launcher<P...> launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(P...)) {
+    return {grid, block, smem, kernel};
 }
 
 }  // namespace qk_emu
@@ -154,4 +164,4 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
     return v;
 }
 
-#define QK_EMU_LAUNCH(grid, block, ...) ::qk_emu::launch(dim3(grid), dim3(block), __VA_ARGS__)
+#define QK_EMU_LAUNCH(grid, block, smem, ...) ::qk_emu::launch(dim3(grid), dim3(block), (size_t)(smem), __VA_ARGS__)
