@@ -603,27 +603,24 @@ static int mma_variant(int x_dtype, int64_t m, int64_t k, int log2B) {
 }
 
 // false when the kernel cannot get its dynamic shared memory here (the FMA kernel runs instead).
+template <int DT, int NB_LOG2, bool NESTED>
+bool launch_gemv_mma_kernel(dim3 grid, const typename Dtype<DT>::T* x, const GemvArgs& a, cudaStream_t stream) {
+    auto* kernel = gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>;
+    if (!qk::allow_dynamic_smem(reinterpret_cast<const void*>(kernel), [kernel] {
+            return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSharedBytes);
+        }))
+        return false;
+    QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>)(x, a);
+    return true;
+}
+
 template <int DT, int NB_LOG2>
 bool launch_gemv_mma(const void* x, GemvArgs a, cudaStream_t stream) {
     const int64_t units = qk::ceil_div(qk::ceil_div(a.N, 16), kWarps) * a.splits;
     const dim3 grid((unsigned)(a.t_blocks + units));
     const auto* xt = static_cast<const typename Dtype<DT>::T*>(x);
-    if (a.absmax_q) {
-        if (!qk::allow_dynamic_smem(reinterpret_cast<const void*>(gemv_4bit_mma_kernel<DT, NB_LOG2, true>),
-                                    [] { return cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, true>,
-                                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                                     kMmaSharedBytes); }))
-            return false;
-        QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, true>)(xt, a);
-    } else {
-        if (!qk::allow_dynamic_smem(reinterpret_cast<const void*>(gemv_4bit_mma_kernel<DT, NB_LOG2, false>),
-                                    [] { return cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, false>,
-                                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                                     kMmaSharedBytes); }))
-            return false;
-        QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, false>)(xt, a);
-    }
-    return true;
+    return a.absmax_q ? launch_gemv_mma_kernel<DT, NB_LOG2, true>(grid, xt, a, stream)
+                      : launch_gemv_mma_kernel<DT, NB_LOG2, false>(grid, xt, a, stream);
 }
 
 template <int DT, int MB>
