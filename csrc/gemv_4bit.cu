@@ -303,13 +303,14 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(co
 // Tensor-core variant (bf16/fp16 X): the same one-launch protocol (T CTAs first, splits summed by
 // the last one to arrive, "T ready" count), with the weights fed to mma.sync instead of FMAs.
 //
-// Why: at M = 1 every weight is used once, and an H100 can issue about 4.4 instructions per weight
-// while streaming W at its full HBM bandwidth (an H200, with more bandwidth per SM, about 3.1). The
-// FMA kernel above spends at least five on each weight (nibble extraction, code lookup, decode
-// multiply, X conversion, FMA), so it cannot reach the decode goal whatever its memory access. Here
-// one lookup in a 256-entry table turns a packed byte into the two 16-bit codes of an mma operand
-// register, X goes to the tensor cores as it is stored, and the block scale multiplies the tensor
-// cores' fp32 sum once per (row, block). ptxas's count for the span loop (bench/sass_budget.py):
+// Why: at M = 1 every weight is used once, and an H100 SXM can issue at most about 5.0 instructions
+// per weight while streaming W at its full HBM bandwidth (an H200, with more bandwidth per SM, 3.5;
+// both at the boost clock: bench/sass_budget.py). The FMA kernel above spends at least five on each
+// weight (nibble extraction, code lookup, decode multiply, X conversion, FMA) before any loop
+// overhead, so issue caps it at about full bandwidth on an H100 and 70% on an H200, whatever its
+// memory access. Here one lookup in a 256-entry table turns a packed byte into the two 16-bit codes
+// of an mma operand register, X goes to the tensor cores as it is stored, and the block scale
+// multiplies the tensor cores' fp32 sum once per (row, block). ptxas's count for the span loop:
 // 2.77 instructions per weight on sm_90 with double-quantized scales at blocksize 64, 2.25 with
 // fp32 scales.
 //
