@@ -17,8 +17,8 @@ instructions, HMMA; for Triton the one with HMMA fed by bf16 packing, F2FP) and 
 its instructions per weight (the weights one thread covers per trip are known from the kernel's
 layout: 64 per lane per 128-wide span for csrc's tensor-core GEMV, whose loop holds 8 HMMA per span
 it is unrolled over; BN * BK / threads for Triton's).
-A count is what one trip of the loop issues when every instruction in it runs (branch-free loops;
-the ones counted here are).
+A count is every instruction of one trip of the loop, so where the loop branches around a few
+(csrc's prefetch of the next span, skipped on a split's last one) it is an upper bound.
 
 The FMA kernel of csrc (gemv_4bit_kernel) is not counted: its loop holds the partial-chunk and
 unaligned-X paths beside the hot one, so a static count overstates it. Its hot path needs at least
