@@ -4,10 +4,6 @@
 
 #include "qk_common.cuh"
 
-#include <mutex>
-#include <utility>
-#include <vector>
-
 namespace {
 
 // Per host thread, so concurrent callers (data-loader threads, several streams) do not read one
@@ -63,22 +59,6 @@ static int current_device_attribute(int* cache, cudaDeviceAttr attr, int fallbac
     if (dev >= kMaxDevices) return query_attribute(dev, attr, fallback);
     if (cache[dev] == 0) cache[dev] = query_attribute(dev, attr, fallback);
     return cache[dev];
-}
-
-// (kernel, device) pairs whose dynamic shared memory limit was raised: a short list under a lock.
-static std::mutex g_dynamic_smem_lock;
-static std::vector<std::pair<const void*, int>> g_dynamic_smem_ready;
-
-bool dynamic_smem_ready(const void* func, int dev) {
-    std::lock_guard<std::mutex> hold(g_dynamic_smem_lock);
-    for (const auto& e : g_dynamic_smem_ready)
-        if (e.first == func && e.second == dev) return true;
-    return false;
-}
-
-void mark_dynamic_smem_ready(const void* func, int dev) {
-    std::lock_guard<std::mutex> hold(g_dynamic_smem_lock);
-    g_dynamic_smem_ready.emplace_back(func, dev);
 }
 
 int sm_count() { return current_device_attribute(g_sm_count, cudaDevAttrMultiProcessorCount, 108); }

@@ -604,13 +604,25 @@ static int mma_variant(int x_dtype, int64_t m, int64_t k, int log2B) {
 }
 
 // false when the kernel cannot get its dynamic shared memory here (the FMA kernel runs instead).
+// The limit is raised once per device: `raised` is this kernel's own (a benign race, as sm_count's
+// cache: every thread stores true).
 template <int DT, int NB_LOG2, bool NESTED>
 bool launch_gemv_mma_kernel(dim3 grid, const typename Dtype<DT>::T* x, const GemvArgs& a, cudaStream_t stream) {
-    auto* kernel = gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>;
-    if (!qk::allow_dynamic_smem(reinterpret_cast<const void*>(kernel), [kernel] {
-            return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSharedBytes);
-        }))
+    constexpr int kDevices = 64;
+    static bool raised[kDevices] = {};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        cudaGetLastError();
         return false;
+    }
+    if (dev >= kDevices || !raised[dev]) {
+        if (cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 kMmaSharedBytes) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        if (dev < kDevices) raised[dev] = true;
+    }
     QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>)(x, a);
     return true;
 }

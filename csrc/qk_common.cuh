@@ -31,28 +31,6 @@ int sm_count();
 // need sm_80 instructions (mma_16816) are chosen only where it is >= 8.
 int cc_major();
 
-// Whether `func` was already allowed its dynamic shared memory on device `dev` (mark_...: it was).
-bool dynamic_smem_ready(const void* func, int dev);
-void mark_dynamic_smem_ready(const void* func, int dev);
-
-// Runs `set` (a cudaFuncSetAttribute raising `func`'s dynamic shared memory limit) once per
-// (kernel, device); false, with the error cleared, when the device or the attribute says no.
-template <class Set>
-inline bool allow_dynamic_smem(const void* func, Set set) {
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-    }
-    if (dynamic_smem_ready(func, dev)) return true;
-    if (set() != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-    }
-    mark_dynamic_smem_ready(func, dev);
-    return true;
-}
-
 inline bool is_pow2(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
 inline int log2i(int64_t x) {
     int l = 0;

@@ -95,8 +95,8 @@ uint32_t exchange_xor(uint32_t bits, int lane_mask);
 constexpr int kGatherWords = 8;
 void warp_gather(const uint32_t* mine, int n, uint32_t* all);
 // Runs `body` for every thread of every block; each block gets `dynamic_smem` bytes of dynamic
-// shared memory (dynamic_shared(), 32 KB-aligned, zeroed before each block: a GPU's is not zeroed
-// either, so kernels must not rely on it).
+// shared memory (dynamic_shared(), 32 KB-aligned, filled with 0xFF before each block: a GPU's is not
+// zeroed either, so a kernel that reads what it did not write shows).
 void run(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
 unsigned char* dynamic_shared();
 
