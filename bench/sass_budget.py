@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # (HBM bytes per second, SMs, boost clock in Hz), from NVIDIA's H100 SXM5 and H200 SXM datasheets.
 CARDS = {"H100 SXM": (3.35e12, 132, 1.98e9), "H200 SXM": (4.8e12, 132, 1.98e9)}
 ISSUE_PER_SM_CLOCK = 4  # warp instructions: four schedulers, one each per clock
+# Warp shuffles: 32 results per clock per SM, one warp instruction a clock (CUDA C++ Programming
+# Guide, arithmetic instruction throughput table, compute capability 5.0 through 9.0).
+SHUFFLE_PER_SM_CLOCK = 1
 DECODE_BYTE_LIMIT = 3.88  # bytes of a BF16 4096x4096 weight over its NF4 form (double-quantized, blocksize 64)
 CSRC_WEIGHTS_PER_LANE_SPAN = 64  # gemv_4bit_mma_kernel: 2 rows x 32 nibbles per lane per span
 
@@ -121,6 +124,12 @@ def issue_budget(card: str) -> float:
     return ISSUE_PER_SM_CLOCK * 32 / weights_per_sm_clock
 
 
+def shuffle_budget(card: str) -> float:
+    """Most warp shuffles per weight (per thread) while the card streams NF4 at full bandwidth."""
+    bw, sms, clock = CARDS[card]
+    return SHUFFLE_PER_SM_CLOCK * 32 / (2 * bw / (sms * clock))
+
+
 def _nvdisasm() -> str:
     import triton
 
@@ -160,7 +169,7 @@ def csrc_rows(arch: int, work: Path) -> list[dict]:
                      "blocksize": f"{128 // nb}" if nb > 1 else ">=128", "nested": m.group(3) == "1",
                      "arch": arch, "loop_instructions": loop.size,
                      "weights_per_trip": CSRC_WEIGHTS_PER_LANE_SPAN * spans_per_trip,
-                     "ops": dict(loop.ops.most_common(8))})
+                     "shuffles": loop.ops.get("SHFL", 0), "ops": dict(loop.ops.most_common(8))})
     if not rows:
         raise RuntimeError("no gemv_4bit_mma_kernel in the cubin")
     return rows
@@ -178,6 +187,7 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
         if not spec.name.endswith("@ints16") or "x=bf16" not in spec.name or "split=1" not in spec.name \
                 or "bs=64" not in spec.name or "lora=bf16" not in spec.name:
             continue
+        decode = bool(spec.constexprs["DECODE"])
         fn = cc._unwrap_jit(spec.fn)
         signature, constexprs, divisible = cc._full_signature(spec, fn)
         src = cc._make_source(fn, signature, constexprs, divisible)
@@ -187,15 +197,18 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
         cubin = work / "small_m.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
-        # The weight loop: tensor-core instructions fed with freshly dequantized bf16 (F2FP packs
-        # them); the LoRA down-projection's loop of the same kernel has HMMA but no F2FP.
-        loop = innermost_with(parse_sass(sass), "HMMA", "F2FP")
+        # The weight loop of the tensor-core tiles: HMMA fed with freshly dequantized bf16 (F2FP
+        # packs them; the LoRA down-projection's loop of the same kernel has HMMA but no F2FP). Of
+        # the M = 1 path (DECODE): the loop whose shuffles look the codes up and whose FFMA add them.
+        want = ("SHFL", "FFMA") if decode else ("HMMA", "F2FP")
+        loop = innermost_with(parse_sass(sass), *want)
         if loop is None:
-            raise RuntimeError(f"no loop with HMMA and F2FP in {spec.name}")
+            raise RuntimeError(f"no loop with {' and '.join(want)} in {spec.name}")
         per_trip = constexprs["BN"] * constexprs["BK"] // (32 * spec.num_warps)
-        rows.append({"kernel": spec.name, "x": "bf16", "blocksize": "64", "nested": bool(constexprs["NESTED"]),
+        rows.append({"kernel": spec.name.replace("qlora_fwd_small_m", "triton small-M"), "x": "bf16", "blocksize": "64",
+                     "nested": bool(constexprs["NESTED"]),
                      "arch": arch, "loop_instructions": loop.size, "weights_per_trip": per_trip,
-                     "ops": dict(loop.ops.most_common(8))})
+                     "shuffles": loop.ops.get("SHFL", 0), "ops": dict(loop.ops.most_common(8))})
     return rows
 
 
@@ -206,10 +219,12 @@ def report(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         ipw = r["loop_instructions"] / r["weights_per_trip"]
+        spw = r["shuffles"] / r["weights_per_trip"]
         r["instructions_per_weight"] = round(ipw, 3)
+        r["shuffles_per_weight"] = round(spw, 3)
         cells = []
         for c in cards:
-            frac = min(1.0, issue_budget(c) / ipw)
+            frac = min(1.0, issue_budget(c) / ipw, shuffle_budget(c) / spw if spw else 1.0)
             r[f"bandwidth_ceiling_{c}"] = round(frac, 3)
             cells.append(f"{frac:>6.0%} = {frac * DECODE_BYTE_LIMIT:.2f}x    ")
         name = r["kernel"] if len(r["kernel"]) <= 40 else r["kernel"][:37] + "..."
@@ -218,8 +233,10 @@ def report(rows: list[dict]) -> str:
     lines.append("")
     lines.append("issue budget (instructions per weight at full HBM bandwidth, boost clock): "
                  + ", ".join(f"{c} {issue_budget(c):.2f}" for c in cards))
-    lines.append("ceiling: the fraction of HBM bandwidth the issue rate allows, and the decode ratio over a BF16 "
-                 f"GEMV it caps (byte limit {DECODE_BYTE_LIMIT}x; the goal is 3.5x)")
+    lines.append("shuffle budget (warp shuffles per weight at full HBM bandwidth): "
+                 + ", ".join(f"{c} {shuffle_budget(c):.2f}" for c in cards))
+    lines.append("ceiling: the fraction of HBM bandwidth the issue rate and the shuffle rate allow, and the decode "
+                 f"ratio over a BF16 GEMV it caps (byte limit {DECODE_BYTE_LIMIT}x; the goal is 3.5x)")
     return "\n".join(lines)
 
 

@@ -98,6 +98,7 @@ _AXPY_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*
 EXPECTED_FAILURE = {
     "bad_matmul_spills": "spill",
     "bad_axpy_fma": "fma",
+    "bad_axpy_fma_count": "not a multiple of the 3 it writes itself",
     "bad_axpy_no_tensor_cores": "tensor cores",
     "bad_matmul_smem": "shared memory",
     "bad_broken_compile": "compile error",
@@ -129,6 +130,15 @@ def toy_specs() -> list[KernelSpec]:
         KernelSpec(
             name="bad_axpy_fma", fn=toy_explicit_fma_kernel, signature=dict(_AXPY_SIG),
             constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1, exact_fp32=True,
+        ),
+        # tl.fma on purpose, declared: 1024 elements / 128 threads = 8 per thread.
+        KernelSpec(
+            name="ok_axpy_declared_fma", fn=toy_explicit_fma_kernel, signature=dict(_AXPY_SIG),
+            constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1, exact_fp32=True, explicit_fma=8,
+        ),
+        KernelSpec(
+            name="bad_axpy_fma_count", fn=toy_explicit_fma_kernel, signature=dict(_AXPY_SIG),
+            constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1, exact_fp32=True, explicit_fma=3,
         ),
         KernelSpec(
             name="bad_axpy_no_tensor_cores", fn=toy_axpy_kernel, signature=dict(_AXPY_SIG),

@@ -21,7 +21,7 @@ from qlora_kernels import compile_check
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOY_SPECS = "_toy_kernels:toy_specs"
-TOY_NAMES = ["ok_matmul", "ok_axpy_exact", "ok_unpack_vector@ints16", *EXPECTED_FAILURE]
+TOY_NAMES = ["ok_matmul", "ok_axpy_exact", "ok_axpy_declared_fma", "ok_unpack_vector@ints16", *EXPECTED_FAILURE]
 
 
 def extra_tritons() -> dict[str, list[str]]:
@@ -87,6 +87,8 @@ def test_toy_gate_fails_exactly_the_bad_configs(toy_gate):
         axpy = rows[("ok_axpy_exact", arch)]
         assert axpy["ok"], axpy["status"]
         assert axpy["fma_free"] == "yes" and axpy["tensor_cores"] == "-"
+        declared = rows[("ok_axpy_declared_fma", arch)]
+        assert declared["ok"] and declared["fma_free"] == "8 own", declared["status"]
 
         unpack = rows[("ok_unpack_vector@ints16", arch)]
         assert unpack["ok"] and unpack["byte_loads"] == 0, unpack["status"]
@@ -111,7 +113,7 @@ def test_toy_gate_table_matches_json(toy_gate):
     assert len(printed) == len(doc["rows"]), proc.stdout
     for r in doc["rows"]:
         assert printed[(r["kernel"], f"sm_{r['arch']}")] == r["status"]
-    assert "6 ok, 12 failed" in proc.stdout
+    assert "8 ok, 14 failed" in proc.stdout
 
 
 def test_gate_passes_good_configs_and_drops_the_interpreter(tmp_path):
@@ -120,7 +122,8 @@ def test_gate_passes_good_configs_and_drops_the_interpreter(tmp_path):
                          interpret=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [(r["kernel"], r["arch"], r["ok"]) for r in doc["rows"]] == [
-        ("ok_matmul", 90, True), ("ok_axpy_exact", 90, True), ("ok_unpack_vector@ints16", 90, True)]
+        ("ok_matmul", 90, True), ("ok_axpy_exact", 90, True), ("ok_axpy_declared_fma", 90, True),
+        ("ok_unpack_vector@ints16", 90, True)]
 
 
 def test_allow_spills_reports_spills_and_fails_on_the_rest(tmp_path):

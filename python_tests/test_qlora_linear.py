@@ -255,6 +255,73 @@ def test_small_m_without_lora(split_k, poisoned_outputs, monkeypatch):
     assert err <= 2 * 2.0**-8 * want.abs().max().item(), err
 
 
+DECODE_CASES = [
+    # (case, config, split_k): every dtype, blocksize regime (NSB 1, 2, 4), a K tail (K % BK != 0),
+    # a last tile cut short (N % BN != 0), FP4, plain fp32 scales, a strided x.
+    (Case((1,), 200, 320, 16), None, 1),
+    (Case((1,), 130, 448, 16, blocksize=32), tql_small.SmallMConfig(BN=64, BK=128), 3),
+    (Case((1,), 96, 512, 16, blocksize=32, xdt=torch.float32, ldt=torch.float32), tql_small.DECODE_GPU_CONFIG, 2),
+    (Case((1,), 130, 256, 4, blocksize=128, xdt=torch.float16, ldt=torch.float16), None, 5),
+    (Case((1,), 72, 1024, 8, blocksize=512, quant_type="fp4", bias=False), tql_small.DECODE_GPU_CONFIG, 16),
+    (Case((1,), 100, 192, 8, nested=False, ldt=torch.float32), tql_small.SmallMConfig(BN=32, BK=128), 1),
+    (Case((1,), 64, 320, 16, sliced=True), None, 2),
+]
+
+
+@pytest.mark.parametrize("case,cfg,split_k", DECODE_CASES, ids=lambda v: str(v) if isinstance(v, Case) else None)
+def test_decode_path_matches_the_rule(case, cfg, split_k, poisoned_outputs, monkeypatch):
+    """The M = 1 path of the small-M kernel (_decode_sums: codes looked up exactly in fp32, one
+    scale per word, no tensor cores) by the rule, with T and the LoRA term from the same launch
+    and every counter back to zero."""
+    inp = make_inputs(case)
+    if inp.bias is not None:
+        inp.bias = inp.bias.contiguous()  # as qlora_linear_fwd hands it over (the kernels index bias densely)
+    packed = inp.packed
+    assert tql_small.decode_eligible(1, case.N, case.K, case.blocksize, packed)
+    assert tql_small.x_pairs(inp.x) == (case.xdt != torch.float32 and not case.sliced)
+    y, t, given = _small_m(inp, monkeypatch, split_k=split_k, cfg=cfg, decode=True)
+    assert_within_rule([y], [torch_low_precision(inp)[0]], [truth(inp)[0]], f"decode {case} split {split_k}")
+    want_t = inp.x.double() @ inp.A.double().t()
+    torch.testing.assert_close(t.double(), want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
+    check_counters(given, 1)
+
+
+def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
+    """decode=None takes the M = 1 path where decode_eligible allows it, the tensor-core tiles
+    elsewhere; decode=True where it cannot run is a ValueError naming why; decode=False forces the
+    tiles, which agree with the decode path by the rule."""
+    inp = make_inputs(Case((1,), 96, 320, 16))
+    packed = inp.packed
+    assert tql_small.decode_eligible(1, 96, 320, 64, packed)
+    assert not tql_small.decode_eligible(2, 96, 320, 64, packed)        # M > 1
+    assert not tql_small.decode_eligible(1, 96, 336, 16 * 3, packed)    # K % blocksize
+    assert not tql_small.decode_eligible(1, 96, 320 + 16, 64, packed)   # K % 32, K % blocksize
+    assert not tql_small.decode_eligible(1, 96, 320, 64, packed.reshape(-1)[1:])  # bytes not 4-byte aligned
+    assert not tql_small.decode_eligible(1, 2**31 // 4, 256, 64, packed)  # block indices past int32
+    seen = []
+    real = tql_small._small_m_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["DECODE"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
+    y_auto, _, _ = _small_m(inp, monkeypatch)
+    y_tiles, _, _ = _small_m(inp, monkeypatch, decode=False)
+    assert seen == [True, False]
+    exact, low = truth(inp)[0], torch_low_precision(inp)[0]
+    assert_within_rule([y_auto], [low], [exact], "decode=None")
+    assert_within_rule([y_tiles], [low], [exact], "decode=False")
+    two = make_inputs(Case((2,), 96, 320, 16))
+    with pytest.raises(ValueError, match="M = 1"):
+        _small_m(two, monkeypatch, decode=True)
+    _small_m(two, monkeypatch)  # M = 2 without the flag: the tiles, no error
+    assert seen[-1] is False
+
+
 def test_decode_forward_is_one_kernel_launch(monkeypatch):
     """At M <= 16 the forward op launches the small-M kernel once and no other Triton kernel (T
     comes from the same launch): at decode sizes each extra launch costs about as much as the

@@ -410,9 +410,15 @@ def _compile_and_inspect(spec: Any, arch: int, row: Row) -> None:
                 row.failures.append(f"tensor cores required but no mma in the sm_{arch} PTX")
     if spec.exact_fp32:
         fmas = _FMA_RE.findall(code)
-        row.fma_free = "no" if fmas else "yes"
-        if fmas:
-            row.failures.append(f"exact_fp32 kernel has {len(fmas)} fma instruction(s) ({fmas[0]})")
+        if spec.explicit_fma:
+            row.fma_free = f"{len(fmas)} own"
+            if not fmas or len(fmas) % spec.explicit_fma:
+                row.failures.append(f"exact_fp32 kernel has {len(fmas)} fma instruction(s), not a multiple of the "
+                                    f"{spec.explicit_fma} it writes itself per loop trip")
+        else:
+            row.fma_free = "no" if fmas else "yes"
+            if fmas:
+                row.failures.append(f"exact_fp32 kernel has {len(fmas)} fma instruction(s) ({fmas[0]})")
     signed_bytes = _SIGNED_BYTE_RE.findall(code)
     if signed_bytes:
         row.failures.append(f"{len(signed_bytes)} byte(s) sign-extended ({signed_bytes[0]}): a uint8 offset read as "

@@ -69,6 +69,12 @@ class KernelSpec:
     # Kernels whose rounding must match reference.py are launched with enable_fp_fusion=False
     # (no FMA contraction of a*b+c); the gate compiles them the same way and checks for no fma.
     exact_fp32: bool = False
+    # fma instructions an exact_fp32 kernel writes itself (tl.fma) per thread and trip of its main
+    # loop, e.g. the decode path's code * x products, which no spec rounding governs. Fusion stays
+    # off, so the scale decode still rounds as the reference does; the gate then requires the fma
+    # in the PTX to be a positive multiple of this (one trip, or an unrolled few) instead of none:
+    # an fma from anywhere else (a libdevice call in the scale decode) breaks the count.
+    explicit_fma: int = 0
     # At most this many single-byte global loads in the PTX (None: not checked). Set on the
     # launch_variant of kernels that stream packed 4-bit bytes: those must load them in vectors.
     max_byte_loads: int | None = None

@@ -47,6 +47,7 @@ from .qlora_linear import (
     as_operand,
     dequant_tile,
     dot_acc,
+    load_scale,
     lora_and_bias,
     lora_down_range,
     lora_rank_pad,
@@ -112,6 +113,154 @@ def _finish_tile(
         tl.atomic_add(sync_ptr + 1, -1, sem="relaxed")  # this tile is done with T
 
 
+# The decode path's shifts: element t of a 32-bit word of packed bytes (8 elements, byte j holding
+# elements 2j in its high nibble and 2j + 1 in its low one) sits at bits SHIFT_t .. SHIFT_t + 3.
+@triton.jit
+def _lane_id(like):
+    """This thread's lane in its warp, shaped like `like` (GPU only)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibble_codes(word, table, code_ptr, INTERPRET: tl.constexpr):
+    """The fp32 codes of the 8 elements of each int32 `word` (element order above), exact.
+
+    GPU: lane l holds code[l % 16] in `table`, and shfl.sync.idx reads the source lane from bits
+    4:0 of its index operand only (PTX ISA, shfl.sync), so the word shifted right to an element's
+    nibble indexes the table directly: bit 4, the next nibble's low bit, picks lanes 16-31, which
+    hold the same 16 codes. One shift and one shuffle per weight, and no memory access: a gather
+    from a table in global memory costs a 64-bit address and an L1 request per nibble, and bank
+    conflicts among the lanes. Interpreter: the same codes by a gather from code_ptr."""
+    if INTERPRET:
+        c0 = tl.load(code_ptr + ((word >> 4) & 15))
+        c1 = tl.load(code_ptr + (word & 15))
+        c2 = tl.load(code_ptr + ((word >> 12) & 15))
+        c3 = tl.load(code_ptr + ((word >> 8) & 15))
+        c4 = tl.load(code_ptr + ((word >> 20) & 15))
+        c5 = tl.load(code_ptr + ((word >> 16) & 15))
+        c6 = tl.load(code_ptr + ((word >> 28) & 15))
+        c7 = tl.load(code_ptr + ((word >> 24) & 15))
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 s<7>;
+            shr.u32 s0, $8, 4;
+            shr.u32 s1, $8, 12;
+            shr.u32 s2, $8, 8;
+            shr.u32 s3, $8, 20;
+            shr.u32 s4, $8, 16;
+            shr.u32 s5, $8, 28;
+            shr.u32 s6, $8, 24;
+            shfl.sync.idx.b32 $0, $9, s0, 0x1f, -1;
+            shfl.sync.idx.b32 $1, $9, $8, 0x1f, -1;
+            shfl.sync.idx.b32 $2, $9, s1, 0x1f, -1;
+            shfl.sync.idx.b32 $3, $9, s2, 0x1f, -1;
+            shfl.sync.idx.b32 $4, $9, s3, 0x1f, -1;
+            shfl.sync.idx.b32 $5, $9, s4, 0x1f, -1;
+            shfl.sync.idx.b32 $6, $9, s5, 0x1f, -1;
+            shfl.sync.idx.b32 $7, $9, s6, 0x1f, -1;
+            }
+            """,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [word, table], dtype=(tl.float32,) * 8, is_pure=False, pack=1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _unpack_pairs(pairs, X_KIND: tl.constexpr):
+    """(first, second) fp32 elements of int32 words each holding two bf16 (X_KIND 1) or fp16 values,
+    the first in the low half (little-endian). bf16 widens by moving its bits up, exactly."""
+    if X_KIND == 1:
+        first = (pairs << 16).to(tl.float32, bitcast=True)
+        second = (pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        first = (pairs & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        second = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return first, second
+
+
+@triton.jit
+def _decode_sums(
+    pid_n, pid_k, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr, N, K, stride_xk,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, X_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """[BM, BN] fp32: row 0 = x[0, split's K range] @ dequant(W)[tile rows]^T, other rows 0. M = 1,
+    K a multiple of 32 and of the blocksize, packed 4-byte aligned (small_m_fwd checks).
+
+    No tensor cores: at M = 1 the dot fills 1/16 of them, and its operands cost more to build than
+    the products. Each thread reads 32-bit words of packed bytes, looks the 8 codes up exactly in
+    fp32 (_nibble_codes) and adds code * x by fma; each word's sum is scaled by its block's absmax
+    once, into a [BN, BK / 8] accumulator summed over words at the end. Instructions per weight
+    (bench/sass_budget.py): one shift (7 of 8), one shuffle and one fma, plus 1/8 for the scale."""
+    BKW: tl.constexpr = BK // 8
+    WPB: tl.constexpr = BLOCKSIZE // 8  # words per block
+    NSB: tl.constexpr = BK // BLOCKSIZE if BK > BLOCKSIZE else 1
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    rows = tl.minimum(offs_n, N - 1)  # the tail tile re-reads row N - 1 (never stored): no masks
+    offs_w = tl.arange(0, BKW)
+    kw = (K // 32) * 4  # words per row, written so the compiler sees a multiple of 4 (16-byte loads)
+    words_ptr = (packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                 + (rows.to(tl.int64) * kw)[:, None] + offs_w[None, :])
+    if X_PAIRS:  # 16-bit x, unit stride, 4-byte aligned: [BKW, 4] words of two elements each
+        xs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
+    else:
+        xs = x_ptr + (offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]) * stride_xk  # [BKW, 8]
+    table = tl.zeros((BN, BKW), tl.float32)
+    if not INTERPRET:
+        table = tl.load(code_ptr + (_lane_id(tl.zeros((BN, BKW), tl.int32)) & 15))
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    blk_row = rows * (K // BLOCKSIZE)  # int32: small_m_fwd checks that the block count fits
+    all_rows = tl.full((BN,), 1, tl.int1)  # rows are clamped: every scale load is in bounds
+    acc = tl.zeros((BN, BKW), dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+        x_at = k0 // 2 if X_PAIRS else k0 * stride_xk
+        if EVEN_K:
+            words = tl.load(words_ptr + k0 // 8)
+            xv = tl.load(xs + x_at)
+        else:
+            w_ok = (k0 // 8 + offs_w) < kw
+            words = tl.load(words_ptr + k0 // 8, mask=w_ok[None, :], other=0)
+            xv = tl.load(xs + x_at, mask=w_ok[:, None], other=0)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(words, table, code_ptr, INTERPRET)
+        # x[8w + t] for t = 0..7, each [BKW]: split the last axis of [BKW, 2, 2, 2] three times
+        # (as pairs, [BKW, 2, 2] of (even, odd) elements).
+        if X_PAIRS:
+            x_even, x_odd = _unpack_pairs(xv, X_KIND)
+            x_even = tl.reshape(x_even, (BKW, 2, 2))
+            x_odd = tl.reshape(x_odd, (BKW, 2, 2))
+        else:
+            x_even, x_odd = tl.split(tl.reshape(xv.to(tl.float32), (BKW, 2, 2, 2)))
+        x_04, x_26 = tl.split(x_even)
+        x_15, x_37 = tl.split(x_odd)
+        x0, x4 = tl.split(x_04)
+        x2, x6 = tl.split(x_26)
+        x1, x5 = tl.split(x_15)
+        x3, x7 = tl.split(x_37)
+        part = c0 * x0[None, :]
+        part = tl.fma(c1, x1[None, :], part)
+        part = tl.fma(c2, x2[None, :], part)
+        part = tl.fma(c3, x3[None, :], part)
+        part = tl.fma(c4, x4[None, :], part)
+        part = tl.fma(c5, x5[None, :], part)
+        part = tl.fma(c6, x6[None, :], part)
+        part = tl.fma(c7, x7[None, :], part)
+        blk = blk_row + k0 // BLOCKSIZE
+        s = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, all_rows, NESTED)
+        s_w = tl.broadcast_to(s[:, None], (BN, BKW))
+        for j in tl.static_range(1, NSB):  # BK spans NSB blocks: word w is in block w // WPB
+            s_j = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk + j,
+                             all_rows & (k0 + j * BLOCKSIZE < K), NESTED)
+            s_w = tl.where((offs_w >= j * WPB)[None, :], s_j[:, None], s_w)
+        acc = tl.fma(part, s_w, acc)
+    y = tl.sum(acc, axis=1)
+    return tl.where((tl.arange(0, BM) == 0)[:, None], y[None, :], 0.0)
+
+
 @triton.jit
 def _small_m_kernel(
     x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
@@ -121,7 +270,8 @@ def _small_m_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, RP: tl.constexpr,
     T_BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
     NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+    X_PAIRS: tl.constexpr,
     X_KIND: tl.constexpr, L_KIND: tl.constexpr, B_KIND: tl.constexpr, Y_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -138,12 +288,14 @@ def _small_m_kernel(
             _gemv_item(pid - N_T, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
                        code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                        stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
-                       NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, B_KIND, Y_BF16, INTERPRET)
+                       NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, DECODE, EVEN_K, X_PAIRS, X_KIND, B_KIND, Y_BF16,
+                       INTERPRET)
     else:
         _gemv_item(pid, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
                    code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                    stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
-                   NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, X_KIND, B_KIND, Y_BF16, INTERPRET)
+                   NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, DECODE, EVEN_K, X_PAIRS, X_KIND, B_KIND, Y_BF16,
+                       INTERPRET)
 
 
 @triton.jit
@@ -154,7 +306,8 @@ def _gemv_item(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, RP: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
     NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+    X_PAIRS: tl.constexpr,
     X_KIND: tl.constexpr, L_KIND: tl.constexpr, Y_BF16: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """GEMV item `pid`: tile pid % n_tiles of N, split pid // n_tiles of K; the tile's finisher
@@ -164,17 +317,23 @@ def _gemv_item(
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_ok = offs_m < M
-    offset = 0.0
-    if NESTED:
-        offset = tl.load(offset_ptr)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BK)
-        x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
-                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
-        acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
+    if DECODE:
+        acc = _decode_sums(pid_n, pid_k, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
+                           N, K, stride_xk, BM, BN, BK, SPLIT_K, BLOCKSIZE, NESTED, EVEN_K, X_PAIRS, X_KIND,
+                           INTERPRET)
+    else:
+        offset = 0.0
+        if NESTED:
+            offset = tl.load(offset_ptr)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
+            w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
+                             BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
+            acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
     if SPLIT_K == 1:
         _finish_tile(acc, offs_m, offs_n, t_ptr, b_ptr, bias_ptr, y_ptr, sync_ptr, M, N, R, scale, stride_bn,
                      stride_br, stride_ym, RP, HAS_LORA, HAS_BIAS, L_KIND, Y_BF16, INTERPRET)
@@ -210,6 +369,11 @@ class SmallMConfig:
 GPU_CONFIG = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=4)
 GPU_CONFIG_BLOCKS_CROSS_ROWS = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=3)
 INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
+# The M = 1 path (_decode_sums): 256 rows x 128 columns per trip, 256 weights per thread, about
+# 128 registers, no shared memory, so four programs fit an SM. Triton's pipeliner leaves these
+# loads alone (nothing feeds a dot), so num_stages only matters to the epilogue.
+DECODE_GPU_CONFIG = SmallMConfig(BN=256, BK=128, num_warps=4, num_stages=1)
+DECODE_INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # Programs wanted in flight: enough per SM to keep loads outstanding while others dequantize.
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
@@ -250,16 +414,38 @@ def sync_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     return launch_counters(device, SYNC_TILES + n_tiles)
 
 
+def decode_eligible(m: int, n: int, k: int, blocksize: int, packed: torch.Tensor) -> bool:
+    """Whether _decode_sums can run: one row, whole 32-bit words of packed bytes per row and per
+    block (K a multiple of 32 and of the blocksize), the packed bytes 4-byte aligned, block
+    indices within int32."""
+    return (m == 1 and k % 32 == 0 and k % blocksize == 0 and packed.data_ptr() % 4 == 0
+            and n * (k // blocksize) < 2**31)
+
+
+def x_pairs(x: torch.Tensor) -> bool:
+    """X_PAIRS of _decode_sums: x read as 32-bit words of two 16-bit elements."""
+    return x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.data_ptr() % 4 == 0
+
+
 def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale, bias,
                 split_k: Optional[int] = None, cfg: Optional[SmallMConfig] = None,
-                t_chunk_cols: Optional[int] = None):
+                t_chunk_cols: Optional[int] = None, decode: Optional[bool] = None):
     """(Y [M, N] in x's dtype, T = X_lora @ A^T fp32 [M, r]) for M <= 16 in one launch (module doc).
     lora_A None: no LoRA term (T is None). split_k / t_chunk_cols None: chosen from the shape and
-    the GPU."""
+    the GPU. decode: the M = 1 path (_decode_sums) instead of the tensor-core tiles; None takes it
+    wherever decode_eligible says it can run, True insists (ValueError where it cannot)."""
     m = x.shape[0]
     if m > BM:
         raise ValueError(f"the small-M kernel takes M <= {BM}, got {m}")
     n, k = int(shape[0]), int(shape[1])
+    eligible = decode_eligible(m, n, k, blocksize, packed_args[0])
+    if decode and not eligible:
+        raise ValueError(f"the decode path needs M = 1, K a multiple of 32 and of the blocksize and 4-byte aligned "
+                         f"packed bytes; got M={m}, K={k}, blocksize={blocksize}, packed at "
+                         f"{packed_args[0].data_ptr() % 4} mod 4")
+    decode = eligible if decode is None else decode
+    if decode:
+        cfg = cfg or (DECODE_INTERPRET_CONFIG if interpreting() else DECODE_GPU_CONFIG)
     cfg = cfg or (INTERPRET_CONFIG if interpreting() else gpu_config(k, blocksize))
     split = split_k or pick_split_k(n, k, cfg, x.device)
     n_tiles = triton.cdiv(n, cfg.BN)
@@ -288,7 +474,8 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
         lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0, y.stride(0),
         BM=BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, RP=rp, T_BK=min(T_BK, cfg.BK),
         NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, x.dtype),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DECODE=decode, EVEN_K=k % cfg.BK == 0,
+        X_PAIRS=decode and x_pairs(x),
         X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_A.dtype] if has_lora else _KIND_OF[x.dtype],
         B_KIND=_KIND_OF[lora_B.dtype] if has_lora else _KIND_OF[x.dtype],
         Y_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
@@ -310,25 +497,30 @@ def compile_specs() -> list[KernelSpec]:
     w_sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "ncode_ptr": "*fp32",
              "offset_ptr": "*fp32", "code_ptr": "*fp32"}
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
-    cases = []  # (x dtype, LoRA dtype or None, SPLIT_K, blocksize, PAIRED, ALIGNED)
+    cases = []  # (x dtype, LoRA dtype or None, SPLIT_K, blocksize, PAIRED, ALIGNED, DECODE, EVEN_K)
     for xdt, ldt in [(bf, bf), (bf, f32), (f16, f16), (f32, f32)]:
         for split in (1, 4):
-            cases.append((xdt, ldt, split, 64, True, True))
+            cases.append((xdt, ldt, split, 64, True, True, False, True))
+            cases.append((xdt, ldt, split, 64, True, True, True, True))
     for split in (1, 4):
-        cases.append((bf, None, split, 64, True, True))
+        cases.append((bf, None, split, 64, True, True, False, True))
+        cases.append((bf, None, split, 64, True, True, True, True))
     for blocksize in (32, 512):
-        cases.append((bf, bf, 1, blocksize, True, True))
+        cases.append((bf, bf, 1, blocksize, True, True, False, True))
+        cases.append((bf, bf, 1, blocksize, True, True, True, True))
+    cases.append((bf, bf, 4, 64, True, True, True, False))  # the decode path's K tail (K % BK != 0)
     for paired in (True, False):
-        cases.append((bf, bf, 1, 64, paired, False))
-        cases.append((f32, f32, 4, 64, paired, False))
-    for xdt, ldt, split, blocksize, paired, aligned in cases:
+        cases.append((bf, bf, 1, 64, paired, False, False, True))
+        cases.append((f32, f32, 4, 64, paired, False, False, True))
+    for xdt, ldt, split, blocksize, paired, aligned, decode, even_k in cases:
         paired = paired and paired_decode(2, xdt)  # as the launcher decides it
-        cfg = GPU_CONFIG if aligned else GPU_CONFIG_BLOCKS_CROSS_ROWS
+        cfg = DECODE_GPU_CONFIG if decode else GPU_CONFIG if aligned else GPU_CONFIG_BLOCKS_CROSS_ROWS
         xt = _TYPE_NAME[xdt]
         lt = _TYPE_NAME[ldt] if ldt is not None else xt
+        path = ("decode" + ("" if even_k else ",k_tail")) if decode else f"paired={paired},aligned={aligned}"
         specs.append(KernelSpec(
             name=f"qlora_fwd_small_m[x={xt},lora={lt if ldt is not None else 'none'},split={split},bs={blocksize},"
-                 f"paired={paired},aligned={aligned}]",
+                 f"{path}]",
             fn=_small_m_kernel,
             signature={"x_ptr": f"*{xt}", **w_sig, "xl_ptr": f"*{xt}", "a_ptr": f"*{lt}", "b_ptr": f"*{lt}",
                        "bias_ptr": f"*{xt}", "y_ptr": f"*{xt}", "t_ptr": "*fp32", "tpart_ptr": "*fp32",
@@ -339,10 +531,13 @@ def compile_specs() -> list[KernelSpec]:
             constexprs={"BM": BM, "BN": cfg.BN, "BK": cfg.BK, "SPLIT_K": split, "RP": 16, "T_BK": T_BK,
                         "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": ldt is not None, "HAS_BIAS": True,
+                        "DECODE": decode, "EVEN_K": even_k, "X_PAIRS": decode and xdt != f32,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "B_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "Y_BF16": xdt == bf, "INTERPRET": False},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, exact_fp32=True,
+            # _decode_sums: 7 product fma per 8 weights and 1 scale fma per word of 8.
+            explicit_fma=cfg.BN * cfg.BK // (32 * cfg.num_warps) if decode else 0,
         ))
         if paired and aligned:
             specs.append(qlora_linear.real_shape_variant(specs[-1]))
