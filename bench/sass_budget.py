@@ -1,6 +1,6 @@
 """Static issue budget of the decode (M = 1) kernels, from ptxas's own machine code, no GPU needed:
 
-    python bench/sass_budget.py [--arch 90] [--json PATH] [--skip-triton]
+    python bench/sass_budget.py [--arch 90] [--json PATH] [--skip-triton | --skip-csrc]
 
 At M = 1 a decode GEMV touches each weight once, so the instructions spent per weight, not the
 bytes, can be what limits it: an SM issues at most 4 warp instructions per clock, and streaming
@@ -205,8 +205,8 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
         if loop is None:
             raise RuntimeError(f"no loop with {' and '.join(want)} in {spec.name}")
         per_trip = constexprs["BN"] * constexprs["BK"] // (32 * spec.num_warps)
-        rows.append({"kernel": spec.name.replace("qlora_fwd_small_m", "triton small-M"), "x": "bf16", "blocksize": "64",
-                     "nested": bool(constexprs["NESTED"]),
+        rows.append({"kernel": "triton small-M decode path" if decode else "triton small-M tensor-core tiles",
+                     "spec": spec.name, "decode": decode, "x": "bf16", "blocksize": "64", "nested": bool(constexprs["NESTED"]),
                      "arch": arch, "loop_instructions": loop.size, "weights_per_trip": per_trip,
                      "shuffles": loop.ops.get("SHFL", 0), "ops": dict(loop.ops.most_common(8))})
     return rows
@@ -245,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, choices=(80, 90))
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--skip-triton", action="store_true", help="count csrc only")
+    p.add_argument("--skip-csrc", action="store_true", help="count Triton only (no nvcc needed)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = csrc_rows(args.arch, work)
+        rows = [] if args.skip_csrc else csrc_rows(args.arch, work)
         if not args.skip_triton:
             rows += triton_rows(args.arch, work)
     print(report(rows))

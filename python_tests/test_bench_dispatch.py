@@ -111,3 +111,30 @@ def test_linear_cases_run_and_time_fp32_adapters_at_their_case(monkeypatch):
     assert set(fp32) == {("fwd+bwd", "ours, fp32 adapters", "32x64", 8), ("fwd+bwd", "bf16 lora, fp32 adapters", "32x64", 8)}
     rows = [row("fwd+bwd", c[1], 2.0 if c[1].startswith("ours") else 3.0, m=8, shape="64x32") for c in fp32]
     assert "ratio fwd+bwd 64x32 M=8: bf16 lora, fp32 adapters / ours, fp32 adapters = 1.50x" in bench.ratio_lines(rows)
+
+
+def test_m1_cases_time_the_decode_path_beside_the_tiles(monkeypatch):
+    """At M = 1 the triton rows are the op as it runs (the decode path) and "small-M tiles (triton)",
+    the same op with the small-M kernel's tensor-core tiles: each launches what its name says."""
+    from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
+
+    monkeypatch.setattr(bench, "kernel_backends", lambda device: ["triton"])
+    real, seen = tql_small._small_m_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["DECODE"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
+    got = {}
+    for op, impl, shape, m, dtype, fn, nbytes, flops in bench.linear_cases(torch.device("cpu"), True, [(64, 128)], [1],
+                                                                              r=4):
+        if op == "fwd" and impl in ("fused (triton)", "small-M tiles (triton)"):
+            seen.clear()
+            got[impl] = (fn(), list(seen))
+    assert got["fused (triton)"][1] == [True] and got["small-M tiles (triton)"][1] == [False]
+    torch.testing.assert_close(got["small-M tiles (triton)"][0].float(), got["fused (triton)"][0].float(),
+                               rtol=2**-7, atol=2**-7)  # two roundings of W apart at most: bf16 tiles vs exact codes

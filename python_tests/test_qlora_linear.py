@@ -287,9 +287,9 @@ def test_decode_path_matches_the_rule(case, cfg, split_k, poisoned_outputs, monk
 
 
 def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
-    """decode=None takes the M = 1 path where decode_eligible allows it, the tensor-core tiles
-    elsewhere; decode=True where it cannot run is a ValueError naming why; decode=False forces the
-    tiles, which agree with the decode path by the rule."""
+    """decode=None takes the M = 1 path where decode_eligible allows it (and decode_path() does not
+    turn it off), the tensor-core tiles elsewhere; decode=True where it cannot run is a ValueError
+    naming why; decode=False forces the tiles, which agree with the decode path by the rule."""
     inp = make_inputs(Case((1,), 96, 320, 16))
     packed = inp.packed
     assert tql_small.decode_eligible(1, 96, 320, 64, packed)
@@ -311,7 +311,12 @@ def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
     monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
     y_auto, _, _ = _small_m(inp, monkeypatch)
     y_tiles, _, _ = _small_m(inp, monkeypatch, decode=False)
-    assert seen == [True, False]
+    with tql_small.decode_path(False):  # the bench's side-by-side switch
+        _small_m(inp, monkeypatch)
+        with tql_small.decode_path(True):
+            _small_m(inp, monkeypatch)
+    _small_m(inp, monkeypatch)
+    assert seen == [True, False, False, True, True]
     exact, low = truth(inp)[0], torch_low_precision(inp)[0]
     assert_within_rule([y_auto], [low], [exact], "decode=None")
     assert_within_rule([y_tiles], [low], [exact], "decode=False")

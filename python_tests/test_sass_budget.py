@@ -1,11 +1,14 @@
-"""bench/sass_budget.py: the loop finder on hand-written SASS, and the issue-budget gate on csrc's
-tensor-core decode GEMV as ptxas compiles it for sm_90 (no GPU needed: nvcc and the nvdisasm of the
-Triton wheel)."""
+"""bench/sass_budget.py: the loop finder on hand-written SASS, and the issue-budget gate on the decode
+kernels as ptxas compiles them for sm_90: csrc's tensor-core GEMV and the Triton small-M kernel's
+M = 1 path (no GPU needed: nvcc, and Triton's own ptxas and nvdisasm)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,9 +54,48 @@ def test_loops_found_by_backward_branches_only():
 
 def test_issue_budget_follows_the_card():
     # 2 weights per byte: an H100 SXM streams 3.35e12 * 2 / (132 * 1.98e9) = 25.6 weights per SM
-    # clock, and 4 warp instructions per clock allow 128 / 25.6 = 5.0 instructions per weight.
+    # clock, and 4 warp instructions per clock allow 128 / 25.6 = 5.0 instructions per weight; one
+    # warp shuffle per clock allows 32 / 25.6 = 1.25 shuffles per weight.
     assert sass_budget.issue_budget("H100 SXM") == pytest.approx(4.99, abs=0.01)
     assert sass_budget.issue_budget("H200 SXM") == pytest.approx(3.48, abs=0.01)
+    assert sass_budget.shuffle_budget("H100 SXM") == pytest.approx(1.25, abs=0.01)
+    assert sass_budget.shuffle_budget("H200 SXM") == pytest.approx(0.87, abs=0.01)
+
+
+def test_ceiling_is_the_tighter_of_issue_and_shuffles():
+    row = {"kernel": "k", "x": "bf16", "blocksize": "64", "nested": True, "arch": 90,
+           "loop_instructions": 300, "weights_per_trip": 100, "shuffles": 100, "ops": {}}
+    sass_budget.report([row])
+    assert row["bandwidth_ceiling_H100 SXM"] == 1.0  # 3.0 <= 4.99 instructions, 1.0 <= 1.25 shuffles
+    assert row["bandwidth_ceiling_H200 SXM"] == pytest.approx(0.87, abs=0.005)  # the shuffles bind
+    row.update(loop_instructions=998, shuffles=0)
+    sass_budget.report([row])
+    assert row["bandwidth_ceiling_H100 SXM"] == pytest.approx(0.5, abs=0.005)  # the issue binds
+
+
+def test_triton_decode_path_fits_the_budgets(tmp_path):
+    """The M = 1 path of the Triton small-M kernel, compiled for sm_90 as it runs on a model's
+    shapes, spends at most 90% of the H100's issue budget and of its shuffle budget per weight in
+    its weight loop (one shuffle per weight looks the codes up), while the tensor-core tiles of the
+    same kernel, the path that M = 2..16 take, stay far over it (the reason the decode path exists)."""
+    try:
+        sass_budget._nvdisasm()
+    except FileNotFoundError as e:
+        pytest.skip(f"disassembling needs nvdisasm: {e}")
+    # Compiled in a process of its own: this one runs Triton as the interpreter (conftest.py).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_budget.py"), "--arch", "90", "--skip-csrc",
+                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["decode"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {True, False}
+    decode, tiles = rows[True], rows[False]
+    assert decode["shuffles"] == decode["weights_per_trip"], decode  # one lookup per weight, no reduction shuffles
+    ipw = decode["loop_instructions"] / decode["weights_per_trip"]
+    assert ipw <= 0.9 * sass_budget.issue_budget("H100 SXM"), f"{decode}: {ipw:.2f} instructions per weight"
+    assert decode["shuffles"] / decode["weights_per_trip"] <= 0.9 * sass_budget.shuffle_budget("H100 SXM")
+    assert tiles["loop_instructions"] / tiles["weights_per_trip"] > sass_budget.issue_budget("H100 SXM")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="compiling csrc/gemv_4bit.cu for sm_90 needs nvcc")

@@ -102,3 +102,40 @@ def test_decode_kernel_under_cuda_graph_and_two_streams():
     assert_same_bits(static_y, eager, "graph replay")
     for y in outs:
         assert_same_bits(y, eager, "two-stream decode")
+
+
+@pytest.mark.parametrize("xdt,blocksize,quant_type", [(torch.bfloat16, 64, "nf4"), (torch.float16, 32, "fp4"),
+                                                      (torch.float32, 128, "nf4")], ids=str)
+def test_decode_path_on_gpu(xdt, blocksize, quant_type):
+    """The M = 1 path (warp-shuffle code lookup, compiled only on a GPU: the interpreter runs a
+    gather in its place) against float64 and against the tensor-core tiles on the same input: both
+    within the rounding of Y (the tiles: the bound of the test above), 50 launches bit-identical,
+    strided x too."""
+    from qlora_kernels.backends.triton import qlora_linear as tql
+    from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, k = 4096 + 72, 4096 + max(64, blocksize)  # a short last tile; a K tail where K % blocksize allows
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    packed, st = qk.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=True)
+    wide = torch.randn(1, 2 * k, device="cuda", generator=g).to(xdt)
+    a = torch.randn(16, k, device="cuda", generator=g) / k**0.5
+    b = torch.randn(n, 16, device="cuda", generator=g) * 0.1
+    args = tql.weight_args(packed, st.absmax, st.nested_absmax, st.nested_code, st.offset, st.quant_type)
+    with qk.use_backend("reference"):
+        wd = qk.dequantize_4bit(packed, st, torch.float32).double()
+    for x in (wide[:, :k], wide[:, ::2]):
+        assert tql_small.decode_eligible(1, n, k, blocksize, packed)
+        runs = [tql_small.small_m_fwd(x, None, a, args, blocksize, [n, k], b, 2.0, None, decode=True)[0]
+                for _ in range(50)]
+        tiles = tql_small.small_m_fwd(x, None, a, args, blocksize, [n, k], b, 2.0, None, decode=False)[0]
+        torch.cuda.synchronize()
+        want = x.double() @ wd.t() + 2.0 * (x.double() @ a.double().t()) @ b.double().t()
+        # The decode path's only rounding of note is Y's (half an ulp, relative); the tiles also round
+        # W to x's dtype, so they get the bound test_decode_kernel_one_launch_on_gpu uses.
+        bound = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 1e-5}[xdt]
+        for got, what, limit in ((runs[0], "decode path", bound), (tiles, "tensor-core tiles", 1e-2)):
+            rel = ((got.double() - want).norm() / want.norm()).item()
+            assert rel < limit, f"{what}, x stride {x.stride()}: {rel:.2e}"
+        for y in runs[1:]:
+            assert_same_bits(y, runs[0], "repeated decode-path launch")

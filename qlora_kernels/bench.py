@@ -288,6 +288,16 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
                 impls["fused"] = (ours, bytes_q, True)
             if "triton" in backends:
                 impls["fused (triton)"] = (_under("triton", ours, "fused"), bytes_q, True)
+            if "triton" in backends and m == 1:
+                # The small-M kernel's tensor-core tiles, which the M = 1 decode path replaced, measured
+                # beside it (forward only: they differ only there).
+                from .backends.triton.qlora_linear_small_m import decode_path
+
+                def tiles():
+                    with decode_path(False):
+                        return ours()
+
+                impls["small-M tiles (triton)"] = (_under("triton", tiles, "fused"), bytes_q, False)
             if "cuda" in backends and m <= _cuda_gemv_max_m():  # csrc has the decode GEMV forward only
                 impls["fused (cuda)"] = (_under("cuda", ours, "fused"), bytes_q, False)
             if backends:

@@ -30,6 +30,7 @@ of the time, which costs nothing in a kernel bound by memory and by the dequanti
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -414,6 +415,20 @@ def sync_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     return launch_counters(device, SYNC_TILES + n_tiles)
 
 
+_DECODE_PATH = [True]  # the innermost decode_path() setting
+
+
+@contextlib.contextmanager
+def decode_path(enabled: bool):
+    """Within: launches that leave `decode` to small_m_fwd take the M = 1 path where it can run
+    (True, the default) or the tensor-core tiles (False): the bench measures both side by side."""
+    _DECODE_PATH.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _DECODE_PATH.pop()
+
+
 def decode_eligible(m: int, n: int, k: int, blocksize: int, packed: torch.Tensor) -> bool:
     """Whether _decode_sums can run: one row, whole 32-bit words of packed bytes per row and per
     block (K a multiple of 32 and of the blocksize), the packed bytes 4-byte aligned, block
@@ -433,7 +448,8 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
     """(Y [M, N] in x's dtype, T = X_lora @ A^T fp32 [M, r]) for M <= 16 in one launch (module doc).
     lora_A None: no LoRA term (T is None). split_k / t_chunk_cols None: chosen from the shape and
     the GPU. decode: the M = 1 path (_decode_sums) instead of the tensor-core tiles; None takes it
-    wherever decode_eligible says it can run, True insists (ValueError where it cannot)."""
+    wherever decode_eligible says it can run (unless decode_path(False) is in force), True insists
+    (ValueError where it cannot)."""
     m = x.shape[0]
     if m > BM:
         raise ValueError(f"the small-M kernel takes M <= {BM}, got {m}")
@@ -443,7 +459,7 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
         raise ValueError(f"the decode path needs M = 1, K a multiple of 32 and of the blocksize and 4-byte aligned "
                          f"packed bytes; got M={m}, K={k}, blocksize={blocksize}, packed at "
                          f"{packed_args[0].data_ptr() % 4} mod 4")
-    decode = eligible if decode is None else decode
+    decode = eligible and _DECODE_PATH[-1] if decode is None else decode
     if decode:
         cfg = cfg or (DECODE_INTERPRET_CONFIG if interpreting() else DECODE_GPU_CONFIG)
     cfg = cfg or (INTERPRET_CONFIG if interpreting() else gpu_config(k, blocksize))
