@@ -1,6 +1,7 @@
 """Static issue budget of the decode (M = 1) kernels, from ptxas's own machine code, no GPU needed:
 
     python bench/sass_budget.py [--arch 90] [--json PATH] [--skip-triton | --skip-csrc]
+    python bench/sass_budget.py --gemm [--arch 90] [--json PATH]
 
 At M = 1 a decode GEMV touches each weight once, so the instructions spent per weight, not the
 bytes, can be what limits it: an SM issues at most 4 warp instructions per clock, and streaming
@@ -175,11 +176,26 @@ def csrc_rows(arch: int, work: Path) -> list[dict]:
     return rows
 
 
-def triton_rows(arch: int, work: Path) -> list[dict]:
+def _triton_sass(spec, arch: int, work: Path) -> tuple[dict, str]:
+    """(constexprs, nvdisasm output) of a compile-gate spec compiled for sm_<arch> as it ships."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     from qlora_kernels import compile_check as cc
+
+    fn = cc._unwrap_jit(spec.fn)
+    signature, constexprs, divisible = cc._full_signature(spec, fn)
+    src = cc._make_source(fn, signature, constexprs, divisible)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                       "enable_fp_fusion": not spec.exact_fp32})
+    cubin = work / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    return constexprs, subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
+                                      text=True).stdout
+
+
+def triton_rows(arch: int, work: Path) -> list[dict]:
     from qlora_kernels.backends.triton import qlora_linear_small_m as small_m
 
     rows = []
@@ -188,15 +204,7 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
                 or "bs=64" not in spec.name or "lora=bf16" not in spec.name:
             continue
         decode = bool(spec.constexprs["DECODE"])
-        fn = cc._unwrap_jit(spec.fn)
-        signature, constexprs, divisible = cc._full_signature(spec, fn)
-        src = cc._make_source(fn, signature, constexprs, divisible)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                                           "enable_fp_fusion": not spec.exact_fp32})
-        cubin = work / "small_m.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+        constexprs, sass = _triton_sass(spec, arch, work)
         # The weight loop of the tensor-core tiles: HMMA fed with freshly dequantized bf16 (F2FP
         # packs them; the LoRA down-projection's loop of the same kernel has HMMA but no F2FP). Of
         # the M = 1 path (DECODE): the loop whose shuffles look the codes up and whose FFMA add them.
@@ -210,6 +218,57 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
                      "arch": arch, "loop_instructions": loop.size, "weights_per_trip": per_trip,
                      "shuffles": loop.ops.get("SHFL", 0), "ops": dict(loop.ops.most_common(8))})
     return rows
+
+
+# Dense bf16/fp16 tensor-core multiply-adds per clock per SM, from the datasheets: A100 SXM 312
+# TFLOPS = 108 SMs x 1.41 GHz x 2 x 1024; H100 SXM 989 TFLOPS = 132 SMs x 1.83 GHz x 2 x 2048.
+TENSOR_FMA_PER_SM_CLOCK = {80: 1024, 90: 2048}
+
+
+def gemm_rows(arch: int, work: Path) -> list[dict]:
+    """The fused GEMMs' main loops (forward and dX, each GPU tile config, bf16, blocksize 64, as they
+    run on a model's shapes): the clocks one CTA's instructions take to issue per k-tile (all warps,
+    4 per clock) against the clocks its tensor-core work takes (BM x BN x BK multiply-adds). Over 1
+    the SM cannot keep its tensor cores busy however the two overlap: the dequantization, done once
+    per W tile and shared by BM rows, costs more than the matmul it feeds."""
+    from qlora_kernels.backends.triton import qlora_linear as tql
+
+    rows = []
+    for spec in tql.compile_specs():
+        if not spec.name.endswith("@ints16") or "x=bf16" not in spec.name or "lora=bf16" not in spec.name \
+                or "bs=64" not in spec.name:
+            continue
+        constexprs, sass = _triton_sass(spec, arch, work)
+        entries = parse_sass(sass)
+        mma = "HGMMA" if any(op.startswith("HGMMA") for _, op, _ in entries) else "HMMA"
+        loop = innermost_with(entries, mma, "F2FP")
+        if loop is None:
+            raise RuntimeError(f"no loop with {mma} and F2FP in {spec.name}")
+        bm, bn, bk, warps = constexprs["BM"], constexprs["BN"], constexprs["BK"], spec.num_warps
+        issue = loop.size * warps / ISSUE_PER_SM_CLOCK
+        tensor = bm * bn * bk / TENSOR_FMA_PER_SM_CLOCK[arch]
+        rows.append({"kernel": spec.name.split("[", 1)[0], "config": spec.name.split("[", 1)[1].split(",", 1)[0],
+                     "arch": arch, "BM": bm, "BN": bn, "BK": bk, "warps": warps, "loop_instructions": loop.size,
+                     "weights_per_trip": bn * bk // (32 * warps), "mma": loop.ops[mma],
+                     "issue_clocks": issue, "tensor_clocks": tensor, "issue_over_tensor": round(issue / tensor, 3),
+                     "ops": dict(loop.ops.most_common(8))})
+    return rows
+
+
+def gemm_report(rows: list[dict]) -> str:
+    head = f"{'kernel':<10} {'config':<14} {'sm':>3} {'BMxBNxBK':>12} {'warps':>5} {'instr/weight':>12} {'issue clk':>9} " \
+           f"{'tensor clk':>10} {'issue/tensor':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['kernel']:<10} {r['config']:<14} {r['arch']:>3} {r['BM']:>4}x{r['BN']}x{r['BK']:<4} "
+                     f"{r['warps']:>5} {r['loop_instructions'] / r['weights_per_trip']:>12.2f} "
+                     f"{r['issue_clocks']:>9.0f} {r['tensor_clocks']:>10.0f} {r['issue_over_tensor']:>12.2f}")
+    lines.append("")
+    lines.append("per k-tile of one CTA: issue clk = loop instructions x warps / 4; tensor clk = BM x BN x BK / "
+                 + ", ".join(f"{v} (sm_{a})" for a, v in TENSOR_FMA_PER_SM_CLOCK.items())
+                 + " multiply-adds per clock. Over 1: the weight's dequantization, not the tensor cores, bounds the "
+                 "GEMM (it then cannot match a BF16 GEMM of the same shape).")
+    return "\n".join(lines)
 
 
 def report(rows: list[dict]) -> str:
@@ -246,9 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     p.add_argument("--skip-triton", action="store_true", help="count csrc only")
     p.add_argument("--skip-csrc", action="store_true", help="count Triton only (no nvcc needed)")
+    p.add_argument("--gemm", action="store_true", help="the fused GEMMs' issue time against their tensor-core time "
+                                                      "instead of the decode kernels")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.gemm:
+            rows = gemm_rows(args.arch, work)
+            print(gemm_report(rows))
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+            return 0
         rows = [] if args.skip_csrc else csrc_rows(args.arch, work)
         if not args.skip_triton:
             rows += triton_rows(args.arch, work)

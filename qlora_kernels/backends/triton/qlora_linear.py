@@ -54,6 +54,7 @@ import triton.language as tl
 from ...formats import get_code
 from ..linear_strategy import choose as choose_strategy
 from .._device import sm_count
+from ._common import byte_codes, code_table
 from ._utils import KernelSpec, interpreting, launch_variant, triton_version
 
 # Operand kinds of tl.dot (constexpr values).
@@ -128,13 +129,21 @@ def load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, mask, NESTED: tl
 
 
 @triton.jit
+def tile_code_table(code_ptr, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+    """dequant_tile's `table`: the code table of the warp-shuffle lookup (_common.py) in the
+    layout of a tile's [BN, BK / 2] packed bytes, made once before the kernel's loop."""
+    return code_table(code_ptr, tl.arange(0, BN)[:, None] + tl.arange(0, BK // 2)[None, :], INTERPRET)
+
+
+@triton.jit
 def dequant_tile(
-    packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr,
+    packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table,
     n0, k0, N, K,
     BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
-    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr,
+    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """fp32 [BN, BK] tile of dequant(W) at rows n0.., cols k0.. (k0 a multiple of BK); 0 outside W."""
+    """fp32 [BN, BK] tile of dequant(W) at rows n0.., cols k0.. (k0 a multiple of BK); 0 outside W.
+    table: tile_code_table's (PAIRED tiles look their codes up by warp shuffle on a GPU)."""
     offs_n = n0 + tl.arange(0, BN)
     n_ok = offs_n < N
     row = offs_n.to(tl.int64) * K  # flat index of each row's first element
@@ -150,8 +159,7 @@ def dequant_tile(
             kk = k0 + 2 * tl.arange(0, BK // 2)
             bmask = n_ok[:, None] & (kk < K)[None, :]
             byte = tl.load(packed_ptr + (row[:, None] + kk[None, :]) // 2, mask=bmask, other=0)
-        hi = tl.load(code_ptr + (byte >> 4))
-        lo = tl.load(code_ptr + (byte & 0xF))
+        hi, lo = byte_codes(byte, table, code_ptr, INTERPRET)
         vals = tl.reshape(tl.join(hi, lo), (BN, BK))  # element 2j is the high nibble
     else:
         offs_k = k0 + tl.arange(0, BK)
@@ -327,12 +335,13 @@ def _fwd_kernel(
     if NESTED:
         offset = tl.load(offset_ptr)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    table = tile_code_table(code_ptr, BN, BK, INTERPRET)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
-                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
+        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table, pid_n * BN, k0, N, K,
+                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, INTERPRET)
         acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
     acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
                         scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
@@ -361,12 +370,13 @@ def _dx_kernel(
     if NESTED:
         offset = tl.load(offset_ptr)
     dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    table = tile_code_table(code_ptr, BN, BK, INTERPRET)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         dy = tl.load(dy_rows + offs_n.to(tl.int64)[None, :] * stride_dyn, mask=m_ok[:, None] & (offs_n < N)[None, :], other=0.0)
-        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, n0, pid_k * BK, N, K,
-                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
+        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table, n0, pid_k * BK, N,
+                         K, BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, INTERPRET)
         acc = dot_acc(as_operand(dy, X_KIND, INTERPRET), as_operand(w, X_KIND, INTERPRET), acc, X_KIND)
     if HAS_LORA:
         # s * U @ A: the same epilogue as the forward's, with A [r, K] read as "B^T" of [K, r].

@@ -41,12 +41,14 @@ import triton.language as tl
 from ..launch_counters import launch_counters
 from . import qlora_linear
 from .._device import sm_count
+from ._common import code_table, word_codes
 from ._utils import KernelSpec, interpreting
 from .qlora_linear import (
     _KIND_OF,
     _TYPE_NAME,
     as_operand,
     dequant_tile,
+    tile_code_table,
     dot_acc,
     load_scale,
     lora_and_bias,
@@ -114,59 +116,6 @@ def _finish_tile(
         tl.atomic_add(sync_ptr + 1, -1, sem="relaxed")  # this tile is done with T
 
 
-# The decode path's shifts: element t of a 32-bit word of packed bytes (8 elements, byte j holding
-# elements 2j in its high nibble and 2j + 1 in its low one) sits at bits SHIFT_t .. SHIFT_t + 3.
-@triton.jit
-def _lane_id(like):
-    """This thread's lane in its warp, shaped like `like` (GPU only)."""
-    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _nibble_codes(word, table, code_ptr, INTERPRET: tl.constexpr):
-    """The fp32 codes of the 8 elements of each int32 `word` (element order above), exact.
-
-    GPU: lane l holds code[l % 16] in `table`, and shfl.sync.idx reads the source lane from bits
-    4:0 of its index operand only (PTX ISA, shfl.sync), so the word shifted right to an element's
-    nibble indexes the table directly: bit 4, the next nibble's low bit, picks lanes 16-31, which
-    hold the same 16 codes. One shift and one shuffle per weight, and no memory access: a gather
-    from a table in global memory costs a 64-bit address and an L1 request per nibble, and bank
-    conflicts among the lanes. Interpreter: the same codes by a gather from code_ptr."""
-    if INTERPRET:
-        c0 = tl.load(code_ptr + ((word >> 4) & 15))
-        c1 = tl.load(code_ptr + (word & 15))
-        c2 = tl.load(code_ptr + ((word >> 12) & 15))
-        c3 = tl.load(code_ptr + ((word >> 8) & 15))
-        c4 = tl.load(code_ptr + ((word >> 20) & 15))
-        c5 = tl.load(code_ptr + ((word >> 16) & 15))
-        c6 = tl.load(code_ptr + ((word >> 28) & 15))
-        c7 = tl.load(code_ptr + ((word >> 24) & 15))
-    else:
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 s<7>;
-            shr.u32 s0, $8, 4;
-            shr.u32 s1, $8, 12;
-            shr.u32 s2, $8, 8;
-            shr.u32 s3, $8, 20;
-            shr.u32 s4, $8, 16;
-            shr.u32 s5, $8, 28;
-            shr.u32 s6, $8, 24;
-            shfl.sync.idx.b32 $0, $9, s0, 0x1f, -1;
-            shfl.sync.idx.b32 $1, $9, $8, 0x1f, -1;
-            shfl.sync.idx.b32 $2, $9, s1, 0x1f, -1;
-            shfl.sync.idx.b32 $3, $9, s2, 0x1f, -1;
-            shfl.sync.idx.b32 $4, $9, s3, 0x1f, -1;
-            shfl.sync.idx.b32 $5, $9, s4, 0x1f, -1;
-            shfl.sync.idx.b32 $6, $9, s5, 0x1f, -1;
-            shfl.sync.idx.b32 $7, $9, s6, 0x1f, -1;
-            }
-            """,
-            "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [word, table], dtype=(tl.float32,) * 8, is_pure=False, pack=1)
-    return c0, c1, c2, c3, c4, c5, c6, c7
-
-
 @triton.jit
 def _unpack_pairs(pairs, X_KIND: tl.constexpr):
     """(first, second) fp32 elements of int32 words each holding two bf16 (X_KIND 1) or fp16 values,
@@ -192,7 +141,7 @@ def _decode_sums(
 
     No tensor cores: at M = 1 the dot fills 1/16 of them, and its operands cost more to build than
     the products. Each thread reads 32-bit words of packed bytes, looks the 8 codes up exactly in
-    fp32 (_nibble_codes) and adds code * x by fma; each word's sum is scaled by its block's absmax
+    fp32 (_common.word_codes) and adds code * x by fma; each word's sum is scaled by its block's absmax
     once, into a [BN, BK / 8] accumulator summed over words at the end. Instructions per weight
     (bench/sass_budget.py): one shift (7 of 8), one shuffle and one fma, plus 1/8 for the scale."""
     BKW: tl.constexpr = BK // 8
@@ -209,9 +158,7 @@ def _decode_sums(
         xs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
     else:
         xs = x_ptr + (offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]) * stride_xk  # [BKW, 8]
-    table = tl.zeros((BN, BKW), tl.float32)
-    if not INTERPRET:
-        table = tl.load(code_ptr + (_lane_id(tl.zeros((BN, BKW), tl.int32)) & 15))
+    table = code_table(code_ptr, offs_n[:, None] + offs_w[None, :], INTERPRET)
     offset = 0.0
     if NESTED:
         offset = tl.load(offset_ptr)
@@ -227,7 +174,7 @@ def _decode_sums(
             w_ok = (k0 // 8 + offs_w) < kw
             words = tl.load(words_ptr + k0 // 8, mask=w_ok[None, :], other=0)
             xv = tl.load(xs + x_at, mask=w_ok[:, None], other=0)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(words, table, code_ptr, INTERPRET)
+        c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(words, table, code_ptr, INTERPRET)
         # x[8w + t] for t = 0..7, each [BKW]: split the last axis of [BKW, 2, 2, 2] three times
         # (as pairs, [BKW, 2, 2] of (even, odd) elements).
         if X_PAIRS:
@@ -327,13 +274,14 @@ def _gemv_item(
         if NESTED:
             offset = tl.load(offset_ptr)
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        table = tile_code_table(code_ptr, BN, BK, INTERPRET)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(pid_k * BK, K, BK * SPLIT_K):
             offs_k = k0 + tl.arange(0, BK)
             x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :],
                         other=0.0)
-            w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, pid_n * BN, k0, N, K,
-                             BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED)
+            w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table, pid_n * BN, k0,
+                             N, K, BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, INTERPRET)
             acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
     if SPLIT_K == 1:
         _finish_tile(acc, offs_m, offs_n, t_ptr, b_ptr, bias_ptr, y_ptr, sync_ptr, M, N, R, scale, stride_bn,
