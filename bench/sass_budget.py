@@ -236,7 +236,7 @@ def gemm_rows(arch: int, work: Path) -> list[dict]:
     rows = []
     for spec in tql.compile_specs():
         if not spec.name.endswith("@ints16") or "x=bf16" not in spec.name or "lora=bf16" not in spec.name \
-                or "bs=64" not in spec.name:
+                or "bs=64" not in spec.name or (spec.archs is not None and arch not in spec.archs):
             continue
         constexprs, sass = _triton_sass(spec, arch, work)
         entries = parse_sass(sass)

@@ -684,7 +684,7 @@ def test_tiny_llama_trains_same_on_triton_and_reference():
 # --- compile-gate specs stay in step with the launchers -----------------------------------------
 
 
-def test_compile_specs_match_kernels_and_launch_configs():
+def test_compile_specs_match_kernels_and_launch_configs(monkeypatch):
     """Every spec names each kernel argument once (runtime or constexpr, INTERPRET False), and every
     config the launchers can pick on a GPU has a spec, so the compile gate (sm_80/sm_90, no spills,
     tensor cores) sees everything that ships. The gate itself compiles them (compile_check)."""
@@ -693,23 +693,31 @@ def test_compile_specs_match_kernels_and_launch_configs():
         names = list(getattr(spec.fn, "arg_names"))
         assert sorted(list(spec.signature) + list(spec.constexprs)) == sorted(names), spec.name
         assert spec.constexprs["INTERPRET"] is False, spec.name
-    seen = {(s.fn, s.constexprs["BM"], s.constexprs.get("BN"), s.constexprs.get("BK"), s.num_warps, s.num_stages)
-            for s in specs}
+    # (kernel, tile config, an architecture its specs are compiled for)
+    seen = {(s.fn, s.constexprs["BM"], s.constexprs.get("BN"), s.constexprs.get("BK"), s.num_warps, s.num_stages, a)
+            for s in specs for a in (s.archs or (80, 90))}
     bf, f32 = torch.bfloat16, torch.float32
-    for m in (1, 64, 65, 4096):
-        for xdt, ldt in ((bf, bf), (bf, f32), (f32, f32), (torch.float16, torch.float16)):
-            for shape, bs in (([4096, 4096], 64), ([200, 320], 128), ([64, 321], 64)):
-                for dx, fn in ((False, tql._fwd_kernel), (True, tql._dx_kernel)):
-                    cfg = tql.GPU_CONFIGS if not dx else tql.DX_GPU_CONFIGS
-                    narrow = f32 in (xdt, ldt) or shape[1] % bs != 0
-                    c = cfg[tql.config_name(m, narrow)]
-                    assert (fn, c.BM, c.BN, c.BK, c.num_warps, c.num_stages) in seen, (m, xdt, ldt, shape, dx)
+    monkeypatch.setattr(tql, "interpreting", lambda: False)  # pick_config as on a GPU
+    for major, arch in ((8, 80), (9, 90)):
+        for m in (1, 64, 65, 4096):
+            for xdt, ldt in ((bf, bf), (bf, f32), (f32, f32), (torch.float16, torch.float16)):
+                for shape, bs in (([4096, 4096], 64), ([200, 320], 128), ([64, 321], 64)):
+                    for dx, fn in ((False, tql._fwd_kernel), (True, tql._dx_kernel)):
+                        c = tql.pick_config(m, xdt, ldt, shape, bs, dx=dx, cc_major=major)
+                        assert (fn, c.BM, c.BN, c.BK, c.num_warps, c.num_stages, arch) in seen, (
+                            m, xdt, ldt, shape, dx, arch)
+    # sm_90's large tiles are its own; the older chips keep theirs.
+    assert tql.pick_config(4096, bf, bf, [4096, 4096], 64, cc_major=9) == tql.SM90_CONFIGS["large"]
+    assert tql.pick_config(4096, bf, bf, [4096, 4096], 64, cc_major=8) == tql.GPU_CONFIGS["large"]
+    assert tql.pick_config(4096, bf, bf, [4096, 4096], 64, dx=True, cc_major=9) == tql.SM90_DX_CONFIGS["large"]
     for k, bs in ((4096, 64), (320, 128)):
         sc = tql_small.gpu_config(k, bs)
-        assert (tql_small._small_m_kernel, tql_small.BM, sc.BN, sc.BK, sc.num_warps, sc.num_stages) in seen, (k, bs)
+        assert (tql_small._small_m_kernel, tql_small.BM, sc.BN, sc.BK, sc.num_warps, sc.num_stages, 90) in seen, (k, bs)
+    dc = tql_small.DECODE_GPU_CONFIG
+    assert (tql_small._small_m_kernel, tql_small.BM, dc.BN, dc.BK, dc.num_warps, dc.num_stages, 90) in seen
 
 
-@pytest.mark.parametrize("cfg_name", list(tql.GPU_CONFIGS))
+@pytest.mark.parametrize("cfg_name", list(tql.GPU_CONFIGS) + [f"{n}_sm90" for n in tql.SM90_CONFIGS])
 def test_gpu_tile_configs(cfg_name, poisoned_outputs):
     """The tile configs a GPU launches (BK 32..128: 1..4 scale blocks per tile row at blocksize 32),
     run here through the interpreter: forward and dX GEMMs by the same rule as the default config."""
@@ -719,10 +727,13 @@ def test_gpu_tile_configs(cfg_name, poisoned_outputs):
     args = tql.weight_args(inp.packed, s.absmax, s.nested_absmax, s.nested_code, s.offset, s.quant_type)
     shape = list(s.shape)
     t = tql.lora_down(inp.x, inp.A.t(), tql._KIND_OF[inp.A.dtype])
-    y = tql.fwd_gemm(inp.x, t, args, s.blocksize, shape, inp.B, inp.scale, inp.bias, cfg=tql.GPU_CONFIGS[cfg_name])
+    fwd_cfgs, dx_cfgs = (tql.SM90_CONFIGS, tql.SM90_DX_CONFIGS) if cfg_name.endswith("_sm90") else (
+        tql.GPU_CONFIGS, tql.DX_GPU_CONFIGS)
+    cfg_name = cfg_name.removesuffix("_sm90")
+    y = tql.fwd_gemm(inp.x, t, args, s.blocksize, shape, inp.B, inp.scale, inp.bias, cfg=fwd_cfgs[cfg_name])
     u = tql.lora_down(inp.grad_y, inp.B, tql._KIND_OF[inp.B.dtype])
     dx = tql.dx_gemm(inp.grad_y, u, args, s.blocksize, shape, inp.A, inp.scale, inp.x.dtype,
-                     cfg=tql.DX_GPU_CONFIGS[cfg_name])
+                     cfg=dx_cfgs[cfg_name])
     exact, low = truth(inp), torch_low_precision(inp)
     assert_within_rule([y, dx], low[:2], exact[:2], f"GPU config {cfg_name}")
 

@@ -662,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     _CONFIGS[:] = _config_labels(specs)
 
     archs = list(dict.fromkeys(args.arch))
-    tasks = [(i, a) for i in range(len(specs)) for a in archs]
+    # A spec with `archs` is a config only that architecture family launches (an sm_90 tile shape).
+    tasks = [(i, a) for i in range(len(specs)) for a in archs
+             if getattr(specs[i], "archs", None) is None or a in specs[i].archs]
     jobs = args.jobs if args.jobs > 0 else min(os.cpu_count() or 1, 4)
     print(f"compile-check: triton {triton.__version__}, ptxas {_PTXAS['version']} ({path}), "
           f"{len(specs)} spec(s) x {len(archs)} arch(s), {min(jobs, len(tasks))} job(s)", flush=True)

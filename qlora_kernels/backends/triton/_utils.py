@@ -75,6 +75,9 @@ class KernelSpec:
     # in the PTX to be a positive multiple of this (one trip, or an unrolled few) instead of none:
     # an fma from anywhere else (a libdevice call in the scale decode) breaks the count.
     explicit_fma: int = 0
+    # The compute capabilities whose launches use this config (None: every one the gate compiles
+    # for); the gate compiles it for those only.
+    archs: tuple[int, ...] | None = None
     # At most this many single-byte global loads in the PTX (None: not checked). Set on the
     # launch_variant of kernels that stream packed 4-bit bytes: those must load them in vectors.
     max_byte_loads: int | None = None

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from ...formats import get_code
 from ..linear_strategy import choose as choose_strategy
-from .._device import sm_count
+from .._device import cc_major, sm_count
 from ._common import byte_codes, code_table
 from ._utils import KernelSpec, interpreting, launch_variant, triton_version
 
@@ -402,11 +402,12 @@ class GemmConfig:
 
 
 # GPU configs (H100/A100 class), each in compile_specs() so the compile gate checks it under the
-# pinned triton and the GPU machine's (`python -m qlora_kernels compile-check --kernels qlora_`). The
-# dequantized [BN, BK] tile lives in registers next to the accumulator: BK = 32 keeps the forward
-# under 255 registers with no spills on sm_80 and sm_90 (128x128x64 spilled on both). "narrow"
-# configs serve the register-hungrier variants: fp32 activations or LoRA weights (tf32x3 = three
-# dots) and weight layouts that gather a scale per element (K % blocksize != 0, odd K).
+# pinned triton and the GPU machine's (`python -m qlora_kernels compile-check --kernels qlora_`).
+# "narrow" configs serve the register-hungrier variants: fp32 activations or LoRA weights (tf32x3 =
+# three dots) and weight layouts that gather a scale per element (K % blocksize != 0, odd K).
+# The dequantized [BN, BK] tile lives in registers next to the accumulator: BK = 32 keeps sm_80's
+# mma.sync forward under 255 registers with no spills (BK = 64 spills there). sm_90 (wgmma, whose
+# accumulator takes fewer registers) launches SM90_CONFIGS' "large" instead.
 GPU_CONFIGS = {
     "large": GemmConfig(128, 128, 32, num_warps=8, num_stages=3),
     "medium": GemmConfig(64, 128, 32, num_warps=8, num_stages=3),
@@ -422,6 +423,15 @@ DX_GPU_CONFIGS = {
     "narrow_large": GemmConfig(128, 32, 32, num_warps=8, num_stages=3),
     "narrow_medium": GemmConfig(128, 32, 32, num_warps=8, num_stages=3),
 }
+# sm_90's "large" (M > 64, 16-bit operands), sized by `python bench/sass_budget.py --gemm`: a W
+# tile is dequantized once per CTA and shared by its BM rows, and that work must issue in fewer
+# clocks than the tile's wgmma takes, or the GEMM cannot keep up with a BF16 one. Per k-tile, in
+# tensor-core clocks: forward 128x128x32 1.48x (1.91x when codes were gathered), 128x128x64 1.06x;
+# dX 128x32x128 1.62x, 128x64x128 (2 stages) 1.11x; all at <= 128 registers, so two CTAs share an
+# SM and one's dequantization overlaps the other's wgmma. Wider tiles issue less per weight but
+# take 184-255 registers: one CTA per SM, nothing to overlap with. To be confirmed on an H100.
+SM90_CONFIGS = {"large": GemmConfig(128, 128, 64, num_warps=8, num_stages=3)}
+SM90_DX_CONFIGS = {"large": GemmConfig(128, 64, 128, num_warps=8, num_stages=2)}
 # Interpreter: tiles >= 64 keep numpy fast (DESIGN.md section 4); one config only.
 INTERPRET_CONFIG = GemmConfig(64, 64, 64)
 LORA_DOWN_BM, LORA_DOWN_BL, LORA_DOWN_WARPS = 64, 64, 4
@@ -443,11 +453,15 @@ def config_name(m: int, narrow: bool) -> str:
 
 
 def pick_config(m: int, x_dtype: torch.dtype, lora_dtype: torch.dtype, shape: Sequence[int], blocksize: int,
-                dx: bool = False) -> GemmConfig:
+                dx: bool = False, cc_major: int = 8) -> GemmConfig:
+    """The tile config for M rows; cc_major: the GPU's compute capability major (9: SM90_CONFIGS)."""
     if interpreting():
         return INTERPRET_CONFIG
     narrow = torch.float32 in (x_dtype, lora_dtype) or int(shape[1]) % blocksize != 0
-    return (DX_GPU_CONFIGS if dx else GPU_CONFIGS)[config_name(m, narrow)]
+    name = config_name(m, narrow)
+    if cc_major >= 9 and name in (SM90_DX_CONFIGS if dx else SM90_CONFIGS):
+        return (SM90_DX_CONFIGS if dx else SM90_CONFIGS)[name]
+    return (DX_GPU_CONFIGS if dx else GPU_CONFIGS)[name]
 
 
 def lora_rank_pad(r: int) -> int:
@@ -574,7 +588,7 @@ def fwd_gemm(x, t, packed_args, blocksize, shape, lora_B, scale, bias, cfg: Opti
     """Y = X @ W^T + s*T @ B^T + bias with the tiled kernel."""
     m = x.shape[0]
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or pick_config(m, x.dtype, lora_B.dtype, shape, blocksize)
+    cfg = cfg or pick_config(m, x.dtype, lora_B.dtype, shape, blocksize, cc_major=cc_major(x.device))
     y = empty((m, n), x.dtype, x.device)
     has_lora = t is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
@@ -623,7 +637,7 @@ SMALL_M = 16
 def dx_gemm(dy, u, packed_args, blocksize, shape, lora_A, scale, out_dtype, cfg: Optional[GemmConfig] = None):
     m = dy.shape[0]
     n, k = int(shape[0]), int(shape[1])
-    cfg = cfg or pick_config(m, dy.dtype, lora_A.dtype, shape, blocksize, dx=True)
+    cfg = cfg or pick_config(m, dy.dtype, lora_A.dtype, shape, blocksize, dx=True, cc_major=cc_major(dy.device))
     dx = empty((m, k), out_dtype, dy.device)
     has_lora = u is not None
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(k, cfg.BK),)
@@ -709,7 +723,7 @@ def compile_specs() -> list[KernelSpec]:
     w_sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "ncode_ptr": "*fp32",
              "offset_ptr": "*fp32", "code_ptr": "*fp32"}
 
-    def fwd_spec(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned):
+    def fwd_spec(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned, archs=None):
         xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
         return KernelSpec(
             name=f"qlora_fwd[{cfg_name},x={xt},lora={lt},bs={blocksize},paired={paired},aligned={aligned}]",
@@ -723,10 +737,10 @@ def compile_specs() -> list[KernelSpec]:
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": True, "HAS_BIAS": True,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt], "Y_BF16": xdt == torch.bfloat16,
                         "INTERPRET": False},
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True, exact_fp32=True,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True, exact_fp32=True, archs=archs,
         )
 
-    def dx_spec(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned):
+    def dx_spec(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned, archs=None):
         xt, lt = _TYPE_NAME[xdt], _TYPE_NAME[ldt]
         return KernelSpec(
             name=f"qlora_dx[{cfg_name},x={xt},lora={lt},bs={blocksize},paired={paired},aligned={aligned}]",
@@ -740,7 +754,7 @@ def compile_specs() -> list[KernelSpec]:
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": True,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt], "Y_BF16": xdt == torch.bfloat16,
                         "INTERPRET": False},
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True, exact_fp32=True,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_tensor_cores=True, exact_fp32=True, archs=archs,
         )
 
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
@@ -752,12 +766,17 @@ def compile_specs() -> list[KernelSpec]:
                (bf, f32, 64, True, True), (bf, bf, 64, True, False), (bf, f32, 64, True, False),
                (bf, bf, 64, False, False)],
     }
-    for make, configs in ((fwd_spec, GPU_CONFIGS), (dx_spec, DX_GPU_CONFIGS)):
-        for cfg_name, cfg in configs.items():
+    # Configs sm_90 replaces (SM90_CONFIGS) are compiled for the older chips only, and the
+    # replacements for sm_90 only.
+    pre90 = (80, 86, 89)
+    for make, configs, sm90 in ((fwd_spec, GPU_CONFIGS, SM90_CONFIGS), (dx_spec, DX_GPU_CONFIGS, SM90_DX_CONFIGS)):
+        kinds = [(name, cfg, pre90 if name in sm90 else None) for name, cfg in configs.items()]
+        kinds += [(f"{name}_sm90", cfg, (90,)) for name, cfg in sm90.items()]
+        for cfg_name, cfg, archs in kinds:
             for xdt, ldt, blocksize, paired, aligned in variants[cfg_name.startswith("narrow")]:
                 # As the launchers decide it (paired_decode: even K, and not fp32 on Triton 3.2).
                 paired = paired and paired_decode(2, xdt)
-                spec = make(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned)
+                spec = make(cfg_name, cfg, xdt, ldt, blocksize, paired, aligned, archs)
                 specs.append(spec)
                 if paired and aligned:
                     specs.append(real_shape_variant(spec))
