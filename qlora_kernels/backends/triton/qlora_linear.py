@@ -38,6 +38,8 @@ Where a weight tile's scales come from (flat element index i = n*K + k, block i 
       has no room for the select).
   PAIRED (K even): a tile row's bytes are contiguous and hold (high, low) nibble pairs, joined in
       registers; odd K (rows start mid-byte) gathers each nibble by its flat index.
+The codes of PAIRED tiles are looked up by warp shuffle on a GPU (_common.py: one shift and one
+shuffle per weight, exact) and gathered under the interpreter, which has no lanes: the same values.
 """
 
 from __future__ import annotations

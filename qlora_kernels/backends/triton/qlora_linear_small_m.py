@@ -24,8 +24,15 @@ tiles. Waiting cannot deadlock: only tile finishers wait, for T items, which nev
 lower program ids, so the GPU dispatched them first (the in-order dispatch CUB's single-pass scan
 also relies on); the interpreter runs programs one after another in pid order.
 
-tl.dot needs 16 rows, so M is padded to 16 with masked loads: at M = 1 the tensor cores idle 15/16
-of the time, which costs nothing in a kernel bound by memory and by the dequantization ALU work.
+What a GEMV item does with its share of W:
+  M = 1 (DECODE, where decode_eligible allows): _decode_sums, no tensor cores. A decode step
+      touches each weight once, so the instructions spent per weight, not the bytes, can bound it
+      (bench/sass_budget.py): 3.6 per weight on sm_90 (one shift, one shuffle that looks the code up
+      exactly, one fma; a scale per 8 weights), against about 5.0 an H100 can issue at full HBM
+      bandwidth. The tensor-core tiles spend 8.0 (15.2 with gathered codes), capping M = 1 at 60%
+      of an H100's bandwidth (a third before).
+  M = 2..16: the tensor-core tiles. tl.dot needs 16 rows, so M is padded to 16 with masked loads;
+      the cost per weight does not grow with M, so the tiles win from a few rows on.
 """
 
 from __future__ import annotations
@@ -310,12 +317,14 @@ class SmallMConfig:
     num_stages: int = 4
 
 
-# 32x64 weight tiles, 4 stages: 56-96 registers (the fp32 ones ~130) and 16-31 KB of shared memory
-# per program in the usual layout, so several programs share an SM. 32x128 (3 stages) spilled
-# under triton 3.6 (the GPU machine's) in the split-K and odd-K variants; 64x256 used all 255
-# registers. Blocks crossing rows (K not a multiple of the blocksize) decode two scales per row:
-# with 4 stages that spilled on sm_90 once the T items joined the kernel, so 3 there.
-GPU_CONFIG = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=4)
+# The tensor-core tiles (M = 2..16; M = 1 takes DECODE_GPU_CONFIG): 64x64 weight tiles, 2 stages,
+# 8.0 instructions per weight in the weight loop on sm_90 (bench/sass_budget.py's count; 32x64 with
+# 4 stages: 10.9, most of it per-trip overhead spread over 16 weights per thread), 72 registers in
+# the usual layout, no spills in any variant under triton 3.6 and 3.7. 128x64 spilled 4-24 B in the
+# split-K, fp32 and no-LoRA variants. Blocks crossing rows (K not a multiple of the blocksize) decode
+# two scales per row: with 4 stages that spilled on sm_90 once the T items joined the kernel, so
+# they keep 32x64 with 3 stages.
+GPU_CONFIG = SmallMConfig(BN=64, BK=64, num_warps=4, num_stages=2)
 GPU_CONFIG_BLOCKS_CROSS_ROWS = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=3)
 INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # The M = 1 path (_decode_sums): 256 rows x 128 columns per trip, 256 weights per thread, about
