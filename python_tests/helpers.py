@@ -109,3 +109,21 @@ def graph_and_two_stream_runs(run, x: torch.Tensor, repeats: int = 20):
                 outs.append(run(x))
     torch.cuda.synchronize()
     return eager, static_out, outs
+
+
+def spy_small_m_launches(monkeypatch) -> list:
+    """The DECODE constexpr of every launch of the small-M kernel from now on, in order (the launch
+    itself goes ahead)."""
+    from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
+
+    real, seen = tql_small._small_m_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["DECODE"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
+    return seen

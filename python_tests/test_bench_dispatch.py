@@ -10,6 +10,8 @@ import torch
 from qlora_kernels import backends, bench
 from qlora_kernels.bench import Result
 
+from helpers import spy_small_m_launches
+
 
 def row(op, impl, ms, m=None, shape="4096x4096"):
     return Result(op=op, impl=impl, shape=shape, m=m, dtype="bfloat16", median_ms=ms, p20_ms=ms, p80_ms=ms)
@@ -116,19 +118,8 @@ def test_linear_cases_run_and_time_fp32_adapters_at_their_case(monkeypatch):
 def test_m1_cases_time_the_decode_path_beside_the_tiles(monkeypatch):
     """At M = 1 the triton rows are the op as it runs (the decode path) and "small-M tiles (triton)",
     the same op with the small-M kernel's tensor-core tiles: each launches what its name says."""
-    from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
-
     monkeypatch.setattr(bench, "kernel_backends", lambda device: ["triton"])
-    real, seen = tql_small._small_m_kernel, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["DECODE"])
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
+    seen = spy_small_m_launches(monkeypatch)
     got = {}
     for op, impl, shape, m, dtype, fn, nbytes, flops in bench.linear_cases(torch.device("cpu"), True, [(64, 128)], [1],
                                                                               r=4):

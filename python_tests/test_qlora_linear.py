@@ -23,7 +23,7 @@ from qlora_kernels.backends.triton import qlora_linear as tql
 from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
 
 from conftest import HAS_CUDA
-from helpers import check_counters, guarded_counters
+from helpers import check_counters, guarded_counters, spy_small_m_launches
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # fp32 ulp-level slack: the float64 truth is rounded to fp32 and two fp32 summation orders may
@@ -298,17 +298,7 @@ def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
     assert not tql_small.decode_eligible(1, 96, 320 + 16, 64, packed)   # K % 32, K % blocksize
     assert not tql_small.decode_eligible(1, 96, 320, 64, packed.reshape(-1)[1:])  # bytes not 4-byte aligned
     assert not tql_small.decode_eligible(1, 2**31 // 4, 256, 64, packed)  # block indices past int32
-    seen = []
-    real = tql_small._small_m_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["DECODE"])
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
+    seen = spy_small_m_launches(monkeypatch)
     y_auto, _, _ = _small_m(inp, monkeypatch)
     y_tiles, _, _ = _small_m(inp, monkeypatch, decode=False)
     with tql_small.decode_path(False):  # the bench's side-by-side switch

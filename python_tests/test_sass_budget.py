@@ -73,22 +73,27 @@ def test_ceiling_is_the_tighter_of_issue_and_shuffles():
     assert row["bandwidth_ceiling_H100 SXM"] == pytest.approx(0.5, abs=0.005)  # the issue binds
 
 
+def _triton_rows(tmp_path, *args) -> list[dict]:
+    """sass_budget.py's JSON rows for sm_90 with `args`, run in a process of its own: this one runs
+    Triton as the interpreter (conftest.py), which cannot compile for a GPU."""
+    try:
+        sass_budget._nvdisasm()
+    except FileNotFoundError as e:
+        pytest.skip(f"disassembling needs nvdisasm: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_budget.py"), "--arch", "90", *args,
+                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
 def test_triton_decode_path_fits_the_budgets(tmp_path):
     """The M = 1 path of the Triton small-M kernel, compiled for sm_90 as it runs on a model's
     shapes, spends at most 90% of the H100's issue budget and of its shuffle budget per weight in
     its weight loop (one shuffle per weight looks the codes up), while the tensor-core tiles of the
     same kernel, the path that M = 2..16 take, stay far over it (the reason the decode path exists)."""
-    try:
-        sass_budget._nvdisasm()
-    except FileNotFoundError as e:
-        pytest.skip(f"disassembling needs nvdisasm: {e}")
-    # Compiled in a process of its own: this one runs Triton as the interpreter (conftest.py).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_budget.py"), "--arch", "90", "--skip-csrc",
-                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = {r["decode"]: r for r in json.loads(out.read_text())}
+    rows = {r["decode"]: r for r in _triton_rows(tmp_path, "--skip-csrc")}
     assert set(rows) == {True, False}
     decode, tiles = rows[True], rows[False]
     assert decode["shuffles"] == decode["weights_per_trip"], decode  # one lookup per weight, no reduction shuffles
@@ -122,16 +127,7 @@ def test_sm90_gemm_tiles_issue_within_their_tensor_core_time(tmp_path):
     dequantization and bookkeeping in at most 1.2x the clocks its wgmma takes (1.06x forward, 1.10x
     dX when written; the 128x128x32 forward tile the older chips run takes 1.48x, and took 1.91x
     with gathered codes): the issue-bound share that keeps them from matching a BF16 GEMM."""
-    try:
-        sass_budget._nvdisasm()
-    except FileNotFoundError as e:
-        pytest.skip(f"disassembling needs nvdisasm: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_budget.py"), "--gemm", "--arch", "90",
-                           "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = {(r["kernel"], r["config"]): r for r in json.loads(out.read_text())}
+    rows = {(r["kernel"], r["config"]): r for r in _triton_rows(tmp_path, "--gemm")}
     for kernel in ("qlora_fwd", "qlora_dx"):
         r = rows[(kernel, "large_sm90")]
         assert r["issue_over_tensor"] <= 1.2, r

@@ -85,6 +85,45 @@ def code_table(code_ptr, like, INTERPRET: tl.constexpr):
     return table
 
 
+# The asm of both lookups: $8 is the packed word, $9 its lane's table entry; s0..s6 the word
+# shifted to each nibble but the lowest (element order above: shift 4 is byte 0's high nibble).
+_SHIFTS = """
+            {
+            .reg .b32 s<7>;
+            shr.u32 s0, $8, 4;
+            shr.u32 s1, $8, 12;
+            shr.u32 s2, $8, 8;
+            shr.u32 s3, $8, 20;
+            shr.u32 s4, $8, 16;
+            shr.u32 s5, $8, 28;
+            shr.u32 s6, $8, 24;
+"""
+# Outputs $0..$7 = elements 0..7 of the word.
+_WORD_ASM: tl.constexpr = tl.constexpr(_SHIFTS + """
+            shfl.sync.idx.b32 $0, $9, s0, 0x1f, -1;
+            shfl.sync.idx.b32 $1, $9, $8, 0x1f, -1;
+            shfl.sync.idx.b32 $2, $9, s1, 0x1f, -1;
+            shfl.sync.idx.b32 $3, $9, s2, 0x1f, -1;
+            shfl.sync.idx.b32 $4, $9, s3, 0x1f, -1;
+            shfl.sync.idx.b32 $5, $9, s4, 0x1f, -1;
+            shfl.sync.idx.b32 $6, $9, s5, 0x1f, -1;
+            shfl.sync.idx.b32 $7, $9, s6, 0x1f, -1;
+            }
+""")
+# Outputs $0..$3 = the high nibbles of bytes 0..3, $4..$7 = their low nibbles.
+_BYTE_ASM: tl.constexpr = tl.constexpr(_SHIFTS + """
+            shfl.sync.idx.b32 $0, $9, s0, 0x1f, -1;
+            shfl.sync.idx.b32 $1, $9, s1, 0x1f, -1;
+            shfl.sync.idx.b32 $2, $9, s3, 0x1f, -1;
+            shfl.sync.idx.b32 $3, $9, s5, 0x1f, -1;
+            shfl.sync.idx.b32 $4, $9, $8, 0x1f, -1;
+            shfl.sync.idx.b32 $5, $9, s2, 0x1f, -1;
+            shfl.sync.idx.b32 $6, $9, s4, 0x1f, -1;
+            shfl.sync.idx.b32 $7, $9, s6, 0x1f, -1;
+            }
+""")
+
+
 @triton.jit
 def word_codes(word, table, code_ptr, INTERPRET: tl.constexpr):
     """The fp32 codes of the 8 elements of each int32 `word` of packed bytes (element order above)."""
@@ -99,27 +138,7 @@ def word_codes(word, table, code_ptr, INTERPRET: tl.constexpr):
         c7 = tl.load(code_ptr + ((word >> 24) & 15))
     else:
         c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 s<7>;
-            shr.u32 s0, $8, 4;
-            shr.u32 s1, $8, 12;
-            shr.u32 s2, $8, 8;
-            shr.u32 s3, $8, 20;
-            shr.u32 s4, $8, 16;
-            shr.u32 s5, $8, 28;
-            shr.u32 s6, $8, 24;
-            shfl.sync.idx.b32 $0, $9, s0, 0x1f, -1;
-            shfl.sync.idx.b32 $1, $9, $8, 0x1f, -1;
-            shfl.sync.idx.b32 $2, $9, s1, 0x1f, -1;
-            shfl.sync.idx.b32 $3, $9, s2, 0x1f, -1;
-            shfl.sync.idx.b32 $4, $9, s3, 0x1f, -1;
-            shfl.sync.idx.b32 $5, $9, s4, 0x1f, -1;
-            shfl.sync.idx.b32 $6, $9, s5, 0x1f, -1;
-            shfl.sync.idx.b32 $7, $9, s6, 0x1f, -1;
-            }
-            """,
-            "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [word, table], dtype=(tl.float32,) * 8, is_pure=False, pack=1)
+            _WORD_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [word, table], dtype=(tl.float32,) * 8, is_pure=False, pack=1)
     return c0, c1, c2, c3, c4, c5, c6, c7
 
 
@@ -134,26 +153,6 @@ def byte_codes(byte, table, code_ptr, INTERPRET: tl.constexpr):
         lo = tl.load(code_ptr + (byte & 0xF))
     else:
         hi, lo = tl.inline_asm_elementwise(
-            """
-            {
-            .reg .b32 s<7>;
-            shr.u32 s0, $8, 4;
-            shr.u32 s1, $8, 12;
-            shr.u32 s2, $8, 8;
-            shr.u32 s3, $8, 20;
-            shr.u32 s4, $8, 16;
-            shr.u32 s5, $8, 28;
-            shr.u32 s6, $8, 24;
-            shfl.sync.idx.b32 $0, $9, s0, 0x1f, -1;
-            shfl.sync.idx.b32 $1, $9, s1, 0x1f, -1;
-            shfl.sync.idx.b32 $2, $9, s3, 0x1f, -1;
-            shfl.sync.idx.b32 $3, $9, s5, 0x1f, -1;
-            shfl.sync.idx.b32 $4, $9, $8, 0x1f, -1;
-            shfl.sync.idx.b32 $5, $9, s2, 0x1f, -1;
-            shfl.sync.idx.b32 $6, $9, s4, 0x1f, -1;
-            shfl.sync.idx.b32 $7, $9, s6, 0x1f, -1;
-            }
-            """,
-            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [byte, table], dtype=(tl.float32, tl.float32), is_pure=False,
-            pack=4)
+            _BYTE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [byte, table], dtype=(tl.float32, tl.float32),
+            is_pure=False, pack=4)
     return hi, lo

@@ -202,6 +202,32 @@ def dequant_tile(
 
 
 @triton.jit
+def x_wt_tiles(
+    acc, x_ptr, offs_m, M, stride_xm, stride_xk, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
+    n0, k_start, k_step, N, K,
+    BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr, NSB: tl.constexpr,
+    NESTED: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr, X_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """acc [rows, BN] + X[offs_m, k] @ dequant(W)[n0 .., k]^T over the BK-wide k-tiles at k_start,
+    k_start + k_step, ... (< K): the forward GEMM's loop and the small-M kernel's tiles."""
+    m_ok = offs_m < M
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    table = tile_code_table(code_ptr, BN, BK, INTERPRET)
+    for k0 in range(k_start, K, k_step):
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table, n0, k0, N, K,
+                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, INTERPRET)
+        acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
+    return acc
+
+
+@triton.jit
 def lora_up(acc, t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br, scale,
             RP: tl.constexpr, L_KIND: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + (s * T[offs_m, :R]) @ B[offs_n, :R]^T, r padded to RP (a power of two >= 16).
@@ -333,18 +359,9 @@ def _fwd_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_ok = offs_m < M
-    offset = 0.0
-    if NESTED:
-        offset = tl.load(offset_ptr)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    table = tile_code_table(code_ptr, BN, BK, INTERPRET)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table, pid_n * BN, k0, N, K,
-                         BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, INTERPRET)
-        acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
+    acc = x_wt_tiles(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, offs_m, M, stride_xm, stride_xk, packed_ptr,
+                     absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr, pid_n * BN, 0, BK, N, K,
+                     BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, X_KIND, INTERPRET)
     acc = lora_and_bias(acc, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_bn, stride_br,
                         scale, RP, L_KIND, HAS_LORA, HAS_BIAS, INTERPRET)
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]

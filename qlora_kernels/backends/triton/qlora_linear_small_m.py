@@ -53,10 +53,6 @@ from ._utils import KernelSpec, interpreting
 from .qlora_linear import (
     _KIND_OF,
     _TYPE_NAME,
-    as_operand,
-    dequant_tile,
-    tile_code_table,
-    dot_acc,
     load_scale,
     lora_and_bias,
     lora_down_range,
@@ -64,6 +60,7 @@ from .qlora_linear import (
     paired_decode,
     store_out,
     weight_layout,
+    x_wt_tiles,
 )
 
 BM = 16
@@ -155,7 +152,6 @@ def _decode_sums(
     WPB: tl.constexpr = BLOCKSIZE // 8  # words per block
     NSB: tl.constexpr = BK // BLOCKSIZE if BK > BLOCKSIZE else 1
     offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
     rows = tl.minimum(offs_n, N - 1)  # the tail tile re-reads row N - 1 (never stored): no masks
     offs_w = tl.arange(0, BKW)
     kw = (K // 32) * 4  # words per row, written so the compiler sees a multiple of 4 (16-byte loads)
@@ -277,19 +273,9 @@ def _gemv_item(
                            N, K, stride_xk, BM, BN, BK, SPLIT_K, BLOCKSIZE, NESTED, EVEN_K, X_PAIRS, X_KIND,
                            INTERPRET)
     else:
-        offset = 0.0
-        if NESTED:
-            offset = tl.load(offset_ptr)
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        table = tile_code_table(code_ptr, BN, BK, INTERPRET)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-            offs_k = k0 + tl.arange(0, BK)
-            x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k < K)[None, :],
-                        other=0.0)
-            w = dequant_tile(packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset, code_ptr, table, pid_n * BN, k0,
-                             N, K, BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, INTERPRET)
-            acc = dot_acc(as_operand(x, X_KIND, INTERPRET), tl.trans(as_operand(w, X_KIND, INTERPRET)), acc, X_KIND)
+        acc = x_wt_tiles(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, offs_m, M, stride_xm, stride_xk, packed_ptr,
+                         absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr, pid_n * BN, pid_k * BK, BK * SPLIT_K,
+                         N, K, BN, BK, BLOCKSIZE, NSB, NESTED, PAIRED, ALIGNED, X_KIND, INTERPRET)
     if SPLIT_K == 1:
         _finish_tile(acc, offs_m, offs_n, t_ptr, b_ptr, bias_ptr, y_ptr, sync_ptr, M, N, R, scale, stride_bn,
                      stride_br, stride_ym, RP, HAS_LORA, HAS_BIAS, L_KIND, Y_BF16, INTERPRET)
