@@ -29,8 +29,8 @@ What a GEMV item does with its share of W:
       touches each weight once, so the instructions spent per weight, not the bytes, can bound it
       (bench/sass_budget.py): 3.6 per weight on sm_90 (one shift, one shuffle that looks the code up
       exactly, one fma; a scale per 8 weights), against about 5.0 an H100 can issue at full HBM
-      bandwidth. The tensor-core tiles spend 8.0 (15.2 with gathered codes), capping M = 1 at 60%
-      of an H100's bandwidth (a third before).
+      bandwidth. The tensor-core tiles spend 8.0 (15.2 with gathered codes), which would cap M = 1
+      at 62% of an H100's bandwidth (33% before).
   M = 2..16: the tensor-core tiles. tl.dot needs 16 rows, so M is padded to 16 with masked loads;
       the cost per weight does not grow with M, so the tiles win from a few rows on.
 """
@@ -240,13 +240,13 @@ def _small_m_kernel(
                        code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                        stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
                        NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, DECODE, EVEN_K, X_PAIRS, X_KIND, B_KIND, Y_BF16,
-                       INTERPRET)
+                   INTERPRET)
     else:
         _gemv_item(pid, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
                    code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                    stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
                    NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, DECODE, EVEN_K, X_PAIRS, X_KIND, B_KIND, Y_BF16,
-                       INTERPRET)
+                   INTERPRET)
 
 
 @triton.jit
@@ -313,9 +313,10 @@ class SmallMConfig:
 GPU_CONFIG = SmallMConfig(BN=64, BK=64, num_warps=4, num_stages=2)
 GPU_CONFIG_BLOCKS_CROSS_ROWS = SmallMConfig(BN=32, BK=64, num_warps=4, num_stages=3)
 INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
-# The M = 1 path (_decode_sums): 256 rows x 128 columns per trip, 256 weights per thread, about
-# 128 registers, no shared memory, so four programs fit an SM. Triton's pipeliner leaves these
-# loads alone (nothing feeds a dot), so num_stages only matters to the epilogue.
+# The M = 1 path (_decode_sums): 256 rows x 128 columns per trip, 256 weights per thread, 128-168
+# registers (the LoRA epilogue's tl.dot sets the top), little shared memory, so three or four
+# programs fit an SM. Triton's pipeliner leaves these loads alone (nothing feeds a dot), so
+# num_stages only matters to the epilogue; occupancy hides the loads' latency.
 DECODE_GPU_CONFIG = SmallMConfig(BN=256, BK=128, num_warps=4, num_stages=1)
 DECODE_INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # Programs wanted in flight: enough per SM to keep loads outstanding while others dequantize.
