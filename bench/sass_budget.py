@@ -203,7 +203,7 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
         if not spec.name.endswith("@ints16") or "x=bf16" not in spec.name or "split=1" not in spec.name \
                 or "bs=64" not in spec.name or "lora=bf16" not in spec.name:
             continue
-        decode = bool(spec.constexprs["DECODE"])
+        decode = int(spec.constexprs["DECODE"])  # rows of the decode path; 0: the tensor-core tiles
         constexprs, sass = _triton_sass(spec, arch, work)
         # The weight loop of the tensor-core tiles: HMMA fed with freshly dequantized bf16 (F2FP
         # packs them; the LoRA down-projection's loop of the same kernel has HMMA but no F2FP). Of
@@ -213,7 +213,7 @@ def triton_rows(arch: int, work: Path) -> list[dict]:
         if loop is None:
             raise RuntimeError(f"no loop with {' and '.join(want)} in {spec.name}")
         per_trip = constexprs["BN"] * constexprs["BK"] // (32 * spec.num_warps)
-        rows.append({"kernel": "triton small-M decode path" if decode else "triton small-M tensor-core tiles",
+        rows.append({"kernel": f"triton small-M decode path, M={decode}" if decode else "triton small-M tensor-core tiles",
                      "spec": spec.name, "decode": decode, "x": "bf16", "blocksize": "64", "nested": bool(constexprs["NESTED"]),
                      "arch": arch, "loop_instructions": loop.size, "weights_per_trip": per_trip,
                      "shuffles": loop.ops.get("SHFL", 0), "ops": dict(loop.ops.most_common(8))})

@@ -9,6 +9,7 @@ weights' dtype, as bitsandbytes + PEFT do), plus a tiny atol (ATOL_REL of the ou
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -265,25 +266,35 @@ DECODE_CASES = [
     (Case((1,), 72, 1024, 8, blocksize=512, quant_type="fp4", bias=False), tql_small.DECODE_GPU_CONFIG, 16),
     (Case((1,), 100, 192, 8, nested=False, ldt=torch.float32), tql_small.SmallMConfig(BN=32, BK=128), 1),
     (Case((1,), 64, 320, 16, sliced=True), None, 2),
+    # M = 2: both rows from one lookup per weight
+    (Case((2,), 200, 320, 16), None, 1),
+    (Case((2,), 130, 448, 16, blocksize=32, ldt=torch.float32), tql_small.SmallMConfig(BN=64, BK=128), 3),
+    (Case((2,), 96, 512, 8, blocksize=128, xdt=torch.float32, ldt=torch.float32), tql_small.DECODE_GPU_CONFIG_M2, 2),
+    (Case((2,), 72, 256, 4, xdt=torch.float16, ldt=torch.float16, quant_type="fp4", nested=False), None, 4),
+    (Case((2,), 64, 320, 16, sliced=True), None, 2),
 ]
 
 
 @pytest.mark.parametrize("case,cfg,split_k", DECODE_CASES, ids=lambda v: str(v) if isinstance(v, Case) else None)
 def test_decode_path_matches_the_rule(case, cfg, split_k, poisoned_outputs, monkeypatch):
-    """The M = 1 path of the small-M kernel (_decode_sums: codes looked up exactly in fp32, one
-    scale per word, no tensor cores) by the rule, with T and the LoRA term from the same launch
+    """The decode path of the small-M kernel (_decode_sums, M <= 2: codes looked up exactly in fp32,
+    one scale per word, no tensor cores) by the rule, with T and the LoRA term from the same launch
     and every counter back to zero."""
     inp = make_inputs(case)
     if inp.bias is not None:
         inp.bias = inp.bias.contiguous()  # as qlora_linear_fwd hands it over (the kernels index bias densely)
     packed = inp.packed
-    assert tql_small.decode_eligible(1, case.N, case.K, case.blocksize, packed)
+    assert tql_small.decode_eligible(case.lead[0], case.N, case.K, case.blocksize, packed)
     assert tql_small.x_pairs(inp.x) == (case.xdt != torch.float32 and not case.sliced)
     y, t, given = _small_m(inp, monkeypatch, split_k=split_k, cfg=cfg, decode=True)
     assert_within_rule([y], [torch_low_precision(inp)[0]], [truth(inp)[0]], f"decode {case} split {split_k}")
     want_t = inp.x.double() @ inp.A.double().t()
     torch.testing.assert_close(t.double(), want_t, rtol=1e-5, atol=1e-5 * want_t.abs().max().item())
     check_counters(given, 1)
+    if case.lead[0] == 2:  # each row as it would come alone: the rows do not mix
+        y0, _, _ = _small_m(dataclasses.replace(inp, x=inp.x[:1]), monkeypatch, split_k=split_k, cfg=cfg,
+                            decode=True)
+        torch.testing.assert_close(y[:1], y0, rtol=0, atol=0)
 
 
 def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
@@ -292,8 +303,8 @@ def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
     naming why; decode=False forces the tiles, which agree with the decode path by the rule."""
     inp = make_inputs(Case((1,), 96, 320, 16))
     packed = inp.packed
-    assert tql_small.decode_eligible(1, 96, 320, 64, packed)
-    assert not tql_small.decode_eligible(2, 96, 320, 64, packed)        # M > 1
+    assert tql_small.decode_eligible(1, 96, 320, 64, packed) and tql_small.decode_eligible(2, 96, 320, 64, packed)
+    assert not tql_small.decode_eligible(3, 96, 320, 64, packed)        # M > DECODE_MAX_M
     assert not tql_small.decode_eligible(1, 96, 336, 16 * 3, packed)    # K % blocksize
     assert not tql_small.decode_eligible(1, 96, 320 + 16, 64, packed)   # K % 32, K % blocksize
     assert not tql_small.decode_eligible(1, 96, 320, 64, packed.reshape(-1)[1:])  # bytes not 4-byte aligned
@@ -306,15 +317,20 @@ def test_decode_path_only_where_it_can_run(poisoned_outputs, monkeypatch):
         with tql_small.decode_path(True):
             _small_m(inp, monkeypatch)
     _small_m(inp, monkeypatch)
-    assert seen == [True, False, False, True, True]
+    assert seen == [1, 0, 0, 1, 1]
     exact, low = truth(inp)[0], torch_low_precision(inp)[0]
     assert_within_rule([y_auto], [low], [exact], "decode=None")
     assert_within_rule([y_tiles], [low], [exact], "decode=False")
-    two = make_inputs(Case((2,), 96, 320, 16))
-    with pytest.raises(ValueError, match="M = 1"):
-        _small_m(two, monkeypatch, decode=True)
-    _small_m(two, monkeypatch)  # M = 2 without the flag: the tiles, no error
-    assert seen[-1] is False
+    three = make_inputs(Case((3,), 96, 320, 16))
+    with pytest.raises(ValueError, match="M <= 2"):
+        _small_m(three, monkeypatch, decode=True)
+    _small_m(three, monkeypatch)  # M = 3 without the flag: the tiles, no error
+    assert seen[-1] == 0
+    _small_m(make_inputs(Case((2,), 96, 320, 16)), monkeypatch)
+    assert seen[-1] == 2  # DECODE carries the rows
+    # x rows an odd number of elements apart cannot be read as pairs
+    odd = torch.zeros(2, 321, dtype=torch.bfloat16)[:, :320]
+    assert not tql_small.x_pairs(odd) and tql_small.x_pairs(odd[:1])
 
 
 def test_decode_forward_is_one_kernel_launch(monkeypatch):
@@ -703,8 +719,8 @@ def test_compile_specs_match_kernels_and_launch_configs(monkeypatch):
     for k, bs in ((4096, 64), (320, 128)):
         sc = tql_small.gpu_config(k, bs)
         assert (tql_small._small_m_kernel, tql_small.BM, sc.BN, sc.BK, sc.num_warps, sc.num_stages, 90) in seen, (k, bs)
-    dc = tql_small.DECODE_GPU_CONFIG
-    assert (tql_small._small_m_kernel, tql_small.BM, dc.BN, dc.BK, dc.num_warps, dc.num_stages, 90) in seen
+    for dc in (tql_small.DECODE_GPU_CONFIG, tql_small.DECODE_GPU_CONFIG_M2):
+        assert (tql_small._small_m_kernel, tql_small.BM, dc.BN, dc.BK, dc.num_warps, dc.num_stages, 90) in seen
 
 
 @pytest.mark.parametrize("cfg_name", list(tql.GPU_CONFIGS) + [f"{n}_sm90" for n in tql.SM90_CONFIGS])

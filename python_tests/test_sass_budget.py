@@ -89,17 +89,22 @@ def _triton_rows(tmp_path, *args) -> list[dict]:
 
 
 def test_triton_decode_path_fits_the_budgets(tmp_path):
-    """The M = 1 path of the Triton small-M kernel, compiled for sm_90 as it runs on a model's
-    shapes, spends at most 90% of the H100's issue budget and of its shuffle budget per weight in
-    its weight loop (one shuffle per weight looks the codes up), while the tensor-core tiles of the
-    same kernel, the path that M = 2..16 take, stay far over it (the reason the decode path exists)."""
+    """The decode path of the Triton small-M kernel, compiled for sm_90 as it runs on a model's
+    shapes, spends at most 90% of the H100's issue budget per weight at M = 1 (at M = 2, one fma a
+    weight more, at most 110%) and at most 90% of its shuffle budget (one shuffle per weight looks
+    the code up for both rows), under what the tensor-core tiles of the same kernel, the path that
+    M = 3..16 take, spend: they stay over the budget (the reason the decode path exists)."""
     rows = {r["decode"]: r for r in _triton_rows(tmp_path, "--skip-csrc")}
-    assert set(rows) == {True, False}
-    decode, tiles = rows[True], rows[False]
-    assert decode["shuffles"] == decode["weights_per_trip"], decode  # one lookup per weight, no reduction shuffles
-    ipw = decode["loop_instructions"] / decode["weights_per_trip"]
-    assert ipw <= 0.9 * sass_budget.issue_budget("H100 SXM"), f"{decode}: {ipw:.2f} instructions per weight"
-    assert decode["shuffles"] / decode["weights_per_trip"] <= 0.9 * sass_budget.shuffle_budget("H100 SXM")
+    assert set(rows) == {0, 1, 2}  # the tiles, the decode path at M = 1 and at M = 2
+    tiles = rows[0]
+    for m in (1, 2):
+        decode = rows[m]
+        assert decode["shuffles"] == decode["weights_per_trip"], decode  # one lookup per weight, shared by the rows
+        ipw = decode["loop_instructions"] / decode["weights_per_trip"]
+        limit = 0.9 * sass_budget.issue_budget("H100 SXM") if m == 1 else 1.1 * sass_budget.issue_budget("H100 SXM")
+        assert ipw <= limit, f"M={m} {decode}: {ipw:.2f} instructions per weight > {limit:.2f}"
+        assert decode["shuffles"] / decode["weights_per_trip"] <= 0.9 * sass_budget.shuffle_budget("H100 SXM")
+        assert ipw < tiles["loop_instructions"] / tiles["weights_per_trip"]
     assert tiles["loop_instructions"] / tiles["weights_per_trip"] > sass_budget.issue_budget("H100 SXM")
 
 

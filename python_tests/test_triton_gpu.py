@@ -107,10 +107,10 @@ def test_decode_kernel_under_cuda_graph_and_two_streams():
 @pytest.mark.parametrize("xdt,blocksize,quant_type", [(torch.bfloat16, 64, "nf4"), (torch.float16, 32, "fp4"),
                                                       (torch.float32, 128, "nf4")], ids=str)
 def test_decode_path_on_gpu(xdt, blocksize, quant_type):
-    """The M = 1 path (warp-shuffle code lookup, compiled only on a GPU: the interpreter runs a
-    gather in its place) against float64 and against the tensor-core tiles on the same input: both
+    """The decode path (M <= 2; warp-shuffle code lookup, compiled only on a GPU: the interpreter runs
+    a gather in its place) against float64 and against the tensor-core tiles on the same input: both
     within the rounding of Y (the tiles: the bound of the test above), 50 launches bit-identical,
-    strided x too."""
+    strided x and two rows too."""
     from qlora_kernels.backends.triton import qlora_linear as tql
     from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
 
@@ -124,8 +124,9 @@ def test_decode_path_on_gpu(xdt, blocksize, quant_type):
     args = tql.weight_args(packed, st.absmax, st.nested_absmax, st.nested_code, st.offset, st.quant_type)
     with qk.use_backend("reference"):
         wd = qk.dequantize_4bit(packed, st, torch.float32).double()
-    for x in (wide[:, :k], wide[:, ::2]):
-        assert tql_small.decode_eligible(1, n, k, blocksize, packed)
+    two_rows = torch.randn(2, k, device="cuda", generator=g).to(xdt)
+    for x in (wide[:, :k], wide[:, ::2], two_rows):
+        assert tql_small.decode_eligible(x.shape[0], n, k, blocksize, packed)
         runs = [tql_small.small_m_fwd(x, None, a, args, blocksize, [n, k], b, 2.0, None, decode=True)[0]
                 for _ in range(50)]
         tiles = tql_small.small_m_fwd(x, None, a, args, blocksize, [n, k], b, 2.0, None, decode=False)[0]

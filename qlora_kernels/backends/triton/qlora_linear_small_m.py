@@ -25,14 +25,15 @@ lower program ids, so the GPU dispatched them first (the in-order dispatch CUB's
 also relies on); the interpreter runs programs one after another in pid order.
 
 What a GEMV item does with its share of W:
-  M = 1 (DECODE, where decode_eligible allows): _decode_sums, no tensor cores. A decode step
+  M <= 2 (DECODE = M, where decode_eligible allows): _decode_sums, no tensor cores. A decode step
       touches each weight once, so the instructions spent per weight, not the bytes, can bound it
-      (bench/sass_budget.py): 3.6 per weight on sm_90 (one shift, one shuffle that looks the code up
-      exactly, one fma; a scale per 8 weights), against about 5.0 an H100 can issue at full HBM
-      bandwidth. The tensor-core tiles spend 8.0 (15.2 with gathered codes), which would cap M = 1
-      at 62% of an H100's bandwidth (33% before).
-  M = 2..16: the tensor-core tiles. tl.dot needs 16 rows, so M is padded to 16 with masked loads;
-      the cost per weight does not grow with M, so the tiles win from a few rows on.
+      (bench/sass_budget.py): on sm_90, 3.6 per weight at M = 1 (one shift, one shuffle that looks
+      the code up exactly, one fma; a scale per 8 weights) and 5.2 at M = 2, against about 5.0 an
+      H100 can issue at full HBM bandwidth. The tensor-core tiles spend 8.0 (15.2 with gathered
+      codes), which would cap M = 1 and 2 at 62% of an H100's bandwidth (33% before).
+  M = 3..16: the tensor-core tiles. tl.dot needs 16 rows, so M is padded to 16 with masked loads;
+      the cost per weight does not grow with M, so from M = 3 the tiles spend less than the decode
+      path would (an fma per weight and row).
 """
 
 from __future__ import annotations
@@ -135,19 +136,22 @@ def _unpack_pairs(pairs, X_KIND: tl.constexpr):
 
 @triton.jit
 def _decode_sums(
-    pid_n, pid_k, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr, N, K, stride_xk,
+    pid_n, pid_k, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr, N, K,
+    stride_xm, stride_xk,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, X_KIND: tl.constexpr,
+    NESTED: tl.constexpr, EVEN_K: tl.constexpr, X_PAIRS: tl.constexpr, X_KIND: tl.constexpr, MB: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """[BM, BN] fp32: row 0 = x[0, split's K range] @ dequant(W)[tile rows]^T, other rows 0. M = 1,
-    K a multiple of 32 and of the blocksize, packed 4-byte aligned (small_m_fwd checks).
+    """[BM, BN] fp32: rows r < MB = x[r, split's K range] @ dequant(W)[tile rows]^T, other rows 0.
+    M = MB (1 or 2), K a multiple of 32 and of the blocksize, packed 4-byte aligned (small_m_fwd
+    checks).
 
     No tensor cores: at M = 1 the dot fills 1/16 of them, and its operands cost more to build than
     the products. Each thread reads 32-bit words of packed bytes, looks the 8 codes up exactly in
     fp32 (_common.word_codes) and adds code * x by fma; each word's sum is scaled by its block's absmax
-    once, into a [BN, BK / 8] accumulator summed over words at the end. Instructions per weight
-    (bench/sass_budget.py): one shift (7 of 8), one shuffle and one fma, plus 1/8 for the scale."""
+    once, into a [BN, BK / 8] accumulator per row, summed over words at the end. Instructions per
+    weight (bench/sass_budget.py): one shift (7 of 8) and one shuffle, then per row one fma and 1/8
+    for the scale."""
     BKW: tl.constexpr = BK // 8
     WPB: tl.constexpr = BLOCKSIZE // 8  # words per block
     NSB: tl.constexpr = BK // BLOCKSIZE if BK > BLOCKSIZE else 1
@@ -167,39 +171,15 @@ def _decode_sums(
         offset = tl.load(offset_ptr)
     blk_row = rows * (K // BLOCKSIZE)  # int32: small_m_fwd checks that the block count fits
     all_rows = tl.full((BN,), 1, tl.int1)  # rows are clamped: every scale load is in bounds
-    acc = tl.zeros((BN, BKW), dtype=tl.float32)
+    acc0 = tl.zeros((BN, BKW), dtype=tl.float32)
+    acc1 = tl.zeros((BN, BKW), dtype=tl.float32)  # row 1 (MB = 2)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x_at = k0 // 2 if X_PAIRS else k0 * stride_xk
         if EVEN_K:
             words = tl.load(words_ptr + k0 // 8)
-            xv = tl.load(xs + x_at)
         else:
             w_ok = (k0 // 8 + offs_w) < kw
             words = tl.load(words_ptr + k0 // 8, mask=w_ok[None, :], other=0)
-            xv = tl.load(xs + x_at, mask=w_ok[:, None], other=0)
         c0, c1, c2, c3, c4, c5, c6, c7 = word_codes(words, table, code_ptr, INTERPRET)
-        # x[8w + t] for t = 0..7, each [BKW]: split the last axis of [BKW, 2, 2, 2] three times
-        # (as pairs, [BKW, 2, 2] of (even, odd) elements).
-        if X_PAIRS:
-            x_even, x_odd = _unpack_pairs(xv, X_KIND)
-            x_even = tl.reshape(x_even, (BKW, 2, 2))
-            x_odd = tl.reshape(x_odd, (BKW, 2, 2))
-        else:
-            x_even, x_odd = tl.split(tl.reshape(xv.to(tl.float32), (BKW, 2, 2, 2)))
-        x_04, x_26 = tl.split(x_even)
-        x_15, x_37 = tl.split(x_odd)
-        x0, x4 = tl.split(x_04)
-        x2, x6 = tl.split(x_26)
-        x1, x5 = tl.split(x_15)
-        x3, x7 = tl.split(x_37)
-        part = c0 * x0[None, :]
-        part = tl.fma(c1, x1[None, :], part)
-        part = tl.fma(c2, x2[None, :], part)
-        part = tl.fma(c3, x3[None, :], part)
-        part = tl.fma(c4, x4[None, :], part)
-        part = tl.fma(c5, x5[None, :], part)
-        part = tl.fma(c6, x6[None, :], part)
-        part = tl.fma(c7, x7[None, :], part)
         blk = blk_row + k0 // BLOCKSIZE
         s = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk, all_rows, NESTED)
         s_w = tl.broadcast_to(s[:, None], (BN, BKW))
@@ -207,9 +187,44 @@ def _decode_sums(
             s_j = load_scale(absmax_ptr, nabsmax_ptr, ncode_ptr, offset, blk + j,
                              all_rows & (k0 + j * BLOCKSIZE < K), NESTED)
             s_w = tl.where((offs_w >= j * WPB)[None, :], s_j[:, None], s_w)
-        acc = tl.fma(part, s_w, acc)
-    y = tl.sum(acc, axis=1)
-    return tl.where((tl.arange(0, BM) == 0)[:, None], y[None, :], 0.0)
+        for r in tl.static_range(MB):
+            # Row r's x in pairs (X_PAIRS: the element offset halves) or elements.
+            x_at = (r * stride_xm + k0) // 2 if X_PAIRS else r * stride_xm + k0 * stride_xk
+            if EVEN_K:
+                xv = tl.load(xs + x_at)
+            else:
+                xv = tl.load(xs + x_at, mask=w_ok[:, None], other=0)
+            # x[8w + t] for t = 0..7, each [BKW]: split the last axis of [BKW, 2, 2, 2] three times
+            # (as pairs, [BKW, 2, 2] of (even, odd) elements).
+            if X_PAIRS:
+                x_even, x_odd = _unpack_pairs(xv, X_KIND)
+                x_even = tl.reshape(x_even, (BKW, 2, 2))
+                x_odd = tl.reshape(x_odd, (BKW, 2, 2))
+            else:
+                x_even, x_odd = tl.split(tl.reshape(xv.to(tl.float32), (BKW, 2, 2, 2)))
+            x_04, x_26 = tl.split(x_even)
+            x_15, x_37 = tl.split(x_odd)
+            x0, x4 = tl.split(x_04)
+            x2, x6 = tl.split(x_26)
+            x1, x5 = tl.split(x_15)
+            x3, x7 = tl.split(x_37)
+            part = c0 * x0[None, :]
+            part = tl.fma(c1, x1[None, :], part)
+            part = tl.fma(c2, x2[None, :], part)
+            part = tl.fma(c3, x3[None, :], part)
+            part = tl.fma(c4, x4[None, :], part)
+            part = tl.fma(c5, x5[None, :], part)
+            part = tl.fma(c6, x6[None, :], part)
+            part = tl.fma(c7, x7[None, :], part)
+            if r == 0:
+                acc0 = tl.fma(part, s_w, acc0)
+            else:
+                acc1 = tl.fma(part, s_w, acc1)
+    rows_out = tl.arange(0, BM)[:, None]
+    out = tl.where(rows_out == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if MB == 2:
+        out = tl.where(rows_out == 1, tl.sum(acc1, axis=1)[None, :], out)
+    return out
 
 
 @triton.jit
@@ -270,8 +285,8 @@ def _gemv_item(
     m_ok = offs_m < M
     if DECODE:
         acc = _decode_sums(pid_n, pid_k, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr,
-                           N, K, stride_xk, BM, BN, BK, SPLIT_K, BLOCKSIZE, NESTED, EVEN_K, X_PAIRS, X_KIND,
-                           INTERPRET)
+                           N, K, stride_xm, stride_xk, BM, BN, BK, SPLIT_K, BLOCKSIZE, NESTED, EVEN_K, X_PAIRS, X_KIND,
+                           DECODE, INTERPRET)
     else:
         acc = x_wt_tiles(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, offs_m, M, stride_xm, stride_xk, packed_ptr,
                          absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, code_ptr, pid_n * BN, pid_k * BK, BK * SPLIT_K,
@@ -318,7 +333,11 @@ INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
 # programs fit an SM. Triton's pipeliner leaves these loads alone (nothing feeds a dot), so
 # num_stages only matters to the epilogue; occupancy hides the loads' latency.
 DECODE_GPU_CONFIG = SmallMConfig(BN=256, BK=128, num_warps=4, num_stages=1)
+# M = 2: each code lookup serves both rows, so a weight costs one fma more (about 5 instructions).
+# 256x128 reached 254 registers there; 128x128 stays near the M = 1 path's count.
+DECODE_GPU_CONFIG_M2 = SmallMConfig(BN=128, BK=128, num_warps=4, num_stages=1)
 DECODE_INTERPRET_CONFIG = SmallMConfig(BN=64, BK=64)
+DECODE_MAX_M = 2
 # Programs wanted in flight: enough per SM to keep loads outstanding while others dequantize.
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
@@ -374,16 +393,17 @@ def decode_path(enabled: bool):
 
 
 def decode_eligible(m: int, n: int, k: int, blocksize: int, packed: torch.Tensor) -> bool:
-    """Whether _decode_sums can run: one row, whole 32-bit words of packed bytes per row and per
-    block (K a multiple of 32 and of the blocksize), the packed bytes 4-byte aligned, block
-    indices within int32."""
-    return (m == 1 and k % 32 == 0 and k % blocksize == 0 and packed.data_ptr() % 4 == 0
+    """Whether _decode_sums can run: 1..DECODE_MAX_M rows, whole 32-bit words of packed bytes per
+    row and per block (K a multiple of 32 and of the blocksize), the packed bytes 4-byte aligned,
+    block indices within int32."""
+    return (1 <= m <= DECODE_MAX_M and k % 32 == 0 and k % blocksize == 0 and packed.data_ptr() % 4 == 0
             and n * (k // blocksize) < 2**31)
 
 
 def x_pairs(x: torch.Tensor) -> bool:
-    """X_PAIRS of _decode_sums: x read as 32-bit words of two 16-bit elements."""
-    return x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.data_ptr() % 4 == 0
+    """X_PAIRS of _decode_sums: x read as 32-bit words of two 16-bit elements (every row)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.data_ptr() % 4 == 0
+            and (x.shape[0] == 1 or x.stride(0) % 2 == 0))
 
 
 def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale, bias,
@@ -391,7 +411,7 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
                 t_chunk_cols: Optional[int] = None, decode: Optional[bool] = None):
     """(Y [M, N] in x's dtype, T = X_lora @ A^T fp32 [M, r]) for M <= 16 in one launch (module doc).
     lora_A None: no LoRA term (T is None). split_k / t_chunk_cols None: chosen from the shape and
-    the GPU. decode: the M = 1 path (_decode_sums) instead of the tensor-core tiles; None takes it
+    the GPU. decode: the decode path (_decode_sums, M <= 2) instead of the tensor-core tiles; None takes it
     wherever decode_eligible says it can run (unless decode_path(False) is in force), True insists
     (ValueError where it cannot)."""
     m = x.shape[0]
@@ -400,12 +420,13 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
     n, k = int(shape[0]), int(shape[1])
     eligible = decode_eligible(m, n, k, blocksize, packed_args[0])
     if decode and not eligible:
-        raise ValueError(f"the decode path needs M = 1, K a multiple of 32 and of the blocksize and 4-byte aligned "
-                         f"packed bytes; got M={m}, K={k}, blocksize={blocksize}, packed at "
+        raise ValueError(f"the decode path needs M <= {DECODE_MAX_M}, K a multiple of 32 and of the blocksize and "
+                         f"4-byte aligned packed bytes; got M={m}, K={k}, blocksize={blocksize}, packed at "
                          f"{packed_args[0].data_ptr() % 4} mod 4")
     decode = eligible and _DECODE_PATH[-1] if decode is None else decode
     if decode:
-        cfg = cfg or (DECODE_INTERPRET_CONFIG if interpreting() else DECODE_GPU_CONFIG)
+        cfg = cfg or (DECODE_INTERPRET_CONFIG if interpreting() else DECODE_GPU_CONFIG if m == 1
+                      else DECODE_GPU_CONFIG_M2)
     cfg = cfg or (INTERPRET_CONFIG if interpreting() else gpu_config(k, blocksize))
     split = split_k or pick_split_k(n, k, cfg, x.device)
     n_tiles = triton.cdiv(n, cfg.BN)
@@ -434,7 +455,7 @@ def small_m_fwd(x, x_lora, lora_A, packed_args, blocksize, shape, lora_B, scale,
         lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0, y.stride(0),
         BM=BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, RP=rp, T_BK=min(T_BK, cfg.BK),
         NESTED=packed_args[2] is not packed_args[5], **weight_layout(shape, blocksize, cfg.BK, x.dtype),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DECODE=decode, EVEN_K=k % cfg.BK == 0,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DECODE=m if decode else 0, EVEN_K=k % cfg.BK == 0,
         X_PAIRS=decode and x_pairs(x),
         X_KIND=_KIND_OF[x.dtype], L_KIND=_KIND_OF[lora_A.dtype] if has_lora else _KIND_OF[x.dtype],
         B_KIND=_KIND_OF[lora_B.dtype] if has_lora else _KIND_OF[x.dtype],
@@ -469,15 +490,21 @@ def compile_specs() -> list[KernelSpec]:
         cases.append((bf, bf, 1, blocksize, True, True, False, True))
         cases.append((bf, bf, 1, blocksize, True, True, True, True))
     cases.append((bf, bf, 4, 64, True, True, True, False))  # the decode path's K tail (K % BK != 0)
+    for xdt, ldt, split in [(bf, bf, 1), (f16, f16, 4), (f32, f32, 4)]:  # the decode path at M = 2
+        cases.append((xdt, ldt, split, 64, True, True, 2, True))
+    cases.append((bf, bf, 4, 32, True, True, 2, False))
     for paired in (True, False):
         cases.append((bf, bf, 1, 64, paired, False, False, True))
         cases.append((f32, f32, 4, 64, paired, False, False, True))
     for xdt, ldt, split, blocksize, paired, aligned, decode, even_k in cases:
         paired = paired and paired_decode(2, xdt)  # as the launcher decides it
-        cfg = DECODE_GPU_CONFIG if decode else GPU_CONFIG if aligned else GPU_CONFIG_BLOCKS_CROSS_ROWS
+        decode = int(decode)  # DECODE: the rows of the decode path (True: 1), 0 for the tiles
+        cfg = (DECODE_GPU_CONFIG_M2 if decode == 2 else DECODE_GPU_CONFIG if decode else GPU_CONFIG if aligned
+               else GPU_CONFIG_BLOCKS_CROSS_ROWS)
         xt = _TYPE_NAME[xdt]
         lt = _TYPE_NAME[ldt] if ldt is not None else xt
-        path = ("decode" + ("" if even_k else ",k_tail")) if decode else f"paired={paired},aligned={aligned}"
+        path = (f"decode{'' if decode == 1 else ',m2'}" + ("" if even_k else ",k_tail") if decode
+                else f"paired={paired},aligned={aligned}")
         specs.append(KernelSpec(
             name=f"qlora_fwd_small_m[x={xt},lora={lt if ldt is not None else 'none'},split={split},bs={blocksize},"
                  f"{path}]",
@@ -491,13 +518,13 @@ def compile_specs() -> list[KernelSpec]:
             constexprs={"BM": BM, "BN": cfg.BN, "BK": cfg.BK, "SPLIT_K": split, "RP": 16, "T_BK": T_BK,
                         "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": ldt is not None, "HAS_BIAS": True,
-                        "DECODE": decode, "EVEN_K": even_k, "X_PAIRS": decode and xdt != f32,
+                        "DECODE": decode, "EVEN_K": even_k, "X_PAIRS": bool(decode) and xdt != f32,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "B_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "Y_BF16": xdt == bf, "INTERPRET": False},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, exact_fp32=True,
-            # _decode_sums: 7 product fma per 8 weights and 1 scale fma per word of 8.
-            explicit_fma=cfg.BN * cfg.BK // (32 * cfg.num_warps) if decode else 0,
+            # _decode_sums: per row, 7 product fma per 8 weights and 1 scale fma per word of 8.
+            explicit_fma=decode * cfg.BN * cfg.BK // (32 * cfg.num_warps),
         ))
         if paired and aligned:
             specs.append(qlora_linear.real_shape_variant(specs[-1]))
