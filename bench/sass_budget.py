@@ -195,13 +195,18 @@ def _triton_sass(spec, arch: int, work: Path) -> tuple[dict, str]:
                                       text=True).stdout
 
 
+def _model_shape_bf16(spec) -> bool:
+    """The spec the counts below take: bf16 activations and LoRA, blocksize 64, as Triton specializes
+    the launch on a model's shapes (@ints16)."""
+    return spec.name.endswith("@ints16") and all(p in spec.name for p in ("x=bf16", "lora=bf16", "bs=64"))
+
+
 def triton_rows(arch: int, work: Path) -> list[dict]:
     from qlora_kernels.backends.triton import qlora_linear_small_m as small_m
 
     rows = []
     for spec in small_m.compile_specs():
-        if not spec.name.endswith("@ints16") or "x=bf16" not in spec.name or "split=1" not in spec.name \
-                or "bs=64" not in spec.name or "lora=bf16" not in spec.name:
+        if not _model_shape_bf16(spec) or "split=1" not in spec.name:
             continue
         decode = int(spec.constexprs["DECODE"])  # rows of the decode path; 0: the tensor-core tiles
         constexprs, sass = _triton_sass(spec, arch, work)
@@ -235,8 +240,7 @@ def gemm_rows(arch: int, work: Path) -> list[dict]:
 
     rows = []
     for spec in tql.compile_specs():
-        if not spec.name.endswith("@ints16") or "x=bf16" not in spec.name or "lora=bf16" not in spec.name \
-                or "bs=64" not in spec.name or (spec.archs is not None and arch not in spec.archs):
+        if not _model_shape_bf16(spec) or (spec.archs is not None and arch not in spec.archs):
             continue
         constexprs, sass = _triton_sass(spec, arch, work)
         entries = parse_sass(sass)

@@ -446,7 +446,7 @@ DX_GPU_CONFIGS = {
 # tile is dequantized once per CTA and shared by its BM rows, and that work must issue in fewer
 # clocks than the tile's wgmma takes, or the GEMM cannot keep up with a BF16 one. Per k-tile, in
 # tensor-core clocks: forward 128x128x32 1.48x (1.91x when codes were gathered), 128x128x64 1.06x;
-# dX 128x32x128 1.62x, 128x64x128 (2 stages) 1.11x; all at <= 128 registers, so two CTAs share an
+# dX 128x32x128 1.62x, 128x64x128 (2 stages) 1.10x; all at <= 128 registers, so two CTAs share an
 # SM and one's dequantization overlaps the other's wgmma. Wider tiles issue less per weight but
 # take 184-255 registers: one CTA per SM, nothing to overlap with. To be confirmed on an H100.
 SM90_CONFIGS = {"large": GemmConfig(128, 128, 64, num_warps=8, num_stages=3)}
@@ -478,8 +478,9 @@ def pick_config(m: int, x_dtype: torch.dtype, lora_dtype: torch.dtype, shape: Se
         return INTERPRET_CONFIG
     narrow = torch.float32 in (x_dtype, lora_dtype) or int(shape[1]) % blocksize != 0
     name = config_name(m, narrow)
-    if cc_major >= 9 and name in (SM90_DX_CONFIGS if dx else SM90_CONFIGS):
-        return (SM90_DX_CONFIGS if dx else SM90_CONFIGS)[name]
+    sm90 = SM90_DX_CONFIGS if dx else SM90_CONFIGS
+    if cc_major >= 9 and name in sm90:
+        return sm90[name]
     return (DX_GPU_CONFIGS if dx else GPU_CONFIGS)[name]
 
 

@@ -478,27 +478,27 @@ def compile_specs() -> list[KernelSpec]:
     w_sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "ncode_ptr": "*fp32",
              "offset_ptr": "*fp32", "code_ptr": "*fp32"}
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
-    cases = []  # (x dtype, LoRA dtype or None, SPLIT_K, blocksize, PAIRED, ALIGNED, DECODE, EVEN_K)
+    # (x dtype, LoRA dtype or None, SPLIT_K, blocksize, PAIRED, ALIGNED, DECODE (rows; 0: tiles), EVEN_K)
+    cases = []
     for xdt, ldt in [(bf, bf), (bf, f32), (f16, f16), (f32, f32)]:
         for split in (1, 4):
-            cases.append((xdt, ldt, split, 64, True, True, False, True))
-            cases.append((xdt, ldt, split, 64, True, True, True, True))
+            cases.append((xdt, ldt, split, 64, True, True, 0, True))
+            cases.append((xdt, ldt, split, 64, True, True, 1, True))
     for split in (1, 4):
-        cases.append((bf, None, split, 64, True, True, False, True))
-        cases.append((bf, None, split, 64, True, True, True, True))
+        cases.append((bf, None, split, 64, True, True, 0, True))
+        cases.append((bf, None, split, 64, True, True, 1, True))
     for blocksize in (32, 512):
-        cases.append((bf, bf, 1, blocksize, True, True, False, True))
-        cases.append((bf, bf, 1, blocksize, True, True, True, True))
-    cases.append((bf, bf, 4, 64, True, True, True, False))  # the decode path's K tail (K % BK != 0)
+        cases.append((bf, bf, 1, blocksize, True, True, 0, True))
+        cases.append((bf, bf, 1, blocksize, True, True, 1, True))
+    cases.append((bf, bf, 4, 64, True, True, 1, False))  # the decode path's K tail (K % BK != 0)
     for xdt, ldt, split in [(bf, bf, 1), (f16, f16, 4), (f32, f32, 4)]:  # the decode path at M = 2
         cases.append((xdt, ldt, split, 64, True, True, 2, True))
     cases.append((bf, bf, 4, 32, True, True, 2, False))
     for paired in (True, False):
-        cases.append((bf, bf, 1, 64, paired, False, False, True))
-        cases.append((f32, f32, 4, 64, paired, False, False, True))
+        cases.append((bf, bf, 1, 64, paired, False, 0, True))
+        cases.append((f32, f32, 4, 64, paired, False, 0, True))
     for xdt, ldt, split, blocksize, paired, aligned, decode, even_k in cases:
         paired = paired and paired_decode(2, xdt)  # as the launcher decides it
-        decode = int(decode)  # DECODE: the rows of the decode path (True: 1), 0 for the tiles
         cfg = (DECODE_GPU_CONFIG_M2 if decode == 2 else DECODE_GPU_CONFIG if decode else GPU_CONFIG if aligned
                else GPU_CONFIG_BLOCKS_CROSS_ROWS)
         xt = _TYPE_NAME[xdt]
@@ -518,7 +518,7 @@ def compile_specs() -> list[KernelSpec]:
             constexprs={"BM": BM, "BN": cfg.BN, "BK": cfg.BK, "SPLIT_K": split, "RP": 16, "T_BK": T_BK,
                         "BLOCKSIZE": blocksize, "NSB": max(1, cfg.BK // blocksize), "NESTED": True,
                         "PAIRED": paired, "ALIGNED": aligned, "HAS_LORA": ldt is not None, "HAS_BIAS": True,
-                        "DECODE": decode, "EVEN_K": even_k, "X_PAIRS": bool(decode) and xdt != f32,
+                        "DECODE": decode, "EVEN_K": even_k, "X_PAIRS": decode > 0 and xdt != f32,
                         "X_KIND": _KIND_OF[xdt], "L_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "B_KIND": _KIND_OF[ldt if ldt is not None else xdt],
                         "Y_BF16": xdt == bf, "INTERPRET": False},
