@@ -17,7 +17,7 @@ Triton wheel), finds the innermost loop that streams the weight (for csrc the on
 instructions, HMMA; for Triton the one with HMMA fed by bf16 packing, F2FP) and counts
 its instructions per weight (the weights one thread covers per trip are known from the kernel's
 layout: 64 per lane per 128-wide span for csrc's tensor-core GEMV, whose loop holds 8 HMMA per span
-it is unrolled over; BN * BK / threads for Triton's).
+it is unrolled over and column group, a variant per range of M; BN * BK / threads for Triton's).
 A count is every instruction of one trip of the loop, so where the loop branches around a few
 (csrc's prefetch of the next span, skipped on a split's last one) it is an upper bound.
 
@@ -155,20 +155,26 @@ def csrc_rows(arch: int, work: Path) -> list[dict]:
     dtypes = {"1": "bf16", "2": "fp16"}
     rows = []
     for name, text in sorted(functions(sass).items()):
-        m = re.search(r"gemv_4bit_mma_kernelILi(\d)ELi(\d)ELb(\d)E", name)
+        # Template arguments: X dtype, NB_LOG2 (log2 blocks per 128-wide span), NESTED, CG (column groups).
+        m = re.search(r"gemv_4bit_mma_kernelILi(\d)ELi(\d)ELb(\d)ELi(\d)E", name)
         if not m:
             continue
         loop = innermost_with(parse_sass(text), "HMMA")
         if loop is None:
             raise RuntimeError(f"no loop with HMMA in {name}")
-        nb = 1 << int(m.group(2))
-        # 8 mma per span: a loop unrolled over several spans holds a multiple of 8.
-        spans_per_trip, rest = divmod(loop.ops["HMMA"], 8)
+        nb_log2, cg = int(m.group(2)), int(m.group(4))
+        nb = 1 << nb_log2
+        # 8 mma per span and column group: a loop unrolled over several spans holds a multiple of 8 CG.
+        spans_per_trip, rest = divmod(loop.ops["HMMA"], 8 * cg)
         if rest or not spans_per_trip:
-            raise RuntimeError(f"{name}: {loop.ops['HMMA']} HMMA in the span loop, not a multiple of 8")
-        rows.append({"kernel": "csrc gemv_4bit_mma_kernel", "x": dtypes[m.group(1)],
+            raise RuntimeError(f"{name}: {loop.ops['HMMA']} HMMA in the span loop, not a multiple of {8 * cg}")
+        # The X rows this variant serves: M * NB (X row, block) columns in CG groups of 8, more than half of them
+        # (fewer take CG / 2), M at most 16.
+        m_hi = min(16, 8 * cg >> nb_log2)
+        m_lo = 1 if cg == 1 else (4 * cg >> nb_log2) + 1
+        rows.append({"kernel": f"csrc tensor-core GEMV, M={m_lo}..{m_hi}", "x": dtypes[m.group(1)],
                      "blocksize": f"{128 // nb}" if nb > 1 else ">=128", "nested": m.group(3) == "1",
-                     "arch": arch, "loop_instructions": loop.size,
+                     "column_groups": cg, "m_range": (m_lo, m_hi), "arch": arch, "loop_instructions": loop.size,
                      "weights_per_trip": CSRC_WEIGHTS_PER_LANE_SPAN * spans_per_trip,
                      "shuffles": loop.ops.get("SHFL", 0), "ops": dict(loop.ops.most_common(8))})
     if not rows:

@@ -322,7 +322,10 @@ __global__ void __launch_bounds__(kThreads, MB == 1 ? 3 : 1) gemv_4bit_kernel(co
 // 32 X elements. The 8 B columns are (X row, block in the span) pairs: column c is X row c / NB and
 // the span's block c % NB (NB = 128 / blocksize blocks per span, at least 1); lane (g, t) supplies
 // X only where its k's lie in column g's block, zeros elsewhere, so C[row][c] is the span's sum over
-// one block and one X row, which its lane scales by that block's absmax. Hence M * NB <= 8.
+// one block and one X row, which its lane scales by that block's absmax. One mma thus serves 8 / NB
+// X rows; CG column groups (1, 2 or 4 mmas on the same A registers, group q taking columns 8q ..
+// 8q + 7, X rows from 8q / NB on) serve M * NB <= 8 CG. The costly part, the code lookups, is shared
+// by the groups; a group costs its X loads, 8 mmas and 4 scalings per span.
 //
 // Numerics: the codes enter the tensor cores rounded to bf16/fp16 and are multiplied by the fp32
 // scale after the sum over the block, where the FMA kernel rounds nothing and scales each weight.
@@ -412,31 +415,68 @@ __device__ __forceinline__ void block_scales(const GemvArgs& a, const float* s_c
     }
 }
 
-// Adds one span (128 k) of rows r0 and r1 to acc (the lane's four C entries, each scaled by its
-// block): w0/w1 the lane's chunks of the two rows, xw its 16 X words, blk0/blk1 the index of each
-// row's first block in the span plus the block of the lane's column 2t.
-template <int DT, int NB_LOG2, bool NESTED>
+// Adds one span (128 k) of rows r0 and r1 to acc (per column group, the lane's four C entries, each
+// scaled by its block): w0/w1 the lane's chunks of the two rows; px[q] the lane's 32 X elements
+// of the span in group q's X row (8 pairs of words, one pair per mma), or 64 zero bytes where the
+// lane has none there; blk0/blk1 the index of each row's first block in the span plus the block of
+// the lane's column 2t. Up to two groups (kPreloadX) take their X from xw instead, the span's 16
+// words per group loaded by the caller in 16-byte loads (fewer instructions: at one group 2.25-2.77
+// per weight on sm_90 against 2.39-2.95 loading per mma); four groups load X per mma, as a span's X
+// for all of them (64 registers) made ptxas spill at the 128 registers that keep two CTAs on an SM.
+// For the same reason only one group unrolls its span loop twice (kSpanUnroll). ptxas's counts on
+// sm_90 (bench/sass_budget.py): 2.25-2.77 instructions per weight at one group, 2.66-3.31 at two,
+// 3.97-4.62 at four; the FMA kernel spends an FMA per weight and X row on top of its decode (over
+// 16 per weight at M = 16).
+template <int CG>
+constexpr bool kPreloadX = CG <= 2;
+template <int CG>
+constexpr int kSpanUnroll = CG == 1 ? 2 : 1;
+
+// 64 zero bytes, one lane's X of a span: lanes without X for a column group read them per mma (a
+// load of zeros costs what a predicated load costs, and a predicated load needs its registers
+// zeroed first, per load).
+__device__ uint4 g_zero_x[4];
+
+template <int DT, int NB_LOG2, bool NESTED, int CG>
 __device__ __forceinline__ void mma_span(const GemvArgs& a, const float* s_code2, float offset, uint32_t lane_base,
                                          int64_t blk0, int64_t blk1, const uint4& w0, const uint4& w1,
-                                         const uint32_t xw[16], float acc[4]) {
+                                         const uint32_t (&xw)[kPreloadX<CG> ? CG : 1][16], const uint2* const (&px)[CG],
+                                         float (&acc)[CG][4]) {
     const uint32_t u0[4] = {w0.x, w0.y, w0.z, w0.w}, u1[4] = {w1.x, w1.y, w1.z, w1.w};
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float c[CG][4];
+#pragma unroll
+    for (int q = 0; q < CG; ++q) c[q][0] = c[q][1] = c[q][2] = c[q][3] = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         const int sh = 16 * (j & 1);  // byte 2j of the chunk: word j / 2, bit 16 (j % 2)
         const uint32_t af[4] = {code_pair_at(lane_base, u0[j >> 1], sh), code_pair_at(lane_base, u1[j >> 1], sh),
                                 code_pair_at(lane_base, u0[j >> 1], sh + 8), code_pair_at(lane_base, u1[j >> 1], sh + 8)};
-        const uint32_t bf[2] = {xw[2 * j], xw[2 * j + 1]};
-        qk::mma_16816<DT>(c, af, bf);
+#pragma unroll
+        for (int q = 0; q < CG; ++q) {
+            uint32_t bf[2];
+            if constexpr (kPreloadX<CG>) {
+                bf[0] = xw[q][2 * j];
+                bf[1] = xw[q][2 * j + 1];
+            } else {
+                const uint2 xv = __ldg(px[q] + j);
+                bf[0] = xv.x;
+                bf[1] = xv.y;
+            }
+            qk::mma_16816<DT>(c[q], af, bf);
+        }
     }
-    // C entry i: row r0 (i < 2) or r1, column 2t + i % 2, so (NB > 1) block 2t % NB or the next.
+    // C entry i: row r0 (i < 2) or r1, column 2t + i % 2 of its group, so (NB > 1) block 2t % NB or
+    // the next, the same in every group (a group's 8 columns start at a multiple of NB).
     float s00, s01, s10, s11;
     block_scales<NESTED, (NB_LOG2 > 0)>(a, s_code2, offset, blk0, s00, s01);
     block_scales<NESTED, (NB_LOG2 > 0)>(a, s_code2, offset, blk1, s10, s11);
-    acc[0] = qk_fma(c[0], s00, acc[0]);
-    acc[1] = qk_fma(c[1], s01, acc[1]);
-    acc[2] = qk_fma(c[2], s10, acc[2]);
-    acc[3] = qk_fma(c[3], s11, acc[3]);
+#pragma unroll
+    for (int q = 0; q < CG; ++q) {
+        acc[q][0] = qk_fma(c[q][0], s00, acc[q][0]);
+        acc[q][1] = qk_fma(c[q][1], s01, acc[q][1]);
+        acc[q][2] = qk_fma(c[q][2], s10, acc[q][2]);
+        acc[q][3] = qk_fma(c[q][3], s11, acc[q][3]);
+    }
 }
 
 // Stores one finished output (X row m, W row n) and, with splits, nothing else: v is the full sum.
@@ -447,7 +487,7 @@ __device__ __forceinline__ void store_out(const GemvArgs& a, int m, int64_t n, f
 
 // The GEMV CTA's work after its tables are ready: every (split, 8-tile group) unit of the grid-
 // stride loop. lane_base: the pair table's address or-ed with 4 * lane (code_pair_at).
-template <int DT, int NB_LOG2, bool NESTED>
+template <int DT, int NB_LOG2, bool NESTED, int CG>
 __device__ __forceinline__ void gemv_mma_units(const typename Dtype<DT>::T* __restrict__ x, const GemvArgs& a,
                                                const float* s_code2, uint32_t lane_base) {
     constexpr int NB = 1 << NB_LOG2;
@@ -456,9 +496,14 @@ __device__ __forceinline__ void gemv_mma_units(const typename Dtype<DT>::T* __re
     const int64_t K = a.K, N = a.N;
     const int64_t tiles = (N + 15) / 16;
     const int spans = (int)(K / kSpan), sps = (int)a.cps;
-    // B column g: X row g / NB, block g % NB of the span; lane t's k's lie in block (32 t) / blocksize.
+    // B column 8q + g: X row (8q + g) / NB, block g % NB of the span; lane t's k's lie in block
+    // (32 t) / blocksize. Group q's X rows follow group 0's by 8q / NB.
+    constexpr int kGroupRows = 8 >> NB_LOG2;
     const int x_row = g >> NB_LOG2;
-    const bool x_lane = x_row < a.M && (NB == 1 || ((t >> (a.log2B - 5)) == (g & (NB - 1))));
+    const bool x_block = NB == 1 || ((t >> (a.log2B - 5)) == (g & (NB - 1)));
+    bool x_lane[CG];
+#pragma unroll
+    for (int q = 0; q < CG; ++q) x_lane[q] = x_block && x_row + q * kGroupRows < a.M;
     // The block of the lane's C column 2t within a span (its column 2t + 1 has the next one).
     const int col_blk = NB == 1 ? 0 : (2 * t) & (NB - 1);
     const int blk_log2 = a.log2B;
@@ -479,38 +524,58 @@ __device__ __forceinline__ void gemv_mma_units(const typename Dtype<DT>::T* __re
         // Chunk t of span sp of row r: 16 bytes at r K / 2 + 64 sp + 16 t (K % 128 == 0: aligned).
         const uint4* p0 = reinterpret_cast<const uint4*>(a.packed + r0c * (K / 2)) + t + 4 * (int64_t)sp_lo;
         const uint4* p1 = reinterpret_cast<const uint4*>(a.packed + r1c * (K / 2)) + t + 4 * (int64_t)sp_lo;
-        const uint4* px = reinterpret_cast<const uint4*>(x + (int64_t)(x_row < a.M ? x_row : 0) * K) + 4 * t +
-                          16 * (int64_t)sp_lo;
+        // The lane's 32 X elements of span sp in group q's X row: 64 bytes at 2 ((x_row + q 8 / NB) K +
+        // 128 sp + 32 t), one pointer per group (the offset of each mma's pair then folds into its load).
+        // Where this lane has no X for a group: kPreloadX skips the loads (the registers keep their
+        // zeros; the pointer, at row 0, is never read), else the lane reads g_zero_x and stays there.
+        const uint2* px[CG];
+        bool px_moves[CG];
+#pragma unroll
+        for (int q = 0; q < CG; ++q) {
+            px_moves[q] = kPreloadX<CG> || x_lane[q];
+            px[q] = px_moves[q] ? reinterpret_cast<const uint2*>(x + (int64_t)(x_lane[q] ? x_row + q * kGroupRows : 0) * K) +
+                                      8 * t + 32 * (int64_t)sp_lo
+                                : reinterpret_cast<const uint2*>(g_zero_x);
+        }
         // The blocks of the lane's column 2t in span sp_lo of each row (K % blocksize == 0: rows start
         // blocks), carried from span to span rather than recomputed.
         int64_t blk0 = ((r0c * K) >> blk_log2) + col_blk + ((sp_lo * kSpan) >> blk_log2);
         int64_t blk1 = ((r1c * K) >> blk_log2) + col_blk + ((sp_lo * kSpan) >> blk_log2);
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // Lanes without X keep these zeros: their loads below never run.
-        uint32_t xw[16];
+        float acc[CG][4];
 #pragma unroll
-        for (int q = 0; q < 16; ++q) xw[q] = 0u;
+        for (int q = 0; q < CG; ++q) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.0f;
+        // kPreloadX: the span's X words; lanes without X keep these zeros (their loads never run).
+        uint32_t xw[kPreloadX<CG> ? CG : 1][16];
+#pragma unroll
+        for (int q = 0; q < (kPreloadX<CG> ? CG : 1); ++q)
+#pragma unroll
+            for (int i = 0; i < 16; ++i) xw[q][i] = 0u;
         // W one span ahead: the next span's 32 bytes per lane are in flight while this one's mmas run.
         const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
         uint4 w0_next = sp_lo < sp_hi ? __ldg(p0) : zero, w1_next = sp_lo < sp_hi ? __ldg(p1) : zero;
-#pragma unroll 2
+#pragma unroll (kSpanUnroll<CG>)
         for (int sp = sp_lo; sp < sp_hi; ++sp) {
             const uint4 w0 = w0_next, w1 = w1_next;
             if (sp + 1 < sp_hi) {
                 w0_next = __ldg(p0 + 4);
                 w1_next = __ldg(p1 + 4);
             }
-            if (x_lane) {
+            if constexpr (kPreloadX<CG>) {
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const uint4 v = __ldg(px + q);
-                    xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+                for (int q = 0; q < CG; ++q) {
+                    if (!x_lane[q]) continue;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const uint4 v = __ldg(reinterpret_cast<const uint4*>(px[q]) + i);
+                        xw[q][4 * i] = v.x; xw[q][4 * i + 1] = v.y; xw[q][4 * i + 2] = v.z; xw[q][4 * i + 3] = v.w;
+                    }
                 }
             }
-            mma_span<DT, NB_LOG2, NESTED>(a, s_code2, offset, lane_base, blk0, blk1, w0, w1, xw, acc);
+            mma_span<DT, NB_LOG2, NESTED, CG>(a, s_code2, offset, lane_base, blk0, blk1, w0, w1, xw, px, acc);
             p0 += 4;
             p1 += 4;
-            px += 16;
+#pragma unroll
+            for (int q = 0; q < CG; ++q) px[q] += px_moves[q] ? 32 : 0;
             const int next_blocks = (((sp + 1) * kSpan) >> blk_log2) - ((sp * kSpan) >> blk_log2);
             blk0 += next_blocks;
             blk1 += next_blocks;
@@ -518,66 +583,67 @@ __device__ __forceinline__ void gemv_mma_units(const typename Dtype<DT>::T* __re
 
         if (!tile_ok) continue;  // a spare warp of the last group: nothing to store or count
 
-        // The lane's sums per (X row, W row): column 2t + i % 2 is X row (2t + i % 2) / NB; the NB
-        // blocks of one X row are added (NB = 4: across lanes t and t ^ 1, whose columns continue).
-        // Slot i holds (out_m[i], out_n[i]) when out_ok[i]; fixed slots keep everything in registers.
-        float out[4];
-        int out_m[4];
-        int64_t out_n[4];
-        bool out_ok[4];
-        if constexpr (NB == 1) {
+        // The lane's sums per (X row, W row): column 8q + 2t + i % 2 of group q is X row
+        // (8q + 2t + i % 2) / NB and C row i < 2 ? g : g + 8 the tile's W row of that offset. With
+        // NB > 1 the NB blocks of one X row are added first, into acc[q][0] and acc[q][1] (NB = 4:
+        // across lanes t and t ^ 1, whose columns continue; the even lane keeps the sums). Outputs
+        // are stored as they are formed: arrays of them for four groups made ptxas spill.
+        const int64_t rows_left = N - n0;  // W rows of this tile: offsets below it exist
+        if constexpr (NB > 1) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                out[i] = acc[i];
-                out_m[i] = 2 * t + (i & 1);
-                out_n[i] = i < 2 ? r0 : r1;
+            for (int q = 0; q < CG; ++q) {
+                float v0 = qk_fadd(acc[q][0], acc[q][1]), v1 = qk_fadd(acc[q][2], acc[q][3]);
+                if constexpr (NB == 4) {
+                    v0 = qk_fadd(v0, __shfl_xor_sync(0xffffffffu, v0, 1));
+                    v1 = qk_fadd(v1, __shfl_xor_sync(0xffffffffu, v1, 1));
+                }
+                acc[q][0] = v0;
+                acc[q][1] = v1;
             }
-        } else {
-            float v0 = qk_fadd(acc[0], acc[1]), v1 = qk_fadd(acc[2], acc[3]);
-            if constexpr (NB == 4) {
-                v0 = qk_fadd(v0, __shfl_xor_sync(0xffffffffu, v0, 1));
-                v1 = qk_fadd(v1, __shfl_xor_sync(0xffffffffu, v1, 1));
-            }
-            out[0] = v0; out[1] = v1; out[2] = out[3] = 0.0f;
-            // NB = 4: lanes t and t ^ 1 now hold the same sums; the even one keeps them.
-            const int m = (NB == 4 && (t & 1)) ? a.M : (2 * t) >> NB_LOG2;
-            out_m[0] = out_m[1] = m;
-            out_m[2] = out_m[3] = a.M;  // unused slots
-            out_n[0] = out_n[2] = r0;
-            out_n[1] = out_n[3] = r1;
         }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) out_ok[i] = out_m[i] < a.M && out_n[i] < N;
+        // Entry i of group q: its X row (a.M when the lane holds none there) and W row offset.
+        auto entry_m = [&](int q, int i) {
+            if constexpr (NB == 1) return 8 * q + 2 * t + (i & 1);
+            return (i >= 2 || (NB == 4 && (t & 1))) ? a.M : (8 * q + 2 * t) >> NB_LOG2;
+        };
+        auto entry_r = [&](int i) { return NB == 1 ? (i < 2 ? g : g + 8) : (i == 0 ? g : g + 8); };
 
         if (a.splits > 1) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-                if (out_ok[i]) a.partial[(s * a.M + out_m[i]) * N + out_n[i]] = out[i];
+            for (int q = 0; q < CG; ++q)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int m = entry_m(q, i), r = entry_r(i);
+                    if (m < a.M && r < rows_left) a.partial[(s * a.M + m) * N + n0 + r] = acc[q][i];
+                }
             if (!last_split(a, lane, n0)) continue;  // another split finishes this tile
-            // The tile's 16 x M sums, in split order: slot i is entry e = lane + 32 i, that is
-            // (X row e / 16, W row n0 + e % 16).
+            // The tile's 16 x M sums, in split order: entry e = lane + 32 i is (X row e / 16, W row
+            // offset e % 16); 16 M <= 32 x 4 CG.
+            wait_for_t(a, lane);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int e = lane + 32 * i;
-                out_m[i] = e >> 4;
-                out_n[i] = n0 + (e & 15);
-                out_ok[i] = out_m[i] < a.M && out_n[i] < N;
-                out[i] = out_ok[i] ? split_sum(a, out_m[i], out_n[i]) : 0.0f;
+            for (int i = 0; i < 4 * CG; ++i) {
+                const int e = lane + 32 * i, m = e >> 4, r = e & 15;
+                if (m < a.M && r < rows_left) store_out<DT>(a, m, n0 + r, split_sum(a, m, n0 + r));
             }
-        }
-        wait_for_t(a, lane);
+        } else {
+            wait_for_t(a, lane);
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            if (out_ok[i]) store_out<DT>(a, out_m[i], out_n[i], out[i]);
-        done_with_t(a, lane, (int)(N - n0 < 16 ? N - n0 : 16));
+            for (int q = 0; q < CG; ++q)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int m = entry_m(q, i), r = entry_r(i);
+                    if (m < a.M && r < rows_left) store_out<DT>(a, m, n0 + r, acc[q][i]);
+                }
+        }
+        done_with_t(a, lane, (int)(rows_left < 16 ? rows_left : 16));
     }
 }
 
-template <int DT, int NB_LOG2, bool NESTED>
+template <int DT, int NB_LOG2, bool NESTED, int CG>
 __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typename Dtype<DT>::T* __restrict__ x, GemvArgs a) {
     const MmaShared sh = mma_shared();
     if ((int64_t)blockIdx.x < a.t_blocks) {
-        lora_down_cta<DT, 8>(a, blockIdx.x, sh.last);
+        lora_down_cta<DT, (8 * CG < QK_GEMV_MAX_M ? 8 * CG : QK_GEMV_MAX_M)>(a, blockIdx.x, sh.last);
         return;
     }
     for (int e = threadIdx.x; e < 256; e += blockDim.x) {
@@ -588,25 +654,37 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_mma_kernel(const typena
         if (NESTED) sh.code2[e] = a.code2[e];
     }
     __syncthreads();
-    gemv_mma_units<DT, NB_LOG2, NESTED>(x, a, sh.code2, sh.table | ((threadIdx.x & 31u) * 4u));
+    gemv_mma_units<DT, NB_LOG2, NESTED, CG>(x, a, sh.code2, sh.table | ((threadIdx.x & 31u) * 4u));
 }
 
-// Which tensor-core kernel runs: NB_LOG2 + 1 for bf16/fp16 X with K a multiple of 128 and of the
-// blocksize (spans and blocks inside rows) and at most 8 (X row, block) columns; 0 for the FMA
-// kernel. The callers add the other conditions: x 16-byte aligned, an sm_80+ device.
-static int mma_variant(int x_dtype, int64_t m, int64_t k, int log2B) {
-    if (x_dtype != QK_DTYPE_BFLOAT16 && x_dtype != QK_DTYPE_FLOAT16) return 0;
+// Which tensor-core kernel runs, for bf16/fp16 X with K a multiple of 128 and of the blocksize
+// (spans and blocks inside rows) and at most kMaxColumnGroups * 8 (X row, block) columns: its
+// NB_LOG2 and CG (the fewest column groups that hold the columns); cg 0: the FMA kernel. The
+// callers add the other conditions: x 16-byte aligned, an sm_80+ device.
+constexpr int kMaxColumnGroups = 4;
+struct MmaVariant {
+    int nb_log2 = 0;
+    int cg = 0;
+};
+static MmaVariant mma_variant(int x_dtype, int64_t m, int64_t k, int log2B) {
+    MmaVariant v;
+    if (x_dtype != QK_DTYPE_BFLOAT16 && x_dtype != QK_DTYPE_FLOAT16) return v;
     // K < 2^30: the kernel's per-row span arithmetic is 32-bit.
-    if (k <= 0 || k >= (int64_t{1} << 30) || k % kSpan != 0 || log2B < 5 || k % (int64_t{1} << log2B) != 0) return 0;
-    const int nb_log2 = log2B < 7 ? 7 - log2B : 0;
-    if ((m << nb_log2) > 8) return 0;
-    return nb_log2 + 1;
+    if (k <= 0 || k >= (int64_t{1} << 30) || k % kSpan != 0 || log2B < 5 || k % (int64_t{1} << log2B) != 0) return v;
+    v.nb_log2 = log2B < 7 ? 7 - log2B : 0;
+    const int64_t columns = m << v.nb_log2;
+    for (int cg = 1; cg <= kMaxColumnGroups; cg *= 2)
+        if (columns <= 8 * cg) {
+            v.cg = cg;
+            break;
+        }
+    return v;
 }
 
 // false when the kernel cannot get its dynamic shared memory here (the FMA kernel runs instead).
 // The limit is raised once per device: `raised` is this kernel's own (a benign race, as sm_count's
 // cache: every thread stores true).
-template <int DT, int NB_LOG2, bool NESTED>
+template <int DT, int NB_LOG2, bool NESTED, int CG>
 bool launch_gemv_mma_kernel(dim3 grid, const typename Dtype<DT>::T* x, const GemvArgs& a, cudaStream_t stream) {
     constexpr int kDevices = 64;
     static bool raised[kDevices] = {};
@@ -616,24 +694,41 @@ bool launch_gemv_mma_kernel(dim3 grid, const typename Dtype<DT>::T* x, const Gem
         return false;
     }
     if (dev >= kDevices || !raised[dev]) {
-        if (cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        if (cudaFuncSetAttribute(gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED, CG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  kMmaSharedBytes) != cudaSuccess) {
             cudaGetLastError();
             return false;
         }
         if (dev < kDevices) raised[dev] = true;
     }
-    QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED>)(x, a);
+    QK_LAUNCH(grid, kThreads, kMmaSharedBytes, stream, gemv_4bit_mma_kernel<DT, NB_LOG2, NESTED, CG>)(x, a);
     return true;
 }
 
-template <int DT, int NB_LOG2>
+template <int DT, int NB_LOG2, int CG>
 bool launch_gemv_mma(const void* x, GemvArgs a, cudaStream_t stream) {
     const int64_t units = qk::ceil_div(qk::ceil_div(a.N, 16), kWarps) * a.splits;
     const dim3 grid((unsigned)(a.t_blocks + units));
     const auto* xt = static_cast<const typename Dtype<DT>::T*>(x);
-    return a.absmax_q ? launch_gemv_mma_kernel<DT, NB_LOG2, true>(grid, xt, a, stream)
-                      : launch_gemv_mma_kernel<DT, NB_LOG2, false>(grid, xt, a, stream);
+    return a.absmax_q ? launch_gemv_mma_kernel<DT, NB_LOG2, true, CG>(grid, xt, a, stream)
+                      : launch_gemv_mma_kernel<DT, NB_LOG2, false, CG>(grid, xt, a, stream);
+}
+
+template <int DT, int NB_LOG2>
+bool launch_gemv_mma_groups(int cg, const void* x, const GemvArgs& a, cudaStream_t stream) {
+    if (cg == 1) return launch_gemv_mma<DT, NB_LOG2, 1>(x, a, stream);
+    // One block a span: QK_GEMV_MAX_M columns at most, two groups (no four-group kernel to build).
+    if constexpr ((QK_GEMV_MAX_M << NB_LOG2) > 16) {
+        if (cg == 4) return launch_gemv_mma<DT, NB_LOG2, 4>(x, a, stream);
+    }
+    return launch_gemv_mma<DT, NB_LOG2, 2>(x, a, stream);
+}
+
+template <int DT>
+bool launch_gemv_mma_variant(MmaVariant v, const void* x, const GemvArgs& a, cudaStream_t stream) {
+    return v.nb_log2 == 0   ? launch_gemv_mma_groups<DT, 0>(v.cg, x, a, stream)
+           : v.nb_log2 == 1 ? launch_gemv_mma_groups<DT, 1>(v.cg, x, a, stream)
+                            : launch_gemv_mma_groups<DT, 2>(v.cg, x, a, stream);
 }
 
 template <int DT, int MB>
@@ -660,7 +755,7 @@ QK_API int64_t qk_gemv_4bit_workspace(int64_t m, int64_t n, int64_t k, int64_t l
 QK_API int64_t qk_gemv_4bit_tile_rows(int x_dtype, int64_t m, int64_t k, int64_t blocksize) {
     if (m < 1 || m > QK_GEMV_MAX_M || k < 0 || !qk::is_pow2(blocksize) || blocksize < 32 || blocksize > 4096) return -1;
     if (x_dtype != QK_DTYPE_FLOAT32 && x_dtype != QK_DTYPE_BFLOAT16 && x_dtype != QK_DTYPE_FLOAT16) return -1;
-    return qk::cc_major() >= 8 && mma_variant(x_dtype, m, k, qk::log2i(blocksize)) ? 16 : 1;
+    return qk::cc_major() >= 8 && mma_variant(x_dtype, m, k, qk::log2i(blocksize)).cg ? 16 : 1;
 }
 
 static bool operand_dtype_ok(int dtype) {
@@ -745,20 +840,13 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
     a.xvec = qk::aligned(x, 16) && k % 8 == 0;
 
     // absmax 8-byte aligned: the tensor-core kernel reads two blocks' scales per load.
-    const int mma = a.xvec && qk::aligned(absmax, 8) && qk::cc_major() >= 8 ? mma_variant(x_dtype, m, k, a.log2B) : 0;
-    if (mma) {
+    const MmaVariant mma = a.xvec && qk::aligned(absmax, 8) && qk::cc_major() >= 8 ? mma_variant(x_dtype, m, k, a.log2B)
+                                                                                     : MmaVariant{};
+    if (mma.cg) {
         GemvArgs am = a;
         am.cps = qk::ceil_div(k / kSpan, splits);  // spans of 128 per split
-        bool launched;
-        if (x_dtype == QK_DTYPE_BFLOAT16) {
-            launched = mma == 1   ? launch_gemv_mma<QK_DTYPE_BFLOAT16, 0>(x, am, stream)
-                       : mma == 2 ? launch_gemv_mma<QK_DTYPE_BFLOAT16, 1>(x, am, stream)
-                                  : launch_gemv_mma<QK_DTYPE_BFLOAT16, 2>(x, am, stream);
-        } else {
-            launched = mma == 1   ? launch_gemv_mma<QK_DTYPE_FLOAT16, 0>(x, am, stream)
-                       : mma == 2 ? launch_gemv_mma<QK_DTYPE_FLOAT16, 1>(x, am, stream)
-                                  : launch_gemv_mma<QK_DTYPE_FLOAT16, 2>(x, am, stream);
-        }
+        const bool launched = x_dtype == QK_DTYPE_BFLOAT16 ? launch_gemv_mma_variant<QK_DTYPE_BFLOAT16>(mma, x, am, stream)
+                                                           : launch_gemv_mma_variant<QK_DTYPE_FLOAT16>(mma, x, am, stream);
         if (launched) return qk::check_launch("qk_gemv_4bit");
     }
     QK_DISPATCH_DTYPE(x_dtype, DT, {

@@ -425,9 +425,11 @@ def test_gemv_matches_reference_by_the_rule(m, shape, dtype):
 
 
 # The tensor-core GEMV (csrc/gemv_4bit.cu: gemv_4bit_mma_kernel) runs for bf16/fp16 X when K is a
-# multiple of 128 and of the blocksize and M * max(1, 128 / blocksize) <= 8. Cases: each blocks-per-span
-# count (4 at blocksize 32, 2 at 64, 1 at 128 and above, blocks over several spans at 512), M at its
-# limit, N not a multiple of the 16-row tile (and under one tile), and more splits than spans.
+# multiple of 128 and of the blocksize and its M * max(1, 128 / blocksize) (X row, block) columns fit
+# 1, 2 or 4 column groups of 8 (CG). Cases: each blocks-per-span count (4 at blocksize 32, 2 at 64,
+# 1 at 128 and above, blocks over several spans at 512) at each CG, M at each CG's limit and between
+# (a group partly filled), N not a multiple of the 16-row tile (and under one tile), and more splits
+# than spans.
 MMA_GEMV_CASES = [  # (m, n, k, blocksize, quant_type)
     (1, 40, 256, 64, "nf4"),
     (4, 17, 384, 64, "fp4"),
@@ -435,6 +437,14 @@ MMA_GEMV_CASES = [  # (m, n, k, blocksize, quant_type)
     (1, 9, 128, 32, "nf4"),
     (8, 50, 256, 128, "nf4"),
     (3, 24, 1024, 512, "fp4"),
+    (5, 40, 256, 64, "nf4"),      # CG 2, group 1 partly filled
+    (8, 17, 384, 64, "fp4"),      # CG 2 at its limit
+    (12, 9, 128, 128, "nf4"),     # CG 2, one block a span, N under one tile
+    (16, 24, 1024, 512, "fp4"),   # CG 2 at M = 16
+    (3, 33, 256, 32, "nf4"),      # CG 2, four blocks a span
+    (16, 50, 512, 64, "nf4"),     # CG 4 at its limit: a Llama decode batch of 16
+    (11, 20, 256, 64, "fp4"),     # CG 4, group 2 partly filled, group 3 empty
+    (7, 33, 256, 32, "nf4"),      # CG 4, four blocks a span
 ]
 
 
@@ -446,9 +456,10 @@ def test_gemv_tile_rows_says_which_kernel_runs(monkeypatch):
         assert lib.qk_gemv_4bit_tile_rows(fp16, m, k, blocksize) == 16
         assert lib.qk_gemv_4bit_tile_rows(fp32, m, k, blocksize) == 1  # fp32 X: the FMA kernel
     assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 4096, 64) == 16  # a Llama decode step
-    assert lib.qk_gemv_4bit_tile_rows(bf16, 5, 4096, 64) == 1  # 5 rows x 2 blocks per span > 8 columns
-    assert lib.qk_gemv_4bit_tile_rows(bf16, 3, 4096, 32) == 1  # 3 x 4 > 8
-    assert lib.qk_gemv_4bit_tile_rows(bf16, 9, 4096, 256) == 1  # 9 rows > 8
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 16, 4096, 64) == 16  # 16 rows x 2 blocks per span: 4 groups
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 16, 4096, 256) == 16  # 16 x 1: 2 groups
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 8, 4096, 32) == 16  # 8 x 4: 4 groups
+    assert lib.qk_gemv_4bit_tile_rows(bf16, 9, 4096, 32) == 1  # 9 x 4 > 32 columns: the FMA kernel
     assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 320, 64) == 1  # K % 128 != 0
     assert lib.qk_gemv_4bit_tile_rows(bf16, 1, 128, 256) == 1  # K % blocksize != 0: blocks cross rows
     assert lib.qk_gemv_4bit_tile_rows(bf16, 0, 4096, 64) == -1
