@@ -29,6 +29,15 @@ def main() -> int:
             lora_a = torch.randn(4, 101, device="cuda", dtype=dtype)
             lora_b = torch.randn(37, 4, device="cuda", dtype=dtype)
             qk.qlora_linear(x, packed, state, lora_a, lora_b, 2.0, bias=torch.randn(37, device="cuda", dtype=dtype))
+        # The tensor-core GEMV (bf16 X, K a multiple of 128) with 1, 2 and 4 column groups (M = 1, 5, 16 at
+        # blocksize 64), N = 37 ending mid-tile.
+        w = torch.randn(37, 256, device="cuda")
+        packed, state = qk.quantize_4bit(w, blocksize=64)
+        lora_a = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+        lora_b = torch.randn(37, 4, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 5, 16):
+            x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+            qk.qlora_linear(x, packed, state, lora_a, lora_b, 2.0)
         # Both AdamW steps; 8-bit states need >= 4096 elements, 5037 leaves a partial block.
         for make in (PagedAdamW, PagedAdamW8bit):
             p = torch.nn.Parameter(torch.randn(5037, device="cuda"))
