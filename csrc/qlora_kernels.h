@@ -144,7 +144,7 @@ QK_API int qk_gemv_4bit(const void* x, int x_dtype, int64_t m, const uint8_t* pa
 
 /* Rows of W one warp of qk_gemv_4bit works on at a time for these arguments, when x is 16-byte
  * aligned: 16 where the tensor-core kernel runs (x bf16/fp16, k a multiple of 128 and of blocksize,
- * m * max(1, 128 / blocksize) <= 8, an sm_80+ device), else 1; -1 if the arguments are invalid.
+ * m * max(1, 128 / blocksize) <= 32, an sm_80+ device), else 1; -1 if the arguments are invalid.
  * Callers size splits with it (a launch needs enough warps to fill the GPU). */
 QK_API int64_t qk_gemv_4bit_tile_rows(int x_dtype, int64_t m, int64_t k, int64_t blocksize);
 
