@@ -255,7 +255,7 @@ def _small_m_kernel(
                        code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
                        stride_xm, stride_xk, stride_bn, stride_br, stride_ym, BM, BN, BK, SPLIT_K, RP, BLOCKSIZE,
                        NSB, NESTED, PAIRED, ALIGNED, HAS_LORA, HAS_BIAS, DECODE, EVEN_K, X_PAIRS, X_KIND, B_KIND, Y_BF16,
-                   INTERPRET)
+                       INTERPRET)
     else:
         _gemv_item(pid, n_tiles, x_ptr, packed_ptr, absmax_ptr, nabsmax_ptr, ncode_ptr, offset_ptr,
                    code_ptr, b_ptr, bias_ptr, y_ptr, t_ptr, ypart_ptr, sync_ptr, M, N, K, R, scale,
