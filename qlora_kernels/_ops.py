@@ -39,7 +39,15 @@ for _name, _schema in SCHEMAS.items():
 
 def _on_device(device: torch.device, fn, args):
     """fn(*args) with `device` current: Triton launches on the current device and its current
-    stream, whatever device the tensors are on (the cuda backend guards itself too)."""
+    stream, whatever device the tensors are on (the cuda backend guards itself too).
+
+    Autocast is off inside: every op here fixes its own dtypes (e.g. the linear's T = X A^T in
+    fp32), and the torch calls some backends make (the reference's matmuls, the dequant + cuBLAS
+    strategy) would otherwise be recast by an enclosing autocast region in eager mode but not in a
+    compiled graph, where the op is opaque: one op, two results."""
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            return _on_device(device, fn, args)
     if device.type != "cuda":
         return fn(*args)
     with torch.cuda.device(device):

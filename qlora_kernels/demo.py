@@ -136,7 +136,7 @@ class DenseLoRALinear(nn.Module):
         xc = x.to(cd)
         bias = None if self.base_bias is None else self.base_bias.to(cd)
         y = F.linear(xc, self.base_weight.to(cd), bias)
-        return y + (self.scale * ((xc.float() @ self.lora_A.t()) @ self.lora_B.t())).to(cd)
+        return (y + (self.scale * ((xc.float() @ self.lora_A.t()) @ self.lora_B.t())).to(cd)).to(x.dtype)
 
 
 def replace_dense_lora(model: nn.Module, targets: str, r: int, lora_alpha: float, base_dtype, compute_dtype):

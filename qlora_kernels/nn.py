@@ -175,8 +175,11 @@ class QLoRALinear(nn.Module):
     lora_A [r, in] (kaiming-uniform, a=sqrt(5), as the LoRA paper / PEFT) and lora_B [out, r]
     (zeros, so a fresh layer equals the dequantized base) are the trainable parameters, kept in
     `lora_dtype` (fp32 by default, as PEFT keeps adapters, for stable optimizer updates). The bias
-    trains only with train_bias=True (BitFit). x is cast to `compute_dtype`; the output is in
-    `compute_dtype`.
+    trains only with train_bias=True (BitFit). The matmuls run in `compute_dtype` (x is cast to it);
+    the output comes back in the dtype an nn.Linear would give: x's (as bitsandbytes' Linear4bit and
+    PEFT's LoRA layers), or autocast's inside an autocast region. So a float32 model whose Linears
+    compute in bf16 keeps float32 activations between them (its other layers, e.g. eager
+    attention's probs @ V, need operands of one dtype).
     """
 
     def __init__(
@@ -483,10 +486,15 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"QLoRALinear takes a floating-point input, got {getattr(x, 'dtype', type(x).__name__)}")
         cd = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cd)
-        return qlora_linear(
+        y = qlora_linear(
             x.to(cd), self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scale,
             bias=bias, dropout=self.lora_dropout, training=self.training,
         )
+        dev = x.device.type
+        # nn.Linear's output dtype: its input's, or autocast's inside an autocast region (HF Trainer's
+        # bf16=True on a float32 model), so activations stay as small as they would have been.
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return y.to(out_dtype)
 
     # --- merge --------------------------------------------------------------------------------
 
