@@ -653,6 +653,25 @@ def test_replace_linear_forms_and_report(capsys):
     assert not toy.emb.weight.requires_grad
 
 
+def test_replace_linear_all_linear_leaves_the_output_layer_out_as_peft_does():
+    """PEFT's target_modules="all-linear": every Linear but get_output_embeddings() (an untied
+    lm_head, which None would quantize); a model without one (a plain tree) loses nothing."""
+    model = _tiny_llama(hidden=64)
+    assert not model.config.tie_word_embeddings
+    replace_linear(model, target_modules="all-linear", r=4)
+    assert sorted(model.qlora_replaced) == sorted(f"model.layers.{i}.{a}.{p}" for i in range(2)
+                                                  for a, p in zip(["self_attn"] * 4 + ["mlp"] * 3, LLAMA_PROJ))
+    assert type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
+    assert "output layer" in model.qlora_replace_report.skipped["lm_head"]
+    everything = replace_linear(_tiny_llama(hidden=64), r=4)
+    assert isinstance(everything.lm_head, QLoRALinear)  # None: every untied Linear, the head too
+
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert replace_linear(plain, target_modules="all-linear", r=2).qlora_replaced == ["0", "2"]
+    with pytest.raises(ValueError, match="all-linear.*matched no nn.Linear"):
+        replace_linear(nn.Sequential(nn.Linear(8, 8)), target_modules="all-linear", exclude=["0"], r=2)
+
+
 def test_replace_linear_skips_linears_whose_forward_is_not_called():
     class Twice(nn.Linear):
         def forward(self, x):

@@ -568,6 +568,8 @@ class QLoRALinear(nn.Module):
 # --- replace_linear ---------------------------------------------------------------------------
 
 Targets = Union[None, str, Sequence[str]]
+# target_modules="all-linear": PEFT's name for every Linear but the output layer.
+ALL_LINEAR = "all-linear"
 
 
 def _matcher(spec: Targets, what: str):
@@ -618,6 +620,19 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
             if len(owners.get(id(mod.weight), ())) > 1:
                 tied.add(mname)
     return tied
+
+
+def _output_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output projection as Hugging Face models name it (get_output_embeddings(): the
+    lm_head), or None for a model without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        out = get()
+    except (NotImplementedError, AttributeError):  # a PreTrainedModel subclass that never set one
+        return None
+    return out if isinstance(out, nn.Module) else None
 
 
 def _forward_unused(model: nn.Module) -> dict[int, str]:
@@ -756,8 +771,10 @@ def replace_linear(
     """Swap matching nn.Linear modules of `model` for QLoRALinear in place; freeze everything else.
 
     target_modules: None (every nn.Linear, except ones whose weight is tied to another module, such
-    as a tied lm_head), a list of names (a module matches when its full name equals an entry or ends
-    with "." + entry, as in PEFT), or a regex matched against the full name. exclude: same forms.
+    as a tied lm_head), "all-linear" (as PEFT's: the same, less the model's output layer, the one
+    its get_output_embeddings() returns, which QLoRA leaves in 16 bits), a list of names (a module
+    matches when its full name equals an entry or ends with "." + entry, as in PEFT), or a regex
+    matched against the full name. exclude: None, a list of names or a regex.
     layer_kwargs go to QLoRALinear.from_linear (r, lora_alpha, compute_dtype, ...).
 
     Every parameter of the model is frozen except the new layers' lora_A/lora_B (and their bias
@@ -779,9 +796,11 @@ def replace_linear(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_linear takes an nn.Module as `model`, got {type(model).__name__}")
-    want = _matcher(target_modules, "target_modules")
+    all_linear = isinstance(target_modules, str) and target_modules == ALL_LINEAR
+    want = None if all_linear else _matcher(target_modules, "target_modules")
     skip = _matcher(exclude, "exclude")
-    tied = _tied_linear_names(model) if target_modules is None else set()
+    tied = _tied_linear_names(model) if want is None else set()
+    output_layer = _output_layer(model) if all_linear else None
     unused = _forward_unused(model)
     paths = _module_paths(model)
     report = ReplaceReport()
@@ -817,6 +836,9 @@ def replace_linear(
             continue
         if name in tied:
             report.skipped[name] = "weight tied to another module"
+            continue
+        if mod is output_layer:
+            report.skipped[name] = "the model's output layer (get_output_embeddings()), which all-linear leaves out"
             continue
         chosen.append((name, mod))
     if not_linear:
