@@ -70,7 +70,7 @@ def _snapshot(model):
     return ({n: type(m) for n, m in model.named_modules()},
             {n: p.requires_grad for n, p in model.named_parameters()},
             {k: v.clone() for k, v in model.state_dict().items()},
-            {n: (m.lora_alpha, m.lora_dropout) for n, m in model.named_modules() if isinstance(m, QLoRALinear)})
+            {n: (m.lora_alpha, m.lora_dropout, m.use_rslora) for n, m in model.named_modules() if isinstance(m, QLoRALinear)})
 
 
 def _assert_unchanged(model, snap):
@@ -80,7 +80,7 @@ def _assert_unchanged(model, snap):
     now = model.state_dict()
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert {n: (m.lora_alpha, m.lora_dropout) for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == hyper
+    assert {n: (m.lora_alpha, m.lora_dropout, m.use_rslora) for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == hyper
 
 
 def _assert_refused_unchanged(model, load, match, errors=AdapterFileError):
@@ -118,10 +118,13 @@ def test_adapter_round_trip_with_mixed_ranks_and_head(tmp_path):
     torch.testing.assert_close(_logits(fresh), expected, rtol=0, atol=0)
 
 
-def test_our_adapter_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_our_adapter_loads_in_peft(tmp_path, use_rslora):
     peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
-    model = replace_linear(_llama(), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, compute_dtype=torch.float32)
-    replace_linear(model, target_modules=["up_proj"], r=8, lora_alpha=8, compute_dtype=torch.float32)
+    model = replace_linear(_llama(), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, compute_dtype=torch.float32,
+                           use_rslora=use_rslora)
+    replace_linear(model, target_modules=["up_proj"], r=8, lora_alpha=8, compute_dtype=torch.float32,
+                   use_rslora=use_rslora)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for p in model.parameters():
@@ -133,6 +136,7 @@ def test_our_adapter_loads_in_peft(tmp_path):
     pm = peft.PeftModel.from_pretrained(_dequantized_base(model), str(tmp_path)).eval()
     lora_layers = [m for m in pm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     assert len(lora_layers) == 3 * 2  # q, v (r=4) and up (r=8: rank_pattern) in both blocks
+    assert {m.scaling["default"] for m in lora_layers} == ({8 / 2, 8 / 8 ** 0.5} if use_rslora else {2.0, 1.0})
     torch.testing.assert_close(_logits(pm), ours, rtol=1e-5, atol=1e-5)
 
 
@@ -147,12 +151,13 @@ def test_our_adapter_loads_in_peft_on_a_bitsandbytes_base(tmp_path):
     torch.testing.assert_close(_logits(pm), ours, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_trained_adapter_loads_into_ours(tmp_path):
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_trained_adapter_loads_into_ours(tmp_path, use_rslora):
     peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
     qmodel = _qlora_llama(train=False, r=8)
     base = _dequantized_base(qmodel)
     pm = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                   lora_dropout=0.0))
+                                                   lora_dropout=0.0, use_rslora=use_rslora))
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
     pm.train()
     for _ in range(3):
@@ -164,8 +169,18 @@ def test_peft_trained_adapter_loads_into_ours(tmp_path):
     expected = _logits(pm)
     pm.save_pretrained(str(tmp_path))
     load_adapter(qmodel, tmp_path)
-    assert any(torch.count_nonzero(m.lora_B) for m in qmodel.modules() if isinstance(m, QLoRALinear))
+    layers = [m for m in qmodel.modules() if isinstance(m, QLoRALinear)]
+    assert any(torch.count_nonzero(m.lora_B) for m in layers)
+    assert {m.scale for m in layers} == {16 / 8 ** 0.5 if use_rslora else 2.0}
     torch.testing.assert_close(_logits(qmodel), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_adapter_refuses_layers_that_mix_rslora_and_lora(tmp_path):
+    model = _qlora_llama(targets=("q_proj",))
+    replace_linear(model, target_modules=["v_proj"], r=4, compute_dtype=torch.float32, use_rslora=True)
+    with pytest.raises(ValueError, match="some layers use rsLoRA.*v_proj.*Nothing was written"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 def _write_adapter(tmp_path, model, edit):
@@ -532,6 +547,7 @@ NAN, INF = float("nan"), float("inf")
     ("alpha_pattern", {"v_proj": NAN}, r"alpha_pattern\['v_proj'\] must be a finite number"),
     ("alpha_pattern", {"[": 8}, r"alpha_pattern key '\[' is not a valid regex"),
     ("alpha_pattern", 3, "alpha_pattern must be an object"),
+    ("use_rslora", "true", "use_rslora must be true or false"), ("use_rslora", 1, "use_rslora must be true or false"),
 ])
 def test_bad_adapter_config_values_are_refused(tmp_path, field, value, match):
     save_adapter(_qlora_llama(), tmp_path)

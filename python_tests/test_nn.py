@@ -215,6 +215,24 @@ def test_merge_and_requantize():
     assert "re-quantization error" in str(rep)
 
 
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    """use_rslora (PEFT's rank-stabilized LoRA): scale = lora_alpha / sqrt(r) in the forward, the
+    merge and the re-quantized layer; anything but a bool is refused."""
+    torch.manual_seed(0)
+    layer = QLoRALinear(64, 48, r=16, lora_alpha=8, compute_dtype=torch.float32, use_rslora=True)
+    _randomize_lora(layer)
+    assert layer.scale == 2.0 and "use_rslora=True" in repr(layer)
+    x = torch.randn(5, 64)
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    expected = x @ layer.dequantize(torch.float32).t() + 2.0 * (x @ A.t()) @ B.t() + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.merge()(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer.merge_and_requantize().use_rslora
+    layer.use_rslora = False
+    assert layer.scale == 0.5
+    with pytest.raises(TypeError, match="use_rslora must be True or False"):
+        QLoRALinear(64, 48, use_rslora="yes")
+
 def test_constructor_arguments_are_checked():
     with pytest.raises(ValueError, match="blocksize"):
         QLoRALinear(64, 64, blocksize=48)

@@ -258,6 +258,12 @@ def save_adapter(
     def alpha_of(m: QLoRALinear):
         return m.lora_alpha if isinstance(m.lora_alpha, int) else float(m.lora_alpha)
 
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        with_it = sorted(n for n, m in layers.items() if m.use_rslora)
+        raise ValueError(f"save_adapter: some layers use rsLoRA ({with_it[:5]}{' ...' if len(with_it) > 5 else ''}) "
+                         "and others do not; PEFT's adapter_config holds one use_rslora for all of them. Nothing "
+                         "was written")
     ranks = Counter(m.r for m in layers.values())
     alphas = Counter(alpha_of(m) for m in layers.values())
     r = ranks.most_common(1)[0][0]
@@ -289,7 +295,7 @@ def save_adapter(
         "lora_dropout": max(dropouts),
         "fan_in_fan_out": False,
         "bias": "lora_only" if train_bias else "none",
-        "use_rslora": False,
+        "use_rslora": rslora.pop(),
         "use_dora": False,
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
@@ -347,8 +353,8 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     """Load a LoRA adapter in PEFT's layout (ours or PEFT's) into the QLoRALinear layers of `model`.
 
     The model's layers must already be QLoRALinear (replace_linear) with the adapter's rank at the
-    adapter's module names. Sets each layer's lora_A, lora_B, lora_alpha (and dropout, bias and
-    modules_to_save when the adapter has them). strict: every QLoRALinear of the model must get an
+    adapter's module names. Sets each layer's lora_A, lora_B, lora_alpha, use_rslora (and dropout,
+    bias and modules_to_save when the adapter has them). strict: every QLoRALinear of the model must get an
     adapter. rank_pattern / alpha_pattern resolve as in PEFT (the first key matching the end of a
     module name wins). Other entries of the file load only into parameters and buffers outside the
     QLoRALinear layers (their 4-bit bases are load_quantized's), with the model's shape and a
@@ -368,9 +374,12 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterFileError(f"{cfg_path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, "
                                "only LORA adapters load here")
-    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+    for flag in ("use_dora", "fan_in_fan_out"):
         if config.get(flag):
             raise AdapterFileError(f"{cfg_path}: {flag}=true is not supported by QLoRALinear")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise AdapterFileError(f"{cfg_path}: use_rslora must be true or false, got {use_rslora!r}")
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise AdapterFileError(f"{cfg_path}: no {field!r} in the config")
@@ -474,6 +483,7 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
             layer.lora_B.copy_(b)
             layer.lora_alpha = alpha
             layer.lora_dropout = dropout
+            layer.use_rslora = use_rslora
         for name, bias in biases.items():
             layers[name].bias.copy_(bias)
         for k, t in others.items():

@@ -7,7 +7,7 @@ tables are constants (formats.get_code) rather than per-layer buffers: 1 KB per 
 never differs would skew bits/param on small layers; io.py writes them out where bitsandbytes'
 checkpoint format expects them.
 
-Forward: y = x @ dequant(W)^T + (lora_alpha / r) * dropout(x) @ A^T @ B^T (+ bias), one call of
+Forward: y = x @ dequant(W)^T + scale * dropout(x) @ A^T @ B^T (+ bias), one call of
 functional.qlora_linear (the fused op; nothing here dequantizes W for the forward or backward).
 """
 
@@ -169,7 +169,8 @@ class RequantizationError:
 
 
 class QLoRALinear(nn.Module):
-    """y = x @ dequant(W)^T + (lora_alpha / r) * dropout(x) @ lora_A^T @ lora_B^T (+ bias).
+    """y = x @ dequant(W)^T + scale * dropout(x) @ lora_A^T @ lora_B^T (+ bias), scale = lora_alpha / r
+    (lora_alpha / sqrt(r) with use_rslora=True, PEFT's rank-stabilized LoRA).
 
     W [out, in] is frozen in 4 bits (NF4 or FP4, blockwise absmax, optionally double-quantized);
     lora_A [r, in] (kaiming-uniform, a=sqrt(5), as the LoRA paper / PEFT) and lora_B [out, r]
@@ -198,6 +199,7 @@ class QLoRALinear(nn.Module):
         device: Optional[Union[torch.device, str]] = None,
         train_bias: bool = False,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
         *,
         _weight: Optional[torch.Tensor] = None,
         _bias: Optional[torch.Tensor] = None,
@@ -227,6 +229,9 @@ class QLoRALinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
         self.train_bias = bool(train_bias)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+        self.use_rslora = use_rslora
 
         if _quantized is not None:
             packed, state = _quantized
@@ -335,7 +340,9 @@ class QLoRALinear(nn.Module):
 
     @property
     def scale(self) -> float:
-        return self.lora_alpha / self.r
+        """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rank-stabilized LoRA, as PEFT's
+        use_rslora: the update's size then does not shrink as r grows)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @property
     def quant_state(self) -> QuantState:
@@ -531,9 +538,9 @@ class QLoRALinear(nn.Module):
         if values_readable(merged) and not bool(torch.isfinite(merged).all()):
             bad = [n for n, t in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) if not bool(torch.isfinite(t).all())]
             raise ValueError(
-                "merge_and_requantize: the merged weight W + (lora_alpha / r) * lora_B @ lora_A has NaN or Inf "
+                "merge_and_requantize: the merged weight W + scale * lora_B @ lora_A has NaN or Inf "
                 + (f"entries ({' and '.join(bad)} {'hold' if len(bad) > 1 else 'holds'} NaN/Inf: the adapter diverged?)" if bad else
-                   f"entries (an overflow: lora_alpha / r = {self.scale})")
+                   f"entries (an overflow: scale = {self.scale})")
                 + ", which a 4-bit base cannot hold. Fix the adapter first (reset_lora_parameters(), or "
                 "load a good one with load_adapter); merge() gives the merged weight unquantized, NaN included"
             )
@@ -544,7 +551,7 @@ class QLoRALinear(nn.Module):
             lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, blocksize=self.blocksize,
             double_quant=self.double_quant, quant_type=self.quant_type, compute_dtype=self.compute_dtype,
             quant_storage=self.quant_storage, train_bias=self.train_bias, lora_dtype=self.lora_A.dtype,
-            _weight=merged, _bias=None if self.bias is None else self.bias.data,
+            use_rslora=self.use_rslora, _weight=merged, _bias=None if self.bias is None else self.bias.data,
         )
         new.weight_dtype = self.weight_dtype
         err = new.dequantize(torch.float32) - merged
@@ -562,6 +569,7 @@ class QLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, {self.quant_type}, "
             f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+            + (", use_rslora=True" if self.use_rslora else "")
         )
 
 
