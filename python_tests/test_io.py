@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter, save_quantized
+from qlora_kernels import io as qk_io
 from qlora_kernels.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError
 
 os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
@@ -309,6 +310,139 @@ def test_bitsandbytes_checkpoint_loads_into_qlora_linear(tmp_path):
     assert all(torch.equal(p, lora_before[n]) for n, p in qmodel.named_parameters() if p.requires_grad)
     torch.testing.assert_close(_logits(qmodel), expected, rtol=1e-5, atol=1e-5)
 
+
+def _llama_config(tie: bool = False):
+    return transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=tie)
+
+
+def _write_hf_shards(directory: pathlib.Path, sd: dict, n_shards: int = 2) -> None:
+    """A Hugging Face sharded checkpoint: model-0000i-of-0000n.safetensors and the index mapping
+    every tensor name to its shard."""
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = keys[i::n_shards]
+        safetensors_torch.save_file({k: sd[k].clone() for k in part}, str(directory / shard))  # no shared storage
+        weight_map.update({k: shard for k in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _empty_llama(tie: bool = False) -> nn.Module:
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is a test dependency (empty-weights init)")
+    with accelerate.init_empty_weights():  # parameters on meta, buffers real (as from_pretrained builds)
+        return transformers.LlamaForCausalLM(_llama_config(tie)).eval()
+
+
+def test_sharded_bitsandbytes_checkpoint_directory_loads_into_an_empty_model(tmp_path):
+    """A pre-quantized bnb-4bit checkpoint directory (shards + index, as Hugging Face saves them)
+    into a model built without memory: every tensor comes from the files, no fp32 copy is ever
+    made, and the logits are bitsandbytes' own."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
+    bmodel = _bnb_model(_llama(), PROJ, bnb)
+    expected = _logits(bmodel)
+    _write_hf_shards(tmp_path, bmodel.state_dict())
+    model = _empty_llama()
+    load_quantized(model, tmp_path, r=4, compute_dtype=torch.float32)
+    assert len(model.qlora_replaced) == 2 * 7
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.{w}" for n in model.qlora_replaced for w in ("lora_A", "lora_B")}
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+
+    # The same directory with one file instead of shards.
+    single = tmp_path / "single"
+    single.mkdir()
+    safetensors_torch.save_file({k: v.contiguous() for k, v in bmodel.state_dict().items()},
+                                str(single / "model.safetensors"))
+    torch.testing.assert_close(_logits(load_quantized(_empty_llama(), single, r=4, compute_dtype=torch.float32)),
+                               expected, rtol=0, atol=0)
+
+
+def test_replace_linear_on_an_empty_model_then_load_quantized_starts_fresh_adapters(tmp_path):
+    model = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    save_quantized(model, tmp_path / "base.safetensors")
+    expected = _logits(model)  # lora_B is zero: the base alone
+    empty = replace_linear(_empty_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    load_quantized(empty, tmp_path / "base.safetensors")
+    layers = [m for m in empty.modules() if isinstance(m, QLoRALinear)]
+    assert len(layers) == 14 and all(not t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert all(m.lora_A.requires_grad and torch.count_nonzero(m.lora_A) and not torch.count_nonzero(m.lora_B)
+               for m in layers)
+    torch.testing.assert_close(_logits(empty), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["real", "empty"])
+def test_tied_lm_head_saved_under_one_name_loads_tied(tmp_path, empty):
+    """Hugging Face writes a tied lm_head once (under the embedding's name): it loads, and stays
+    the embedding's tensor, into a real model and into an empty one."""
+    torch.manual_seed(0)
+    source = replace_linear(transformers.LlamaForCausalLM(_llama_config(tie=True)).eval(), target_modules=PROJ, r=4,
+                            compute_dtype=torch.float32)
+    expected = _logits(source)
+    sd = qk_io.quantized_state_dict(source)
+    del sd["lm_head.weight"]
+    safetensors_torch.save_file({k: v.clone() for k, v in sd.items()}, str(tmp_path / "tied.safetensors"))
+    if empty:
+        target = _empty_llama(tie=True)
+        target.tie_weights()  # transformers ties at from_pretrained, not under init_empty_weights
+        assert target.lm_head.weight is target.model.embed_tokens.weight
+    else:
+        torch.manual_seed(1)
+        target = transformers.LlamaForCausalLM(_llama_config(tie=True)).eval()
+    load_quantized(target, tmp_path / "tied.safetensors", r=4, compute_dtype=torch.float32)
+    assert target.lm_head.weight is target.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(target), expected, rtol=0, atol=0)
+
+
+def test_meta_buffers_no_file_can_fill_are_refused_before_any_change(tmp_path):
+    """Built under torch.device("meta"), a model's non-persistent buffers (rotary inv_freq) are meta
+    too and in no checkpoint: refused, naming them and what to do, and nothing loaded."""
+    model = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    save_quantized(model, tmp_path / "base.safetensors")
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(_llama_config()).eval()
+    with pytest.raises(AdapterFileError, match=r"inv_freq.*would stay on the meta device.*init_empty_weights"):
+        load_quantized(meta, tmp_path / "base.safetensors", r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in meta.modules())
+    assert all(t.is_meta for t in meta.state_dict().values())
+
+
+@pytest.mark.parametrize("case", ["missing_shard", "key_in_other_shard", "key_in_no_shard", "not_json", "outside_path",
+                                  "empty_dir"])
+def test_bad_checkpoint_directories_are_refused(tmp_path, case):
+    model = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    _write_hf_shards(tmp_path, qk_io.quantized_state_dict(model))
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    errors, match = AdapterFileError, None
+    if case == "missing_shard":
+        (tmp_path / "model-00002-of-00002.safetensors").unlink()
+        errors, match = FileNotFoundError, "no such file"
+    elif case == "key_in_other_shard":
+        key = next(k for k, f in index["weight_map"].items() if f.startswith("model-00001"))
+        index["weight_map"][key] = "model-00002-of-00002.safetensors"
+        match = "which the index maps elsewhere"
+    elif case == "key_in_no_shard":
+        index["weight_map"]["model.extra.weight"] = "model-00001-of-00002.safetensors"
+        match = "are in no shard.*model.extra.weight"
+    elif case == "not_json":
+        index = None
+        index_path.write_text("{weight_map: ")
+        match = "not a JSON object"
+    elif case == "outside_path":
+        index["weight_map"] = {k: "../" + f for k, f in index["weight_map"].items()}
+        match = "plain file names"
+    else:
+        for f in tmp_path.iterdir():
+            f.unlink()
+        errors, match = FileNotFoundError, "without model.safetensors or model.safetensors.index.json"
+    if index is not None and case not in ("missing_shard", "empty_dir"):
+        index_path.write_text(json.dumps(index))
+    target = replace_linear(_llama(seed=3), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    _assert_refused_unchanged(target, lambda: load_quantized(target, tmp_path), match, errors=errors)
 
 def test_our_quantized_base_loads_into_bitsandbytes(tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")

@@ -1009,6 +1009,22 @@ def test_replace_linear_on_a_meta_model_then_load_with_assign():
     torch.testing.assert_close(model(x), real(x), rtol=0, atol=0)
 
 
+def test_layer_built_under_the_meta_device_context_runs_on_meta(monkeypatch):
+    """`with torch.device("meta")` (how empty models are built) sets the default device for every
+    factory call, the code tables' too: they must still be built on the CPU (meta has no values),
+    even when this is the first time they are asked for. A meta forward gives shapes and dtypes."""
+    from qlora_kernels import formats
+
+    monkeypatch.setattr(formats, "_code_cache", {})
+    formats._code_cpu.cache_clear()
+    with torch.device("meta"):
+        layer = QLoRALinear(64, 32, r=4, compute_dtype=torch.bfloat16)
+    assert layer.packed_weight.is_meta and layer.lora_A.is_meta
+    assert formats.get_code("dynamic").device.type == "cpu"
+    torch.testing.assert_close(formats.get_code("dynamic"), formats.create_dynamic_map(signed=True), rtol=0, atol=0)
+    y = layer(torch.empty(3, 64, device="meta"))
+    assert y.is_meta and y.shape == (3, 32) and y.dtype == torch.float32
+
 def test_memory_report_names_a_root_qlora_layer_like_any_root():
     report = qk.memory_report(QLoRALinear(64, 32, r=2))
     assert [row.name for row in report.rows] == ["(root)"]

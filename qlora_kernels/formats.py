@@ -96,14 +96,17 @@ def create_dynamic_map(signed: bool = True) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _code_cpu(name: str) -> torch.Tensor:
-    if name == "nf4":
-        return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32)
-    if name == "fp4":
-        return torch.tensor(FP4_CODE_VALUES, dtype=torch.float32)
-    if name == "dynamic":
-        return create_dynamic_map(signed=True)
-    if name == "dynamic_unsigned":
-        return create_dynamic_map(signed=False)
+    # On the CPU whatever default device is set: a model built under `with torch.device("meta")`
+    # (or "cuda") would otherwise build (and cache) the tables there, and meta has no values.
+    with torch.device("cpu"):
+        if name == "nf4":
+            return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32)
+        if name == "fp4":
+            return torch.tensor(FP4_CODE_VALUES, dtype=torch.float32)
+        if name == "dynamic":
+            return create_dynamic_map(signed=True)
+        if name == "dynamic_unsigned":
+            return create_dynamic_map(signed=False)
     raise ValueError(f"unknown code table {name!r}; expected nf4, fp4, dynamic or dynamic_unsigned")
 
 

@@ -43,6 +43,9 @@ from .nn import (
 PathLike = Union[str, os.PathLike]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# A Hugging Face checkpoint directory: one file, or shards listed by an index.
+CHECKPOINT_FILE = "model.safetensors"
+CHECKPOINT_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
@@ -67,6 +70,40 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     except Exception as e:  # safetensors raises its own error types (and OSError) for bad bytes
         raise AdapterFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     return tensors, metadata
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a Hugging Face checkpoint directory: its
+    model.safetensors, or the shards its model.safetensors.index.json maps every key to."""
+    if not path.is_dir():
+        return _read_safetensors(path)[0]
+    index_path = path / CHECKPOINT_INDEX
+    if not index_path.is_file():
+        if (path / CHECKPOINT_FILE).is_file():
+            return _read_safetensors(path / CHECKPOINT_FILE)[0]
+        raise FileNotFoundError(f"{path}: a directory without {CHECKPOINT_FILE} or {CHECKPOINT_INDEX}")
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise AdapterFileError(f"{index_path}: not a JSON object: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise AdapterFileError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    outside = [f for f in shards if Path(f).name != f]
+    if outside:  # a shard is a file beside the index, never a path elsewhere
+        raise AdapterFileError(f"{index_path}: shard names must be plain file names, got {outside[:3]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        part = _read_safetensors(path / shard)[0]
+        wrong = sorted(k for k in part if weight_map.get(k) != shard)
+        if wrong:
+            raise AdapterFileError(f"{path / shard}: holds {wrong[:5]}, which the index maps elsewhere (or not at all)")
+        tensors.update(part)
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise AdapterFileError(f"{index_path}: {len(absent)} tensor(s) are in no shard: {absent[:5]}")
+    return tensors
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -551,8 +588,44 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     return path
 
 
+def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
+    """The parameter or buffer object itself at state-dict `key` (state_dict() gives detached copies)."""
+    module, _, leaf = key.rpartition(".")
+    owner = model.get_submodule(module)
+    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+
+def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter or buffer) -> every (module, attribute) holding it: a tied weight has several."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for leaf, t in table.items():
+                if t is not None:
+                    holders.setdefault(id(t), []).append((mod, leaf))
+    return holders
+
+
+def _assign(holders: dict[int, list[tuple[nn.Module, str]]], old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put `value` (in old's dtype) where the meta tensor `old` is held, everywhere it is (ties kept);
+    a parameter stays a parameter with its requires_grad."""
+    if id(old) not in holders:  # already replaced through a tied name
+        return
+    value = value.to(dtype=old.dtype)
+    new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+    for mod, leaf in holders.pop(id(old)):
+        (mod._parameters if leaf in mod._parameters else mod._buffers)[leaf] = new
+
+
 def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Module:
     """Load a 4-bit base (ours, or a bitsandbytes Linear4bit state dict saved as safetensors).
+
+    path: a .safetensors file, or a Hugging Face checkpoint directory (model.safetensors, or the
+    shards model.safetensors.index.json lists), e.g. a pre-quantized "bnb-4bit" model. The model
+    may be empty (built under accelerate.init_empty_weights(): parameters on the meta device):
+    then its tensors are the file's (on the CPU, in the dtypes the model was built with), and
+    QLoRALinear layers on meta get a fresh adapter; no full-precision weight is ever made. A tied
+    weight (lm_head = the embedding) may be in the file under either of its names.
 
     Each quantized entry goes into the QLoRALinear at that name (its adapter is kept), or replaces
     an nn.Linear there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...; the
@@ -564,7 +637,7 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
     """
     _check_model(model, "load_quantized")
     path = Path(path)
-    tensors, _ = _read_safetensors(path)
+    tensors = _read_checkpoint(path)
     problems: list[str] = []
     quantized: dict[str, tuple[torch.Tensor, QuantState, Optional[torch.Tensor]]] = {}
     consumed: set[str] = set()
@@ -620,6 +693,8 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
                                 f"needs a floating-point bias of shape ({out_f},)")
                 continue
         device = next((t.device for t in mod.parameters()), torch.device("cpu"))
+        if device.type == "meta":  # a model built without memory: the layer takes the file's tensors
+            device = packed.device
         if isinstance(mod, QLoRALinear):
             updates.append((mod, packed.to(device), state.to(device), bias))
         elif isinstance(mod, nn.Linear):
@@ -645,7 +720,15 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             continue
         expected[k] = v
     rest = {k: v for k, v in tensors.items() if k not in consumed}
-    missing = sorted(set(expected) - set(rest))
+    holders = _tensor_holders(model)
+    slots = {k: _tensor_at(model, k) for k in expected}
+    # Tied weights (a Hugging Face lm_head sharing the embedding) are saved under one of their
+    # names: any name of the same tensor in the file fills them all.
+    names_of: dict[int, list[str]] = {}
+    for k, t in slots.items():
+        names_of.setdefault(id(t), []).append(k)
+    source = {k: k if k in rest else next((o for o in names_of[id(slots[k])] if o in rest), None) for k in expected}
+    missing = sorted(k for k, src in source.items() if src is None)
     unexpected = sorted(set(rest) - set(expected))
     qlora_without = sorted(set(_qlora_layers(model)) - set(quantized))
     if qlora_without:
@@ -654,12 +737,20 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         problems.append(f"missing from the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     if unexpected:
         problems.append(f"not in the model: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    for k in sorted(set(rest) & set(expected)):
-        if tuple(rest[k].shape) != tuple(expected[k].shape):
-            problems.append(f"{k}: shape {tuple(rest[k].shape)} in the file, {tuple(expected[k].shape)} in the model")
-        elif _dtype_mismatch(rest[k], expected[k]):
-            problems.append(f"{k}: dtype {rest[k].dtype} in the file, {expected[k].dtype} in the model (floating-point "
+    for k in sorted(k for k, src in source.items() if src is not None):
+        t = rest[source[k]]
+        if tuple(t.shape) != tuple(expected[k].shape):
+            problems.append(f"{k}: shape {tuple(t.shape)} in the file, {tuple(expected[k].shape)} in the model")
+        elif _dtype_mismatch(t, expected[k]):
+            problems.append(f"{k}: dtype {t.dtype} in the file, {expected[k].dtype} in the model (floating-point "
                             "values load only into floating-point tensors, other dtypes only into their own)")
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.is_meta and n.rpartition(".")[0] not in quantized and source.get(n) is None]
+    if left_on_meta and not missing:
+        problems.append(f"{left_on_meta[:10]} would stay on the meta device: the file has no values for them "
+                        "(non-persistent buffers such as a rotary embedding's inv_freq never are in a checkpoint: "
+                        "build the model under accelerate.init_empty_weights(), which keeps buffers real, rather "
+                        "than under torch.device('meta'))")
     if not quantized:
         problems.append("the file holds no 4-bit quantized weights (no *.weight.quant_state.bitsandbytes__* key)")
     if problems:
@@ -670,10 +761,20 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         for layer, packed, state, bias in updates:
             layer._set_quantized(packed, state)
             layer.weight_dtype = state.dtype
+            if layer.lora_A.is_meta:
+                layer._materialize_adapter(packed.device)
             if bias is not None:
-                layer.bias.copy_(bias)
+                if layer.bias.is_meta:
+                    layer.bias = nn.Parameter(bias.to(packed.device, layer.bias.dtype),
+                                              requires_grad=layer.bias.requires_grad)
+                else:
+                    layer.bias.copy_(bias)
         for k in expected:
-            current[k].copy_(rest[k])
+            value = rest[source[k]]
+            if slots[k].is_meta:
+                _assign(holders, slots[k], value)
+            else:
+                current[k].copy_(value)
         for name, layer in swaps:
             for alias in paths[id(model.get_submodule(name))]:
                 _set_submodule(model, alias, layer)

@@ -319,6 +319,15 @@ class QLoRALinear(nn.Module):
         self.double_quant = state.nested
         self.quant_storage = packed.dtype
 
+    def _materialize_adapter(self, device: torch.device) -> None:
+        """lora_A / lora_B on the meta device (a layer built without memory) made real on `device`
+        with a fresh adapter (reset_lora_parameters), keeping their dtypes and requires_grad."""
+        for name in ("lora_A", "lora_B"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                             requires_grad=old.requires_grad))
+        self.reset_lora_parameters()
+
     def reset_lora_parameters(self) -> None:
         """A kaiming-uniform (a=sqrt(5)), B zeros: the adapter starts as the identity update."""
         with torch.no_grad():
@@ -500,8 +509,10 @@ class QLoRALinear(nn.Module):
         dev = x.device.type
         # nn.Linear's output dtype: its input's, or autocast's inside an autocast region (HF Trainer's
         # bf16=True on a float32 model), so activations stay as small as they would have been.
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        return y.to(out_dtype)
+        # (A meta model, e.g. for shape inference, has no autocast: asking would raise.)
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            return y.to(torch.get_autocast_dtype(dev))
+        return y.to(x.dtype)
 
     # --- merge --------------------------------------------------------------------------------
 
