@@ -230,6 +230,12 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
     assert layer.merge_and_requantize().use_rslora
     layer.use_rslora = False
     assert layer.scale == 0.5
+    # A layer pickled before use_rslora existed (no such attribute) loads as plain LoRA.
+    del layer.__dict__["use_rslora"]
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False).scale == 0.5
     with pytest.raises(TypeError, match="use_rslora must be True or False"):
         QLoRALinear(64, 48, use_rslora="yes")
 

@@ -391,8 +391,8 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
 
     The model's layers must already be QLoRALinear (replace_linear) with the adapter's rank at the
     adapter's module names. Sets each layer's lora_A, lora_B, lora_alpha, use_rslora (and dropout,
-    bias and modules_to_save when the adapter has them). strict: every QLoRALinear of the model must get an
-    adapter. rank_pattern / alpha_pattern resolve as in PEFT (the first key matching the end of a
+    bias and modules_to_save when the adapter has them). strict: every QLoRALinear of the model must
+    get an adapter. rank_pattern / alpha_pattern resolve as in PEFT (the first key matching the end of a
     module name wins). Other entries of the file load only into parameters and buffers outside the
     QLoRALinear layers (their 4-bit bases are load_quantized's), with the model's shape and a
     matching kind of dtype (floating into floating; anything else only into its own dtype).

@@ -183,6 +183,9 @@ class QLoRALinear(nn.Module):
     attention's probs @ V, need operands of one dtype).
     """
 
+    # Class-level default: a layer pickled (torch.save(model)) before use_rslora existed loads as plain LoRA.
+    use_rslora: bool = False
+
     def __init__(
         self,
         in_features: int,
