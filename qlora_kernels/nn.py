@@ -512,8 +512,10 @@ class QLoRALinear(nn.Module):
         dev = x.device.type
         # nn.Linear's output dtype: its input's, or autocast's inside an autocast region (HF Trainer's
         # bf16=True on a float32 model), so activations stay as small as they would have been.
-        # (A meta model, e.g. for shape inference, has no autocast: asking would raise.)
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        # (Asked only where the op can run: a meta model, e.g. for shape inference, has no autocast
+        # and asking would raise; torch.amp.is_autocast_available would say so, but Dynamo before
+        # torch 2.13 cannot trace it, and the layer must compile with fullgraph=True.)
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
             return y.to(torch.get_autocast_dtype(dev))
         return y.to(x.dtype)
 
