@@ -444,6 +444,7 @@ def test_bad_checkpoint_directories_are_refused(tmp_path, case):
     target = replace_linear(_llama(seed=3), target_modules=PROJ, r=4, compute_dtype=torch.float32)
     _assert_refused_unchanged(target, lambda: load_quantized(target, tmp_path), match, errors=errors)
 
+
 def test_our_quantized_base_loads_into_bitsandbytes(tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
     model = _qlora_llama(targets=PROJ, train=False)

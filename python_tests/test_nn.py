@@ -239,6 +239,7 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
     with pytest.raises(TypeError, match="use_rslora must be True or False"):
         QLoRALinear(64, 48, use_rslora="yes")
 
+
 def test_constructor_arguments_are_checked():
     with pytest.raises(ValueError, match="blocksize"):
         QLoRALinear(64, 64, blocksize=48)
@@ -257,7 +258,6 @@ def test_non_float_input_is_refused_as_nn_linear_refuses_it():
         nn.Linear(64, 32)(ids)
     with pytest.raises(TypeError, match="floating-point input.*int64"):
         layer(ids)
-
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -310,6 +310,7 @@ def test_torch_compile_fullgraph_of_the_layer_keeps_its_dtypes():
             want, got = layer(x), compiled(x)
         assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
 
 def _layer_state(layer: nn.Module) -> dict:
     return {k: v.clone() for k, v in layer.state_dict().items()}
@@ -590,7 +591,6 @@ def test_replace_linear_on_minilm():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_float32_minilm_computing_in_bf16_runs_forward_and_backward(attn):
     """The README's setup: a float32 model from_pretrained, its Linears replaced with
@@ -617,6 +617,7 @@ def test_float32_minilm_computing_in_bf16_runs_forward_and_backward(attn):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(grads) == 2 * 36 and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
 
 def _snapshot(model):
     return ({n: type(m) for n, m in model.named_modules()},
@@ -1030,6 +1031,7 @@ def test_layer_built_under_the_meta_device_context_runs_on_meta(monkeypatch):
     torch.testing.assert_close(formats.get_code("dynamic"), formats.create_dynamic_map(signed=True), rtol=0, atol=0)
     y = layer(torch.empty(3, 64, device="meta"))
     assert y.is_meta and y.shape == (3, 32) and y.dtype == torch.float32
+
 
 def test_memory_report_names_a_root_qlora_layer_like_any_root():
     report = qk.memory_report(QLoRALinear(64, 32, r=2))

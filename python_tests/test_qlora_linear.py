@@ -549,6 +549,7 @@ def test_autocast_does_not_change_what_the_ops_compute(backend, strategy):
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == w.dtype and torch.equal(g, w), name
 
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_empty_batch(backend):
     inp = make_inputs(Case((3,), 64, 128, 4))
