@@ -374,6 +374,21 @@ def test_replace_linear_on_an_empty_model_then_load_quantized_starts_fresh_adapt
     torch.testing.assert_close(_logits(empty), expected, rtol=0, atol=0)
 
 
+def test_empty_layers_with_a_bias_take_the_file_s_bias(tmp_path):
+    def block():
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    torch.manual_seed(0)
+    model = replace_linear(block(), r=4, compute_dtype=torch.float32)
+    save_quantized(model, tmp_path / "base.safetensors")
+    with torch.device("meta"):
+        empty = replace_linear(block(), r=4, compute_dtype=torch.float32)
+    load_quantized(empty, tmp_path / "base.safetensors")
+    assert all(isinstance(m.bias, nn.Parameter) and not m.bias.is_meta and not m.bias.requires_grad
+               for m in empty.modules() if isinstance(m, QLoRALinear))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(empty(x), model(x), rtol=0, atol=0)
+
 @pytest.mark.parametrize("empty", [False, True], ids=["real", "empty"])
 def test_tied_lm_head_saved_under_one_name_loads_tied(tmp_path, empty):
     """Hugging Face writes a tied lm_head once (under the embedding's name): it loads, and stays

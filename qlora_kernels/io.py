@@ -764,9 +764,8 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             if layer.lora_A.is_meta:
                 layer._materialize_adapter(packed.device)
             if bias is not None:
-                if layer.bias.is_meta:
-                    layer.bias = nn.Parameter(bias.to(packed.device, layer.bias.dtype),
-                                              requires_grad=layer.bias.requires_grad)
+                if layer.bias.is_meta:  # the file's tensor, on the device the layer's buffers took from it
+                    _assign(holders, layer.bias, bias)
                 else:
                     layer.bias.copy_(bias)
         for k in expected:
