@@ -35,9 +35,11 @@ from .nn import (
     QLoRALinear,
     _module_paths,
     _set_submodule,
+    dense_shape,
     finite_real,
     freeze_all_but_adapters,
     guard_state_dict_loads,
+    is_conv1d,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -330,7 +332,10 @@ def save_adapter(
         "target_modules": sorted(layers),
         "exclude_modules": None,
         "lora_dropout": max(dropouts),
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D (GPT-2) targets. It changes no tensor in the file (lora_A is [r, in],
+        # lora_B [out, r] either way) and PEFT corrects it per layer, with a warning, where a layer's
+        # kind disagrees: the value most layers need is written.
+        "fan_in_fan_out": 2 * sum(m.fan_in_fan_out for m in layers.values()) > len(layers),
         "bias": "lora_only" if train_bias else "none",
         "use_rslora": rslora.pop(),
         "use_dora": False,
@@ -411,12 +416,14 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterFileError(f"{cfg_path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, "
                                "only LORA adapters load here")
-    for flag in ("use_dora", "fan_in_fan_out"):
-        if config.get(flag):
-            raise AdapterFileError(f"{cfg_path}: {flag}=true is not supported by QLoRALinear")
+    if config.get("use_dora"):
+        raise AdapterFileError(f"{cfg_path}: use_dora=true is not supported by QLoRALinear")
+    # fan_in_fan_out (PEFT's flag for Conv1D targets) is read and not used: the adapter's tensors are
+    # laid out the same either way, and each layer knows whether it replaced a Conv1D.
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(flag, False), bool):
+            raise AdapterFileError(f"{cfg_path}: {flag} must be true or false, got {config[flag]!r}")
     use_rslora = config.get("use_rslora", False)
-    if not isinstance(use_rslora, bool):
-        raise AdapterFileError(f"{cfg_path}: use_rslora must be true or false, got {use_rslora!r}")
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise AdapterFileError(f"{cfg_path}: no {field!r} in the config")
@@ -628,7 +635,8 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
     weight (lm_head = the embedding) may be in the file under either of its names.
 
     Each quantized entry goes into the QLoRALinear at that name (its adapter is kept), or replaces
-    an nn.Linear there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...; the
+    an nn.Linear (or transformers Conv1D, whose weight the file holds [out, in], as bitsandbytes
+    quantizes it) there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...; the
     model is then frozen but for the adapters, as replace_linear leaves it). Every other entry must
     match the model's state dict (shape, and a matching kind of dtype: floating into floating,
     anything else only into its own dtype); a quantized layer's bias must be floating point and of
@@ -676,9 +684,10 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             problems.append(f"{name}: in the file but not in the model")
             continue
         out_f, in_f = (int(s) for s in state.shape)
-        if (getattr(mod, "out_features", None), getattr(mod, "in_features", None)) != (out_f, in_f):
-            problems.append(f"{name}: the file's weight is {out_f}x{in_f}, the model's "
-                            f"{type(mod).__name__} is {getattr(mod, 'out_features', '?')}x{getattr(mod, 'in_features', '?')}")
+        shape = dense_shape(mod) or (getattr(mod, "out_features", None), getattr(mod, "in_features", None))
+        if shape != (out_f, in_f):
+            problems.append(f"{name}: the file's weight is {out_f}x{in_f} (out x in), the model's "
+                            f"{type(mod).__name__} is {'x'.join('?' if d is None else str(d) for d in shape)}")
             continue
         if (bias is None) != (getattr(mod, "bias", None) is None):
             problems.append(f"{name}: bias {'missing from' if bias is None else 'present in'} the file but "
@@ -697,12 +706,16 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             device = packed.device
         if isinstance(mod, QLoRALinear):
             updates.append((mod, packed.to(device), state.to(device), bias))
-        elif isinstance(mod, nn.Linear):
+        elif dense_shape(mod) is not None:
             try:
-                swaps.append((name, QLoRALinear.from_quantized(
-                    packed.to(device), state.to(device), None if bias is None else bias.to(device), **layer_kwargs)))
+                layer = QLoRALinear.from_quantized(
+                    packed.to(device), state.to(device), None if bias is None else bias.to(device), **layer_kwargs)
             except (TypeError, ValueError) as e:
                 problems.append(f"{name}: cannot build a QLoRALinear: {e}")
+                continue
+            # A Conv1D's weight is quantized [out, in] as well (bitsandbytes transposes GPT-2's too).
+            layer.fan_in_fan_out = is_conv1d(mod)
+            swaps.append((name, layer))
         else:
             problems.append(f"{name}: the model's module is a {type(mod).__name__}, not a Linear")
 
@@ -735,6 +748,15 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         problems.append(f"the file has no quantized weight for the model's QLoRALinear layer(s) {qlora_without[:10]}")
     if missing:
         problems.append(f"missing from the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        # transformers ties weights at from_pretrained, not under init_empty_weights: say so when a
+        # missing key is a tied weight whose partner the file has.
+        tied = getattr(model, "all_tied_weights_keys", None)
+        untied = [k for k in missing if isinstance(tied, dict) and tied.get(k) in rest]
+        if untied:
+            problems.append(f"{untied[:10]} {'is' if len(untied) == 1 else 'are'} tied to "
+                            f"{[tied[k] for k in untied[:10]]} in the model's config but not in the model: call "
+                            "model.tie_weights() first (transformers ties them at from_pretrained, not under "
+                            "init_empty_weights)")
     if unexpected:
         problems.append(f"not in the model: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     for k in sorted(k for k, src in source.items() if src is not None):

@@ -18,6 +18,7 @@ import logging
 import math
 import numbers
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
@@ -42,6 +43,40 @@ _READ_ONLY = (
     "change the base, fold the adapter in with merge_and_requantize(), or build a new layer from the new "
     "weight with QLoRALinear.from_linear"
 )
+
+
+def conv1d_type() -> Optional[type]:
+    """transformers' Conv1D (GPT-2's and OpenAI GPT's linear layer: y = x @ W + b with W stored
+    [in, out], the transpose of nn.Linear's), or None while transformers.pytorch_utils is not
+    imported: a model can hold one only after it is, so this never imports transformers itself."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(mod) -> bool:
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(mod, conv1d)
+
+
+def dense_shape(mod: nn.Module) -> Optional[tuple[int, int]]:
+    """(out_features, in_features) of an nn.Linear or a transformers Conv1D; None for other modules."""
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features
+    if is_conv1d(mod):
+        return mod.nf, mod.nx
+    return None
+
+
+def dense_weight(mod: nn.Module) -> Optional[torch.Tensor]:
+    """The weight of an nn.Linear or a Conv1D as nn.Linear lays it out, [out, in] (a Conv1D's
+    transposed view), when it is a plain floating-point tensor of the layer's shape; else None (a
+    quantized or otherwise replaced weight)."""
+    shape = dense_shape(mod)
+    w = getattr(mod, "weight", None)
+    if shape is None or not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        return None
+    if is_conv1d(mod):
+        w = w.t()
+    return w if tuple(w.shape) == shape else None
 
 
 def _written_args(func, args, kwargs) -> list:
@@ -183,8 +218,12 @@ class QLoRALinear(nn.Module):
     attention's probs @ V, need operands of one dtype).
     """
 
-    # Class-level default: a layer pickled (torch.save(model)) before use_rslora existed loads as plain LoRA.
+    # Class-level defaults: a layer pickled (torch.save(model)) before these existed loads as it was.
     use_rslora: bool = False
+    # True when the layer replaced a transformers Conv1D (GPT-2), which stores its weight [in, out]:
+    # PEFT's name for that. The quantized base is [out, in] all the same (as bitsandbytes
+    # quantizes GPT-2); only what merge() / unload() give back, a Conv1D again, depends on it.
+    fan_in_fan_out: bool = False
 
     def __init__(
         self,
@@ -273,26 +312,29 @@ class QLoRALinear(nn.Module):
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QLoRALinear":
+    def from_linear(cls, linear: nn.Module, **kwargs) -> "QLoRALinear":
         """Quantize `linear`'s weight (on its device, from its dtype) into a new QLoRALinear.
 
+        linear: an nn.Linear, or a transformers Conv1D (GPT-2's; weight [in, out]), whose weight is
+        quantized transposed, as nn.Linear's, with fan_in_fan_out=True on the layer.
         kwargs: any constructor argument but in/out features and bias. The bias is copied as it is.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or tuple(w.shape) != (
-            linear.out_features, linear.in_features
-        ):
+        shape = dense_shape(linear)
+        if shape is None:
+            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        w = dense_weight(linear)
+        if w is None:
+            stored = shape[::-1] if is_conv1d(linear) else shape
             raise TypeError(
-                f"{type(linear).__name__} does not hold a plain float weight of shape "
-                f"({linear.out_features}, {linear.in_features}) (already quantized?)"
+                f"{type(linear).__name__} does not hold a plain float weight of shape {stored} (already quantized?)"
             )
         for k in ("in_features", "out_features", "bias", "_weight", "_bias"):
             if k in kwargs:
                 raise TypeError(f"from_linear takes {k} from the linear layer, not as an argument")
-        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                   _weight=w.data, _bias=None if linear.bias is None else linear.bias.data, **kwargs)
+        layer = cls(shape[1], shape[0], bias=linear.bias is not None, _weight=w.data,
+                    _bias=None if linear.bias is None else linear.bias.data, **kwargs)
+        layer.fan_in_fan_out = is_conv1d(linear)
+        return layer
 
     @classmethod
     def from_quantized(cls, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
@@ -525,22 +567,36 @@ class QLoRALinear(nn.Module):
         with torch.no_grad():
             return self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
 
-    def _as_linear(self, weight_fp32: torch.Tensor) -> nn.Linear:
-        """An nn.Linear holding `weight_fp32` (rounded once) and this bias, in weight_dtype: the
-        dtype of the Linear this layer replaced (following later casts of the module). Not the
-        compute dtype: a QLoRALinear casts its input to that, an nn.Linear does not, so a bf16
-        Linear among a float32 model's layers would fail on their float32 activations."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.packed_weight.device, dtype=self.weight_dtype)
+    def _as_linear(self, weight_fp32: torch.Tensor) -> nn.Module:
+        """The kind of layer this one replaced (nn.Linear, or a Conv1D with fan_in_fan_out) holding
+        `weight_fp32` [out, in] (rounded once) and this bias, in weight_dtype: the dtype of the
+        layer this one replaced (following later casts of the module). Not the compute dtype: a
+        QLoRALinear casts its input to that, an nn.Linear does not, so a bf16 Linear among a
+        float32 model's layers would fail on their float32 activations."""
+        dev, dt = self.packed_weight.device, self.weight_dtype
+        if self.fan_in_fan_out:
+            conv1d = conv1d_type()
+            if conv1d is None:  # only a layer unpickled in a process without transformers
+                raise RuntimeError("this QLoRALinear replaced a transformers Conv1D: import transformers to "
+                                   "rebuild one")
+            with torch.device("meta"):  # its random init, at full size, would be thrown away
+                lin = conv1d(self.out_features, self.in_features)
+            lin.weight = nn.Parameter(weight_fp32.detach().t().to(dev, dt, copy=True,
+                                                                   memory_format=torch.contiguous_format))
+            # (Conv1D's forward adds its bias unconditionally: a layer without one gets zeros.)
+            bias = torch.zeros(self.out_features) if self.bias is None else self.bias.detach()
+            lin.bias = nn.Parameter(bias.to(dev, dt, copy=True))
+            return lin
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev, dtype=dt)
         with torch.no_grad():
             lin.weight.copy_(weight_fp32)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
-    def merge(self) -> nn.Linear:
-        """An nn.Linear with W + s * B @ A (summed in fp32, rounded once to weight_dtype, the dtype of
-        the Linear this layer replaced)."""
+    def merge(self) -> nn.Module:
+        """An nn.Linear (a Conv1D with fan_in_fan_out) with W + s * B @ A (summed in fp32, rounded
+        once to weight_dtype, the dtype of the layer this one replaced)."""
         return self._as_linear(self._merged_weight_fp32())
 
     def merge_and_requantize(self) -> "QLoRALinear":
@@ -570,6 +626,7 @@ class QLoRALinear(nn.Module):
             use_rslora=self.use_rslora, _weight=merged, _bias=None if self.bias is None else self.bias.data,
         )
         new.weight_dtype = self.weight_dtype
+        new.fan_in_fan_out = self.fan_in_fan_out
         err = new.dequantize(torch.float32) - merged
         rms = err.pow(2).mean().sqrt().item()
         new.requantization_error = RequantizationError(
@@ -586,6 +643,7 @@ class QLoRALinear(nn.Module):
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, {self.quant_type}, "
             f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
             + (", use_rslora=True" if self.use_rslora else "")
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )
 
 
@@ -640,7 +698,7 @@ def _tied_linear_names(model: nn.Module) -> set[str]:
             owners.setdefault(id(p), set()).add(id(mod))
     tied = set()
     for mname, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and isinstance(getattr(mod, "weight", None), nn.Parameter):
+        if dense_shape(mod) is not None and isinstance(getattr(mod, "weight", None), nn.Parameter):
             if len(owners.get(id(mod.weight), ())) > 1:
                 tied.add(mname)
     return tied
@@ -706,8 +764,9 @@ def _move_hooks(new: nn.Module, old: nn.Module) -> None:
         add_hook_to_module(new, hook)
 
 
-def _own_forward(mod: nn.Linear) -> Optional[str]:
-    """Why a Linear's behaviour is more than nn.Linear.forward (None when it is not)."""
+def _own_forward(mod: nn.Module) -> Optional[str]:
+    """Why a Linear's (or Conv1D's) behaviour is more than nn.Linear.forward (Conv1D.forward),
+    None when it is not."""
     hook = _accelerate_hook(mod)
     if hook is not None:
         # An offloading hook keeps the weights elsewhere under the Linear's names and brings them
@@ -718,9 +777,10 @@ def _own_forward(mod: nn.Linear) -> Optional[str]:
         return None
     if "forward" in vars(mod):
         return "its forward was replaced on the instance; a QLoRALinear would drop that behaviour"
-    if type(mod).forward is not nn.Linear.forward:
-        return (f"{type(mod).__name__} overrides nn.Linear.forward; a QLoRALinear would drop what that forward "
-                "does")
+    base = nn.Linear if isinstance(mod, nn.Linear) else conv1d_type()
+    if type(mod).forward is not base.forward:
+        return (f"{type(mod).__name__} overrides {base.__name__}.forward; a QLoRALinear would drop what that "
+                "forward does")
     return None
 
 
@@ -794,6 +854,9 @@ def replace_linear(
 ) -> nn.Module:
     """Swap matching nn.Linear modules of `model` for QLoRALinear in place; freeze everything else.
 
+    "Linear" here includes transformers' Conv1D (GPT-2's linear layer, weight stored [in, out]), as
+    PEFT and bitsandbytes treat it: its weight is quantized transposed and the QLoRALinear has
+    fan_in_fan_out=True, so merge_and_unload() / unload() give Conv1D layers back.
     target_modules: None (every nn.Linear, except ones whose weight is tied to another module, such
     as a tied lm_head), "all-linear" (as PEFT's: the same, less the model's output layer, the one
     its get_output_embeddings() returns, which QLoRA leaves in 16 bits), a list of names (a module
@@ -838,17 +901,14 @@ def replace_linear(
             continue
         excluded = [n for n in names if skip is not None and skip(n)]
         if excluded:
-            if len(excluded) < len(names) and isinstance(mod, nn.Linear):  # matched under another name: say why
+            if len(excluded) < len(names) and dense_shape(mod) is not None:  # matched under another name: say why
                 report.skipped[name] = (f"excluded as {', '.join(excluded)}; it is one module registered as "
                                         f"{names}, left alone under every name")
             continue
         if isinstance(mod, QLoRALinear):
             report.skipped[name] = "already a QLoRALinear"
             continue
-        replaceable = (isinstance(mod, nn.Linear) and isinstance(mod.weight, torch.Tensor)
-                       and mod.weight.is_floating_point()
-                       and tuple(mod.weight.shape) == (mod.out_features, mod.in_features))
-        if not replaceable:
+        if dense_weight(mod) is None:
             if want is not None:  # named explicitly: say so rather than ignore it
                 not_linear.append(f"{name} ({type(mod).__name__})")
             continue
@@ -868,10 +928,11 @@ def replace_linear(
     if not_linear:
         raise ValueError(
             f"target_modules={target_modules!r} matched module(s) that are not nn.Linear: {not_linear}; "
-            "only nn.Linear layers can be replaced (narrow the names or the regex)"
+            "only nn.Linear layers (and transformers' Conv1D) with a float weight can be replaced (narrow the "
+            "names or the regex)"
         )
     if not chosen:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if dense_shape(m) is not None]
         raise ValueError(
             f"replace_linear: target_modules={target_modules!r} (exclude={exclude!r}) matched no nn.Linear "
             f"to replace; the model's Linear layers are: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
