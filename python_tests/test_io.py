@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import qlora_kernels as qk
 from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter, save_quantized
 from qlora_kernels import io as qk_io
 from qlora_kernels.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError
@@ -139,6 +140,19 @@ def test_our_adapter_loads_in_peft(tmp_path, use_rslora):
     assert len(lora_layers) == 3 * 2  # q, v (r=4) and up (r=8: rank_pattern) in both blocks
     assert {m.scaling["default"] for m in lora_layers} == ({8 / 2, 8 / 8 ** 0.5} if use_rslora else {2.0, 1.0})
     torch.testing.assert_close(_logits(pm), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_gives_what_peft_s_disable_adapter_gives(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    model = _qlora_llama()
+    save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(_dequantized_base(model), str(tmp_path)).eval()
+    with pm.disable_adapter():
+        theirs = _logits(pm)
+    with qk.disable_adapter(model):
+        ours = _logits(model)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(model), ours, rtol=1e-3, atol=1e-3)  # the adapter is back, and it matters
 
 
 def test_our_adapter_loads_in_peft_on_a_bitsandbytes_base(tmp_path):

@@ -1036,3 +1036,65 @@ def test_layer_built_under_the_meta_device_context_runs_on_meta(monkeypatch):
 def test_memory_report_names_a_root_qlora_layer_like_any_root():
     report = qk.memory_report(QLoRALinear(64, 32, r=2))
     assert [row.name for row in report.rows] == ["(root)"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_disable_adapter_computes_the_base_alone_and_restores(backend):
+    """Inside disable_adapter the model is its 4-bit base, bit for bit what the same layers give
+    with B = 0; the adapters get no gradient (x does); on exit, exception or not, each layer's
+    setting is what it was (a layer disabled before the block stays disabled)."""
+    model, ids = _trained_tiny_llama()
+    base_model, _ = _trained_tiny_llama()
+    with torch.no_grad():
+        for m in base_model.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_B.zero_()
+    model.model.layers[0].self_attn.q_proj.lora_A.data.fill_(float("nan"))  # a diverged adapter
+    emb_model, emb_base = (m.get_input_embeddings()(ids).detach().requires_grad_(True) for m in (model, base_model))
+    with qk.use_backend(backend):
+        with qk.disable_adapter(model):
+            assert all(not m.adapter_enabled for m in model.modules() if isinstance(m, QLoRALinear))
+            got = model(inputs_embeds=emb_model).logits
+            got.sum().backward()
+        want = base_model(inputs_embeds=emb_base).logits
+        want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(emb_model.grad, emb_base.grad, rtol=0, atol=0)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" in n)
+    assert all(m.adapter_enabled for m in model.modules() if isinstance(m, QLoRALinear))
+
+    v_proj = model.model.layers[1].self_attn.v_proj
+    v_proj.adapter_enabled = False
+    with pytest.raises(RuntimeError, match="inside"):
+        with qk.disable_adapter(model):
+            raise RuntimeError("inside")
+    assert not v_proj.adapter_enabled and "adapter_enabled=False" in repr(v_proj)
+    assert sum(not m.adapter_enabled for m in model.modules() if isinstance(m, QLoRALinear)) == 1
+    with pytest.raises(ValueError, match="no QLoRALinear"):
+        with qk.disable_adapter(nn.Linear(4, 4)):
+            pass
+    with pytest.raises(TypeError, match="nn.Module"):
+        with qk.disable_adapter("model"):
+            pass
+
+
+def test_disabled_layer_compiles_and_draws_no_dropout():
+    """A disabled layer traces with fullgraph=True (the flag is a guard: enabling recompiles), and
+    in training its dropout, which only feeds the adapter, draws no random numbers."""
+    torch.manual_seed(0)
+    layer = QLoRALinear(96, 40, r=4, compute_dtype=torch.float32, lora_dropout=0.5)
+    _randomize_lora(layer)
+    x = torch.randn(2, 3, 96)
+    compiled = torch.compile(layer, fullgraph=True)
+    for enabled in (False, True, False):
+        layer.adapter_enabled = enabled
+        layer.eval()
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    layer.train()
+    state = torch.get_rng_state()
+    with qk.disable_adapter(layer):
+        y = layer(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    layer.eval()
+    with qk.disable_adapter(layer):
+        torch.testing.assert_close(y, layer(x), rtol=0, atol=0)

@@ -7,7 +7,7 @@ from .backends import BackendUnavailableError, use_backend
 from .formats import QuantState
 from .functional import dequantize_4bit, dequantize_blockwise, qlora_linear, quantize_4bit, quantize_blockwise
 from .io import load_adapter, load_quantized, save_adapter, save_quantized
-from .nn import QLoRALinear, memory_report, merge_and_unload, replace_linear, unload
+from .nn import QLoRALinear, disable_adapter, memory_report, merge_and_unload, replace_linear, unload
 from .optim import PagedAdamW, PagedAdamW8bit
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "QLoRALinear",
     "QuantState",
     "dequantize_4bit",
+    "disable_adapter",
     "dequantize_blockwise",
     "load_adapter",
     "load_quantized",

@@ -14,6 +14,7 @@ functional.qlora_linear (the fused op; nothing here dequantizes W for the forwar
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import logging
 import math
 import numbers
@@ -224,6 +225,8 @@ class QLoRALinear(nn.Module):
     # PEFT's name for that. The quantized base is [out, in] all the same (as bitsandbytes
     # quantizes GPT-2); only what merge() / unload() give back, a Conv1D again, depends on it.
     fan_in_fan_out: bool = False
+    # False inside disable_adapter(model): the layer computes its 4-bit base alone.
+    adapter_enabled: bool = True
 
     def __init__(
         self,
@@ -547,10 +550,18 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"QLoRALinear takes a floating-point input, got {getattr(x, 'dtype', type(x).__name__)}")
         cd = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cd)
-        y = qlora_linear(
-            x.to(cd), self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scale,
-            bias=bias, dropout=self.lora_dropout, training=self.training,
-        )
+        if self.adapter_enabled:
+            lora_A, lora_B, scale, dropout = self.lora_A, self.lora_B, self.scale, self.lora_dropout
+        else:
+            # The base alone, through the same op: a zero rank-1 adapter adds exact zeros (whatever
+            # lora_A / lora_B hold, NaN included), and the real adapter stays out of the autograd
+            # graph (no gradient, as in PEFT's disabled layers); no dropout draws random numbers.
+            zeros = torch.zeros(self.in_features + self.out_features, dtype=self.lora_A.dtype,
+                                device=self.packed_weight.device)
+            lora_A, lora_B = zeros[:self.in_features].view(1, -1), zeros[self.in_features:].view(-1, 1)
+            scale, dropout = 1.0, 0.0
+        y = qlora_linear(x.to(cd), self.packed_weight, self.quant_state, lora_A, lora_B, scale,
+                         bias=bias, dropout=dropout, training=self.training)
         dev = x.device.type
         # nn.Linear's output dtype: its input's, or autocast's inside an autocast region (HF Trainer's
         # bf16=True on a float32 model), so activations stay as small as they would have been.
@@ -644,6 +655,7 @@ class QLoRALinear(nn.Module):
             f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
             + (", use_rslora=True" if self.use_rslora else "")
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+            + ("" if self.adapter_enabled else ", adapter_enabled=False")
         )
 
 
@@ -1017,6 +1029,29 @@ def unload(model: nn.Module) -> nn.Module:
                               "unload")
 
 
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Within the block, every QLoRALinear of `model` computes its frozen 4-bit base alone (+ bias):
+    the adapters neither act nor get gradients. As PEFT's `with peft_model.disable_adapter():`,
+    e.g. for DPO's reference-model logits without a second copy of the model. On exit (an
+    exception included) each layer's adapter is as enabled as it was before the block.
+    Raises TypeError for a non-module, ValueError when the model has no QLoRALinear.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"disable_adapter takes an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    if not layers:
+        raise ValueError("disable_adapter: the model has no QLoRALinear layer (was replace_linear run on it?)")
+    before = [(layer, layer.adapter_enabled) for layer in layers]
+    try:
+        for layer in layers:
+            layer.adapter_enabled = False
+        yield model
+    finally:
+        for layer, enabled in before:
+            layer.adapter_enabled = enabled
+
+
 # --- memory_report ----------------------------------------------------------------------------
 
 
@@ -1095,5 +1130,5 @@ def memory_report(model: nn.Module) -> MemoryReport:
     return MemoryReport(rows)
 
 
-__all__ = ["QLoRALinear", "freeze_all_but_adapters", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
+__all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
            "memory_report", "replace_linear"]
