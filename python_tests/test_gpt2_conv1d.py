@@ -229,3 +229,17 @@ def test_conv1d_that_cannot_be_replaced_is_refused_or_skipped_with_the_reason():
     assert isinstance(model.transformer.h[1].attn.c_attn, Conv1D)  # nothing was replaced
     with pytest.raises(TypeError, match=r"Conv1D does not hold a plain float weight of shape \(64, 192\)"):
         QLoRALinear.from_linear(conv)
+
+
+def test_gpt2_dora_adapter_loads_in_peft_on_conv1d(tmp_path):
+    """DoRA's row norms are per output feature: [out, in] rows here, PEFT's transposed Conv1D rows."""
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    model = _fill_adapters(_qlora_gpt2(["c_attn", "c_proj"], use_dora=True))
+    ours = _logits(model)
+    save_adapter(model, tmp_path)
+    base = qk.unload(_qlora_gpt2(["c_attn", "c_proj"]))
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(pm), ours, rtol=1e-5, atol=1e-5)
+    qk.merge_and_unload(model)
+    assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    torch.testing.assert_close(_logits(model), ours, rtol=1e-5, atol=1e-5)

@@ -713,7 +713,8 @@ NAN, INF = float("nan"), float("inf")
     ("alpha_pattern", 3, "alpha_pattern must be an object"),
     ("use_rslora", "true", "use_rslora must be true or false"), ("use_rslora", 1, "use_rslora must be true or false"),
     ("fan_in_fan_out", "false", "fan_in_fan_out must be true or false"),
-    ("use_dora", True, "use_dora=true is not supported"),
+    ("use_dora", "yes", "use_dora must be true or false"),
+    ("use_dora", True, r"the adapter is DoRA \(use_dora=True\) but the layer is not"),
 ])
 def test_bad_adapter_config_values_are_refused(tmp_path, field, value, match):
     save_adapter(_qlora_llama(), tmp_path)

@@ -5,6 +5,7 @@ Adapter directory (what PEFT 0.21's save_pretrained writes and from_pretrained r
     adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
     adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, in]
                                base_model.model.<module>.lora_B.weight [out, r]
+                               base_model.model.<module>.lora_magnitude_vector [out]  (use_dora)
                                base_model.model.<module>.base_layer.bias   (bias="lora_only")
                                base_model.model.<module>.<param>           (modules_to_save)
 Quantized base (one .safetensors file): the model's state dict without the adapters, each
@@ -52,8 +53,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 _BIAS_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.bias$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector$")
 _QS_KEY = re.compile(r"^(?P<module>.+)\.weight\.quant_state\.bitsandbytes__(?P<qt>[a-z0-9]+)$")
-_QLORA_INTERNAL = ("packed_weight", "absmax", "nested_absmax", "offset", "lora_A", "lora_B")
+_QLORA_INTERNAL = ("packed_weight", "absmax", "nested_absmax", "offset", "lora_A", "lora_B", "lora_magnitude_vector")
 
 
 class AdapterFileError(ValueError):
@@ -276,6 +278,8 @@ def save_adapter(
     for name, layer in layers.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        if layer.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
         if name in train_bias:
             tensors[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.bias
     for mname in modules_to_save or ():
@@ -297,12 +301,13 @@ def save_adapter(
     def alpha_of(m: QLoRALinear):
         return m.lora_alpha if isinstance(m.lora_alpha, int) else float(m.lora_alpha)
 
+    for flag, what in (("use_rslora", "rsLoRA"), ("use_dora", "DoRA")):
+        with_it = sorted(n for n, m in layers.items() if getattr(m, flag))
+        if 0 < len(with_it) < len(layers):
+            raise ValueError(f"save_adapter: some layers use {what} ({with_it[:5]}{' ...' if len(with_it) > 5 else ''}) "
+                             f"and others do not; PEFT's adapter_config holds one {flag} for all of them. Nothing "
+                             "was written")
     rslora = {m.use_rslora for m in layers.values()}
-    if len(rslora) > 1:
-        with_it = sorted(n for n, m in layers.items() if m.use_rslora)
-        raise ValueError(f"save_adapter: some layers use rsLoRA ({with_it[:5]}{' ...' if len(with_it) > 5 else ''}) "
-                         "and others do not; PEFT's adapter_config holds one use_rslora for all of them. Nothing "
-                         "was written")
     ranks = Counter(m.r for m in layers.values())
     alphas = Counter(alpha_of(m) for m in layers.values())
     r = ranks.most_common(1)[0][0]
@@ -338,7 +343,7 @@ def save_adapter(
         "fan_in_fan_out": 2 * sum(m.fan_in_fan_out for m in layers.values()) > len(layers),
         "bias": "lora_only" if train_bias else "none",
         "use_rslora": rslora.pop(),
-        "use_dora": False,
+        "use_dora": all(m.use_dora for m in layers.values()),
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -396,7 +401,8 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
 
     The model's layers must already be QLoRALinear (replace_linear) with the adapter's rank at the
     adapter's module names. Sets each layer's lora_A, lora_B, lora_alpha, use_rslora (and dropout,
-    bias and modules_to_save when the adapter has them). strict: every QLoRALinear of the model must
+    bias and modules_to_save when the adapter has them; DoRA's magnitude vector: a DoRA adapter,
+    use_dora, loads only into layers built with use_dora=True, and a plain one only into plain ones). strict: every QLoRALinear of the model must
     get an adapter. rank_pattern / alpha_pattern resolve as in PEFT (the first key matching the end of a
     module name wins). Other entries of the file load only into parameters and buffers outside the
     QLoRALinear layers (their 4-bit bases are load_quantized's), with the model's shape and a
@@ -416,14 +422,13 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterFileError(f"{cfg_path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, "
                                "only LORA adapters load here")
-    if config.get("use_dora"):
-        raise AdapterFileError(f"{cfg_path}: use_dora=true is not supported by QLoRALinear")
     # fan_in_fan_out (PEFT's flag for Conv1D targets) is read and not used: the adapter's tensors are
     # laid out the same either way, and each layer knows whether it replaced a Conv1D.
-    for flag in ("use_rslora", "fan_in_fan_out"):
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(config.get(flag, False), bool):
             raise AdapterFileError(f"{cfg_path}: {flag} must be true or false, got {config[flag]!r}")
     use_rslora = config.get("use_rslora", False)
+    use_dora = config.get("use_dora", False)
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise AdapterFileError(f"{cfg_path}: no {field!r} in the config")
@@ -443,6 +448,7 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     layers = _qlora_layers(model)
     lora: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     others: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, t in tensors.items():
@@ -454,10 +460,12 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
             lora.setdefault(m["module"], {})[m["which"]] = t
         elif (m := _BIAS_KEY.match(k)) is not None:
             biases[m["module"]] = t
+        elif (m := _MAGNITUDE_KEY.match(k)) is not None and m["module"] in layers:
+            magnitudes[m["module"]] = t
         else:
             others[k] = t
 
-    plan: list[tuple[QLoRALinear, torch.Tensor, torch.Tensor, float]] = []
+    plan: list[tuple[QLoRALinear, torch.Tensor, torch.Tensor, Optional[torch.Tensor], float]] = []
     for name, pair in sorted(lora.items()):
         layer = layers.get(name)
         if layer is None:
@@ -471,6 +479,19 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         missing = [w for w in ("lora_A", "lora_B") if w not in pair]
         if missing:
             problems.append(f"{name}: {' and '.join(missing)} missing from the adapter file")
+            continue
+        if use_dora != layer.use_dora:
+            # A DoRA layer has a magnitude vector a plain one lacks (and computes otherwise): the
+            # layers must be built for the adapter, as PEFT builds them from its config.
+            problems.append(f"{name}: the adapter {'is' if use_dora else 'is not'} DoRA (use_dora={use_dora}) but "
+                            f"the layer {'is not' if use_dora else 'is'} (replace_linear(..., use_dora={use_dora}))")
+            continue
+        magnitude = magnitudes.get(name)
+        if use_dora and (magnitude is None or tuple(magnitude.shape) != (layer.out_features,)
+                         or not magnitude.is_floating_point()):
+            problems.append(f"{name}: a DoRA adapter needs lora_magnitude_vector of shape ({layer.out_features},) "
+                            "in floating point; the file has "
+                            + ("none" if magnitude is None else f"{magnitude.dtype} {tuple(magnitude.shape)}"))
             continue
         r = _pattern_value(rank_pattern, name, r_default)
         a, b = pair["lora_A"], pair["lora_B"]
@@ -488,7 +509,11 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
             problems.append(f"{name}: LoRA weights must be floating point, got {a.dtype} / {b.dtype}")
         else:
             alpha = _pattern_value(alpha_pattern, name, alpha_default)
-            plan.append((layer, a, b, alpha))
+            plan.append((layer, a, b, magnitude, alpha))
+    stray = sorted(n for n in magnitudes if not use_dora or n not in lora)
+    if stray:
+        problems.append(f"lora_magnitude_vector for {stray[:10]} " + (
+            "in a file whose config has use_dora=false" if not use_dora else "without lora_A/lora_B weights"))
     for name, bias in biases.items():
         layer = layers.get(name)
         if layer is None or layer.bias is None or tuple(bias.shape) != (layer.out_features,):
@@ -522,9 +547,11 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         raise AdapterFileError(f"{directory}: adapter does not fit the model:\n  " + "\n  ".join(problems))
 
     with torch.no_grad():
-        for layer, a, b, alpha in plan:
+        for layer, a, b, magnitude, alpha in plan:
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
+            if magnitude is not None:
+                layer.lora_magnitude_vector.copy_(magnitude)
             layer.lora_alpha = alpha
             layer.lora_dropout = dropout
             layer.use_rslora = use_rslora

@@ -36,6 +36,8 @@ logger = logging.getLogger("qlora_kernels")
 # module.to(dtype) / .half() (see QLoRALinear._apply).
 _QUANT_BUFFERS = ("packed_weight", "absmax", "nested_absmax", "offset")
 _NESTED_BUFFERS = ("nested_absmax", "offset")
+# Buffers derived from the quantized weight, kept in fp32 through module casts too (not saved).
+_DERIVED_BUFFERS = ("dora_base_sq_norm",)
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _READ_ONLY = (
@@ -195,7 +197,7 @@ class RequantizationError:
     max_abs: float
     rms: float
     rel_rms: float  # rms / rms(W')
-    lora_delta_rms: float  # rms of s*B@A, for scale: the change the merge was meant to carry
+    lora_delta_rms: float  # rms of W' - W (s*B@A without DoRA), for scale: the change the merge was meant to carry
 
     def __str__(self) -> str:
         return (
@@ -217,6 +219,15 @@ class QLoRALinear(nn.Module):
     PEFT's LoRA layers), or autocast's inside an autocast region. So a float32 model whose Linears
     compute in bf16 keeps float32 activations between them (its other layers, e.g. eager
     attention's probs @ V, need operands of one dtype).
+
+    use_dora=True: DoRA (weight-decomposed LoRA, Liu et al. 2024), as PEFT's use_dora:
+    y = (m / n) * (x @ dequant(W)^T + scale * x @ A^T @ B^T) + bias, with a trainable magnitude
+    m [out] (`lora_magnitude_vector`, starting at the base's row norms) and n = ||W + scale * B @ A||
+    per output row, detached (the paper's section 4.3). n is computed without dequantizing W: the
+    base's row norms are cached (`dora_base_sq_norm`, refreshed whenever the quantized weight is set
+    or loaded) and the rest needs only A through the base op (see dora_weight_norm). With
+    lora_dropout in training it is PEFT's form: base(x) + (m/n - 1) * base(d) + (m/n) * scale * d A^T B^T,
+    d = dropout(x), bias included.
     """
 
     # Class-level defaults: a layer pickled (torch.save(model)) before these existed loads as it was.
@@ -227,6 +238,7 @@ class QLoRALinear(nn.Module):
     fan_in_fan_out: bool = False
     # False inside disable_adapter(model): the layer computes its 4-bit base alone.
     adapter_enabled: bool = True
+    use_dora: bool = False
 
     def __init__(
         self,
@@ -245,6 +257,7 @@ class QLoRALinear(nn.Module):
         train_bias: bool = False,
         lora_dtype: torch.dtype = torch.float32,
         use_rslora: bool = False,
+        use_dora: bool = False,
         *,
         _weight: Optional[torch.Tensor] = None,
         _bias: Optional[torch.Tensor] = None,
@@ -274,9 +287,11 @@ class QLoRALinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
         self.train_bias = bool(train_bias)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+        for what, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{what} must be True or False, got {flag!r}")
         self.use_rslora = use_rslora
+        self.use_dora = use_dora
 
         if _quantized is not None:
             packed, state = _quantized
@@ -310,6 +325,8 @@ class QLoRALinear(nn.Module):
             self.register_parameter("bias", None)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev, dtype=lora_dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=dev, dtype=lora_dtype))
         self.reset_lora_parameters()
 
     # --- construction -----------------------------------------------------------------------
@@ -366,21 +383,54 @@ class QLoRALinear(nn.Module):
         self.quant_type = state.quant_type
         self.double_quant = state.nested
         self.quant_storage = packed.dtype
+        self._refresh_derived()
+
+    def _refresh_derived(self) -> None:
+        """Recompute what is derived from the quantized weight: DoRA's cached base row norms."""
+        if not self.use_dora:
+            return
+        with torch.no_grad():
+            w = dequantize_4bit(self.packed_weight, self.quant_state, torch.float32)
+            # (A one-off full dequantization, when the base is set or loaded; never in forward.)
+            self.register_buffer("dora_base_sq_norm", w.pow(2).sum(1), persistent=False)
+
+    def _adapter_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B", "lora_magnitude_vector") if self.use_dora else ("lora_A", "lora_B")
 
     def _materialize_adapter(self, device: torch.device) -> None:
-        """lora_A / lora_B on the meta device (a layer built without memory) made real on `device`
-        with a fresh adapter (reset_lora_parameters), keeping their dtypes and requires_grad."""
-        for name in ("lora_A", "lora_B"):
+        """The adapter's parameters on the meta device (a layer built without memory) made real on
+        `device` with a fresh adapter (reset_lora_parameters), keeping their dtypes and requires_grad."""
+        for name in self._adapter_names():
             old = getattr(self, name)
             setattr(self, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
                                              requires_grad=old.requires_grad))
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """A kaiming-uniform (a=sqrt(5)), B zeros: the adapter starts as the identity update."""
+        """A kaiming-uniform (a=sqrt(5)), B zeros: the adapter starts as the identity update (with
+        DoRA, the magnitude starts at the base's row norms, so m / n = 1)."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
+            if self.use_dora:
+                self.lora_magnitude_vector.copy_(self.dora_base_sq_norm.sqrt())
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """DoRA's n = ||W + scale * B @ A|| per output row, [out] fp32, without gradient.
+
+        n_i^2 = ||W_i||^2 + 2 s <W_i, (B A)_i> + s^2 ||(B A)_i||^2, where ||W_i||^2 is cached,
+        <W_i, (B A)_i> = sum_j B_ij (W A^T)_ij needs W A^T: the base op over the r rows of A (a
+        small-M product that reads the 4-bit W once, as a decode step does), and ||(B A)_i||^2 =
+        B_i (A A^T) B_i^T costs r x r. PEFT instead dequantizes W on every forward.
+        """
+        with torch.no_grad():
+            a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
+            w_at = self._base(self.lora_A.detach().to(self.compute_dtype), None).float().t()  # [out, r]
+            cross = (b * w_at).sum(1)
+            lora_sq = ((b @ (a @ a.t())) * b).sum(1)
+            s = float(self.scale)
+            # (clamped: rounding may take a row of W + s B A that is ~0 just below zero)
+            return (self.dora_base_sq_norm + 2.0 * s * cross + s * s * lora_sq).clamp_min(0.0).sqrt()
 
     # --- the quantized weight ---------------------------------------------------------------
 
@@ -438,7 +488,7 @@ class QLoRALinear(nn.Module):
         # follows a floating cast as nn.Linear's weight would. A cast to a dtype the layer cannot
         # compute in (float64 by .double(), complex) is refused before anything changes, rather
         # than accepted and failing at the next forward.
-        before = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        before = {n: self._buffers[n] for n in _QUANT_BUFFERS + _DERIVED_BUFFERS if self._buffers.get(n) is not None}
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed_weight.device))
         if (isinstance(probe, torch.Tensor) and (probe.is_floating_point() or probe.is_complex())
                 and probe.dtype not in _COMPUTE_DTYPES):
@@ -508,7 +558,7 @@ class QLoRALinear(nn.Module):
                     + (": a weight without double quantization, but the layer has double_quant=True"
                        if set(missing) <= set(_NESTED_BUFFERS) else
                        " (the packed weight and its scales load together)"))
-        for n in present + ["lora_A", "lora_B", "bias"]:
+        for n in present + list(self._adapter_names()) + ["bias"]:
             t, ours = state_dict.get(prefix + n), getattr(self, n)
             if t is None or ours is None:  # (extra double-quant keys are reported above)
                 continue
@@ -541,6 +591,8 @@ class QLoRALinear(nn.Module):
                              + "; ".join(problems) + ". Nothing was loaded into this layer")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if any(prefix + n in state_dict for n in _QUANT_BUFFERS):
+            self._refresh_derived()
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -550,18 +602,13 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"QLoRALinear takes a floating-point input, got {getattr(x, 'dtype', type(x).__name__)}")
         cd = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cd)
-        if self.adapter_enabled:
-            lora_A, lora_B, scale, dropout = self.lora_A, self.lora_B, self.scale, self.lora_dropout
+        if not self.adapter_enabled:
+            y = self._base(x.to(cd), bias)
+        elif self.use_dora:
+            y = self._dora(x.to(cd), bias)
         else:
-            # The base alone, through the same op: a zero rank-1 adapter adds exact zeros (whatever
-            # lora_A / lora_B hold, NaN included), and the real adapter stays out of the autograd
-            # graph (no gradient, as in PEFT's disabled layers); no dropout draws random numbers.
-            zeros = torch.zeros(self.in_features + self.out_features, dtype=self.lora_A.dtype,
-                                device=self.packed_weight.device)
-            lora_A, lora_B = zeros[:self.in_features].view(1, -1), zeros[self.in_features:].view(-1, 1)
-            scale, dropout = 1.0, 0.0
-        y = qlora_linear(x.to(cd), self.packed_weight, self.quant_state, lora_A, lora_B, scale,
-                         bias=bias, dropout=dropout, training=self.training)
+            y = qlora_linear(x.to(cd), self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scale,
+                             bias=bias, dropout=self.lora_dropout, training=self.training)
         dev = x.device.type
         # nn.Linear's output dtype: its input's, or autocast's inside an autocast region (HF Trainer's
         # bf16=True on a float32 model), so activations stay as small as they would have been.
@@ -572,11 +619,35 @@ class QLoRALinear(nn.Module):
             return y.to(torch.get_autocast_dtype(dev))
         return y.to(x.dtype)
 
+    def _base(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x @ dequant(W)^T (+ bias) alone, through the same op: a zero rank-1 adapter adds exact
+        zeros (whatever lora_A / lora_B hold, NaN included), keeps the real adapter out of the
+        autograd graph (no gradient, as in PEFT's disabled layers), and draws no dropout."""
+        zeros = torch.zeros(self.in_features + self.out_features, dtype=self.lora_A.dtype,
+                            device=self.packed_weight.device)
+        zero_a, zero_b = zeros[:self.in_features].view(1, -1), zeros[self.in_features:].view(-1, 1)
+        return qlora_linear(x, self.packed_weight, self.quant_state, zero_a, zero_b, 1.0, bias=bias,
+                            dropout=0.0, training=False)
+
+    def _dora(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        # m / n: the gradient reaches m, not n (detached, as DoRA's paper and PEFT do).
+        row_scale = (self.lora_magnitude_vector / self.dora_weight_norm()).to(x.dtype)
+        if self.lora_dropout == 0.0 or not self.training:
+            y = qlora_linear(x, self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scale)
+            return row_scale * y if bias is None else torch.addcmul(bias, row_scale, y)
+        # PEFT's form when the adapter's input is dropout(x): the base of x stays as it is.
+        d = torch.nn.functional.dropout(x, self.lora_dropout, training=True)
+        lora = (d @ self.lora_A.to(x.dtype).t()) @ self.lora_B.to(x.dtype).t()
+        return self._base(x, bias) + (row_scale - 1) * self._base(d, None) + row_scale * (self.scale * lora)
+
     # --- merge --------------------------------------------------------------------------------
 
     def _merged_weight_fp32(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
+            merged = self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
+            if self.use_dora:  # W' = (m / ||W + s B A||) (W + s B A), row by row
+                merged *= (self.lora_magnitude_vector.float() / merged.norm(dim=1)).unsqueeze(1)
+            return merged
 
     def _as_linear(self, weight_fp32: torch.Tensor) -> nn.Module:
         """The kind of layer this one replaced (nn.Linear, or a Conv1D with fan_in_fan_out) holding
@@ -611,7 +682,8 @@ class QLoRALinear(nn.Module):
         return self._as_linear(self._merged_weight_fp32())
 
     def merge_and_requantize(self) -> "QLoRALinear":
-        """A new QLoRALinear whose base is W + s * B @ A re-quantized (fresh adapter, same settings).
+        """A new QLoRALinear whose base is the merged weight re-quantized (W + s * B @ A; with DoRA
+        its rows rescaled to the magnitudes m), with a fresh adapter and the same settings.
 
         The error re-quantization adds is on the result's `requantization_error`
         (RequantizationError) and logged. Raises ValueError when the merged weight has NaN/Inf
@@ -619,7 +691,7 @@ class QLoRALinear(nn.Module):
         """
         merged = self._merged_weight_fp32()
         if values_readable(merged) and not bool(torch.isfinite(merged).all()):
-            bad = [n for n, t in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) if not bool(torch.isfinite(t).all())]
+            bad = [n for n in self._adapter_names() if not bool(torch.isfinite(getattr(self, n)).all())]
             raise ValueError(
                 "merge_and_requantize: the merged weight W + scale * lora_B @ lora_A has NaN or Inf "
                 + (f"entries ({' and '.join(bad)} {'hold' if len(bad) > 1 else 'holds'} NaN/Inf: the adapter diverged?)" if bad else
@@ -628,13 +700,14 @@ class QLoRALinear(nn.Module):
                 "load a good one with load_adapter); merge() gives the merged weight unquantized, NaN included"
             )
         with torch.no_grad():
-            delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
+            delta = merged - self.dequantize(torch.float32)
         new = QLoRALinear(
             self.in_features, self.out_features, bias=self.bias is not None, r=self.r,
             lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, blocksize=self.blocksize,
             double_quant=self.double_quant, quant_type=self.quant_type, compute_dtype=self.compute_dtype,
             quant_storage=self.quant_storage, train_bias=self.train_bias, lora_dtype=self.lora_A.dtype,
-            use_rslora=self.use_rslora, _weight=merged, _bias=None if self.bias is None else self.bias.data,
+            use_rslora=self.use_rslora, use_dora=self.use_dora, _weight=merged,
+            _bias=None if self.bias is None else self.bias.data,
         )
         new.weight_dtype = self.weight_dtype
         new.fan_in_fan_out = self.fan_in_fan_out
@@ -654,6 +727,7 @@ class QLoRALinear(nn.Module):
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, {self.quant_type}, "
             f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
             + (", use_rslora=True" if self.use_rslora else "")
+            + (", use_dora=True" if self.use_dora else "")
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + ("" if self.adapter_enabled else ", adapter_enabled=False")
         )
@@ -804,13 +878,14 @@ def freeze_all_but_adapters(model: nn.Module, layers: Optional[Iterable[QLoRALin
     kept = []
     for mod in model.modules():
         if isinstance(mod, QLoRALinear) and chosen is not None and id(mod) not in chosen:
-            kept += [(p, p.requires_grad) for p in (mod.lora_A, mod.lora_B, mod.bias) if p is not None]
+            kept += [(p, p.requires_grad) for p in (*(getattr(mod, n) for n in mod._adapter_names()), mod.bias)
+                     if p is not None]
     for p in model.parameters():
         p.requires_grad_(False)
     for mod in model.modules():
         if isinstance(mod, QLoRALinear) and (chosen is None or id(mod) in chosen):
-            mod.lora_A.requires_grad_(True)
-            mod.lora_B.requires_grad_(True)
+            for name in mod._adapter_names():
+                getattr(mod, name).requires_grad_(True)
             if mod.bias is not None:
                 mod.bias.requires_grad_(mod.train_bias)
     for p, flag in kept:
@@ -1116,9 +1191,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
     for name, mod in model.named_modules():
         if isinstance(mod, QLoRALinear):
             rows.append(MemoryRow(name or "(root)", "QLoRALinear", mod.in_features * mod.out_features, mod.quantized_nbytes(),
-                                  lora_bytes=_nbytes([mod.lora_A, mod.lora_B]),
+                                  lora_bytes=_nbytes(getattr(mod, n) for n in mod._adapter_names()),
                                   bias_bytes=_nbytes([mod.bias])))
-            seen.update(id(t) for t in (mod.lora_A, mod.lora_B, mod.bias) if t is not None)
+            seen.update(id(t) for t in (*(getattr(mod, n) for n in mod._adapter_names()), mod.bias) if t is not None)
             continue
         tensors = [t for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
                    if id(t) not in seen]
