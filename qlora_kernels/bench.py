@@ -5,7 +5,8 @@ First the two ceilings of this device, measured in the same run: a large device-
 time, p20/p80, the bytes it must move and flops it must do, and achieved GB/s and TFLOP/s as % of
 those ceilings. Baselines run side by side: dense BF16 F.linear, BF16 LoRA on a dense base, the
 unfused chain (dequantize + matmul + LoRA matmuls), bitsandbytes (+PEFT-style LoRA, paged
-optimizers) when importable, torch's fused AdamW.
+optimizers) when importable, torch's fused AdamW; a DoRA layer against PEFT's DoRA on a
+bitsandbytes Linear4bit (dora_cases).
 
 On a GPU times come from triton.testing.do_bench (CUDA events). There each kernel backend of ours
 (cuda, triton) is timed on its own and our op runs under both linear strategies (fused,
@@ -46,6 +47,9 @@ QUICK_SHAPES = ((4096, 4096), (4096, 11008))
 QUICK_M = (1, 16, 4096)
 # (M, (N, K)) at which linear_cases also times fwd+bwd with fp32 adapters (QLoRALinear's default).
 FP32_ADAPTER_CASE = (4096, (4096, 4096))
+# (M, (N, K)) of the DoRA layer comparison on a GPU (dora_cases), and its small CPU stand-in.
+DORA_CASE = (4096, (4096, 4096))
+CPU_DORA_CASE = (64, (384, 384))
 # At and below this M the forward is also timed replayed from a CUDA graph ("fwd graphed").
 DECODE_M = 16
 CPU_DEQUANT_SHAPE = (11008, 4096)  # (N, K) of the CPU side-by-side
@@ -334,6 +338,59 @@ def linear_cases(device, quick, shapes, ms, r=LORA_RANK):
                     yield ("fwd+bwd", impl, sid, m, dtype, _fwd_bwd(fn, x, a32, b32), 3 * bytes_q, 3 * flops)
 
 
+def dora_cases(device, quick):
+    """A DoRA layer, forward and fwd+bwd (bf16 activations, fp32 adapters, r=16, as PEFT keeps
+    them): QLoRALinear(use_dora=True), whose weight norm needs only A through the 4-bit op, vs
+    PEFT's DoRA on a bitsandbytes Linear4bit (which dequantizes W for the norm on every forward);
+    and QLoRALinear without DoRA, for what DoRA adds."""
+    import qlora_kernels as qk
+
+    m, (n, k) = DORA_CASE if device.type == "cuda" else CPU_DORA_CASE
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    layers = {}
+    for dora in (True, False):
+        layer = qk.QLoRALinear.from_linear(lin, r=LORA_RANK, lora_alpha=2 * LORA_RANK, compute_dtype=dtype,
+                                           use_dora=dora)
+        with torch.no_grad():
+            layer.lora_B.normal_(0.0, 0.02)
+        layers["QLoRALinear DoRA" if dora else "QLoRALinear LoRA"] = layer
+    if _bnb() is not None and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+            import peft
+
+            q = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=BLOCKSIZE)
+            pm = peft.get_peft_model(torch.nn.Sequential(q.to(device)), peft.LoraConfig(
+                r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["0"], use_dora=True))
+            layers["bitsandbytes+peft DoRA"] = pm
+        except Exception as e:  # a missing or broken interop stack is a row that says why
+            layers["bitsandbytes+peft DoRA"] = e
+    sid = shape_id(k, n)
+    flops = 2 * m * n * k + 2 * m * LORA_RANK * (n + k)
+    nbytes = n * k / 2 + n * k / BLOCKSIZE + 2 * (m * k + m * n)
+    for impl, layer in layers.items():
+        if isinstance(layer, Exception):
+            yield ("dora fwd+bwd", impl, sid, m, dtype, _raiser(f"{type(layer).__name__}: {layer}"), 0.0, 0.0)
+            continue
+        yield ("dora fwd", impl, sid, m, dtype, _no_grad(lambda layer=layer: layer(x)), nbytes, flops)
+        yield ("dora fwd+bwd", impl, sid, m, dtype, _module_fwd_bwd(layer, x), 3 * nbytes, 3 * flops)
+
+
+def _module_fwd_bwd(module, x):
+    x = x.detach().requires_grad_(True)
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).float().sum().backward()
+    return run
+
+
 def _cuda_gemv_max_m() -> int:
     from .backends.cuda import GEMV_MAX_M
 
@@ -497,12 +554,14 @@ def collect(device: torch.device, ops, quick: bool):
         if "optimizer" in ops:
             yield from optimizer_cases(device, quick)
         if "linear" in ops:
+            yield from dora_cases(device, quick)
             yield from linear_cases(device, quick, [(n, k) for k, n in shapes], ms)
     else:
         if "dequantize" in ops:
             yield from quantization_cases(device, quick, [CPU_DEQUANT_SHAPE])
         if "linear" in ops:
             yield from linear_cases(device, quick, [(384, 384)], (1, 64) if quick else (1, 64, 512))
+            yield from dora_cases(device, quick)
         if "optimizer" in ops:
             yield from optimizer_cases(device, quick)
         if "train" in ops:
@@ -582,6 +641,9 @@ def ratio_lines(results: list[Result]) -> list[str]:
              ("fwd", "unfused chain", "dequant+cuBLAS"), ("fwd+bwd", "bf16 lora", "dequant+cuBLAS"),
              ("fwd+bwd", "bitsandbytes+peft", "dequant+cuBLAS"),
              ("fwd+bwd", "bf16 lora, fp32 adapters", "ours, fp32 adapters"),
+             ("dora fwd", "bitsandbytes+peft DoRA", "QLoRALinear DoRA"),
+             ("dora fwd+bwd", "bitsandbytes+peft DoRA", "QLoRALinear DoRA"),
+             ("dora fwd+bwd", "QLoRALinear DoRA", "QLoRALinear LoRA"),
              ("adamw step", "torch fused AdamW", "PagedAdamW"),
              ("adamw step", "bitsandbytes PagedAdamW8bit", "PagedAdamW8bit"),
              ("train step", "bitsandbytes+peft (CPU)", "qlora_kernels (reference backend)")]
