@@ -243,3 +243,20 @@ def test_gpt2_dora_adapter_loads_in_peft_on_conv1d(tmp_path):
     qk.merge_and_unload(model)
     assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
     torch.testing.assert_close(_logits(model), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_gpt2_checkpoint_quantizes_into_an_empty_replaced_gpt2(bnb_gpt2):
+    """GPT-2's own fp32 checkpoint (Conv1D weights [in, out]) into an empty GPT-2 whose Conv1Ds
+    were replaced on meta: each is transposed and quantized as it loads, to bitsandbytes' bytes."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate is a test dependency (empty models)")
+    src, bnb_model, _ = bnb_gpt2
+    with accelerate.init_empty_weights():
+        model = _gpt2()
+    model.tie_weights()
+    replace_linear(model, r=4, compute_dtype=torch.float32)
+    load_quantized(model, src)
+    theirs = bnb_model.state_dict()
+    for name in CONV1D_NAMES:
+        layer = model.get_submodule(name)
+        assert layer.fan_in_fan_out and torch.equal(layer.packed_weight, theirs[f"{name}.weight"])
+    torch.testing.assert_close(_logits(model.eval()), _logits(bnb_model), rtol=1e-5, atol=1e-5)

@@ -375,6 +375,60 @@ def test_sharded_bitsandbytes_checkpoint_directory_loads_into_an_empty_model(tmp
                                expected, rtol=0, atol=0)
 
 
+def test_dense_checkpoint_quantizes_into_an_empty_model_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """replace_linear on an empty model, then a 16/32-bit sharded checkpoint: each QLoRALinear
+    quantizes its weight as it loads (bit for bit what replace_linear on the loaded model gives),
+    and each dense weight is gone before the next is read (the model is never held in 16 bits)."""
+    import weakref
+
+    source = _llama()
+    _write_hf_shards(tmp_path, source.state_dict(), n_shards=3)
+    expected = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    model = replace_linear(_empty_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+
+    dense_keys = {f"{n}.weight" for n in model.qlora_replaced}
+    alive: list = []
+    most_alive = []
+    real_load = qk_io._Checkpoint.load
+
+    def spying_load(self, key):
+        t = real_load(self, key)
+        if key in dense_keys:
+            most_alive.append(sum(r() is not None for r in alive))
+            alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(qk_io._Checkpoint, "load", spying_load)
+    load_quantized(model, tmp_path)
+    assert len(most_alive) == len(dense_keys) and max(most_alive) == 0
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    for name in expected.qlora_replaced:
+        ours, theirs = model.get_submodule(name), expected.get_submodule(name)
+        for buf in ("packed_weight", "absmax", "nested_absmax", "offset"):
+            assert torch.equal(getattr(ours, buf), getattr(theirs, buf)), (name, buf)
+        assert ours.lora_A.requires_grad and torch.count_nonzero(ours.lora_B) == 0
+    torch.testing.assert_close(_logits(model), _logits(expected), rtol=0, atol=0)
+
+
+def test_dense_checkpoint_with_a_bad_weight_leaves_the_empty_model_as_it_was(tmp_path):
+    sd = _llama().state_dict()
+    sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    _write_hf_shards(tmp_path, sd)
+    model = replace_linear(_empty_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    with pytest.raises(AdapterFileError, match=r"model.layers.1.mlp.down_proj.weight cannot be quantized.*nothing was loaded"):
+        load_quantized(model, tmp_path)
+    assert all(t.is_meta for t in model.parameters())
+
+    sd = _llama().state_dict()
+    sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"][:, :32].contiguous()
+    (tmp_path / "model.safetensors.index.json").unlink()
+    safetensors_torch.save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(AdapterFileError, match=r"q_proj.weight: torch.float32 \(64, 32\) in the file; QLoRALinear "
+                                               r"model.layers.0.self_attn.q_proj quantizes .* of shape \(64, 64\)"):
+        load_quantized(model, tmp_path / "model.safetensors")
+    assert all(t.is_meta for t in model.parameters())
+
+
 def test_replace_linear_on_an_empty_model_then_load_quantized_starts_fresh_adapters(tmp_path):
     model = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
     save_quantized(model, tmp_path / "base.safetensors")

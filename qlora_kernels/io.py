@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .formats import QuantState, get_code
+from .functional import quantize_4bit
 from .nn import (
     QLoRALinear,
     _module_paths,
@@ -76,38 +77,91 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or of a Hugging Face checkpoint directory: its
-    model.safetensors, or the shards its model.safetensors.index.json maps every key to."""
-    if not path.is_dir():
-        return _read_safetensors(path)[0]
-    index_path = path / CHECKPOINT_INDEX
-    if not index_path.is_file():
-        if (path / CHECKPOINT_FILE).is_file():
-            return _read_safetensors(path / CHECKPOINT_FILE)[0]
-        raise FileNotFoundError(f"{path}: a directory without {CHECKPOINT_FILE} or {CHECKPOINT_INDEX}")
-    try:
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise AdapterFileError(f"{index_path}: not a JSON object: {e}") from None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise AdapterFileError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
-    shards = sorted(set(weight_map.values()))
-    outside = [f for f in shards if Path(f).name != f]
-    if outside:  # a shard is a file beside the index, never a path elsewhere
-        raise AdapterFileError(f"{index_path}: shard names must be plain file names, got {outside[:3]}")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        part = _read_safetensors(path / shard)[0]
-        wrong = sorted(k for k in part if weight_map.get(k) != shard)
-        if wrong:
-            raise AdapterFileError(f"{path / shard}: holds {wrong[:5]}, which the index maps elsewhere (or not at all)")
-        tensors.update(part)
-    absent = sorted(set(weight_map) - set(tensors))
-    if absent:
-        raise AdapterFileError(f"{index_path}: {len(absent)} tensor(s) are in no shard: {absent[:5]}")
-    return tensors
+# safetensors' dtype names -> torch dtypes (what a header says, before any bytes are read).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _Checkpoint:
+    """A .safetensors file or a Hugging Face checkpoint directory (model.safetensors, or the shards
+    model.safetensors.index.json maps every key to), opened without reading tensor bytes: keys,
+    shapes and dtypes come from the headers (meta()), a tensor's bytes only from load(). So a
+    checkpoint larger than memory can be checked whole, then loaded one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handles: dict[Path, object] = {}
+        if not path.is_dir():
+            self._file_of = dict.fromkeys(self._keys_of(path), path)
+            return
+        index_path = path / CHECKPOINT_INDEX
+        if not index_path.is_file():
+            if (path / CHECKPOINT_FILE).is_file():
+                self._file_of = dict.fromkeys(self._keys_of(path / CHECKPOINT_FILE), path / CHECKPOINT_FILE)
+                return
+            raise FileNotFoundError(f"{path}: a directory without {CHECKPOINT_FILE} or {CHECKPOINT_INDEX}")
+        try:
+            weight_map = json.loads(index_path.read_text()).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise AdapterFileError(f"{index_path}: not a JSON object: {e}") from None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise AdapterFileError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        outside = [f for f in shards if Path(f).name != f]
+        if outside:  # a shard is a file beside the index, never a path elsewhere
+            raise AdapterFileError(f"{index_path}: shard names must be plain file names, got {outside[:3]}")
+        self._file_of = {}
+        for shard in shards:
+            keys = self._keys_of(path / shard)
+            wrong = sorted(k for k in keys if weight_map.get(k) != shard)
+            if wrong:
+                raise AdapterFileError(f"{path / shard}: holds {wrong[:5]}, which the index maps elsewhere (or not at all)")
+            self._file_of.update(dict.fromkeys(keys, path / shard))
+        absent = sorted(set(weight_map) - set(self._file_of))
+        if absent:
+            raise AdapterFileError(f"{index_path}: {len(absent)} tensor(s) are in no shard: {absent[:5]}")
+
+    def _open(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: no such file")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types (and OSError) for bad bytes
+                raise AdapterFileError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        return self._handles[file]
+
+    def _keys_of(self, file: Path) -> list[str]:
+        return list(self._open(file).keys())
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A tensor on the meta device with the entry's shape and dtype (from the header)."""
+        file = self._file_of[key]
+        try:
+            piece = self._open(file).get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+            shape = piece.get_shape()
+        except Exception as e:
+            raise AdapterFileError(f"{file}: cannot read the header entry of {key!r}: {e}") from None
+        if dtype is None:  # a rarer dtype (float8, unsigned >8 bits): read it to learn
+            return self.load(key).to("meta")
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def load(self, key: str) -> torch.Tensor:
+        file = self._file_of[key]
+        try:
+            return self._open(file).get_tensor(key)
+        except Exception as e:
+            raise AdapterFileError(f"{file}: cannot read {key!r} (truncated or corrupt?): {e}") from None
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -651,36 +705,49 @@ def _assign(holders: dict[int, list[tuple[nn.Module, str]]], old: torch.Tensor, 
         (mod._parameters if leaf in mod._parameters else mod._buffers)[leaf] = new
 
 
-def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Module:
-    """Load a 4-bit base (ours, or a bitsandbytes Linear4bit state dict saved as safetensors).
+def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str, torch.device]] = None,
+                   **layer_kwargs) -> nn.Module:
+    """Load a checkpoint into a model with 4-bit layers: a 4-bit base (ours, or a bitsandbytes
+    Linear4bit state dict such as a pre-quantized "bnb-4bit" model), or a dense 16/32-bit one whose
+    weights the model's QLoRALinear layers quantize as they load.
 
     path: a .safetensors file, or a Hugging Face checkpoint directory (model.safetensors, or the
-    shards model.safetensors.index.json lists), e.g. a pre-quantized "bnb-4bit" model. The model
-    may be empty (built under accelerate.init_empty_weights(): parameters on the meta device):
-    then its tensors are the file's (on the CPU, in the dtypes the model was built with), and
-    QLoRALinear layers on meta get a fresh adapter; no full-precision weight is ever made. A tied
-    weight (lm_head = the embedding) may be in the file under either of its names.
+    shards model.safetensors.index.json lists). The model may be empty (built under
+    accelerate.init_empty_weights(): parameters on the meta device): its tensors then come from the
+    file, on `device` (default: the CPU) in the dtypes the model was built with, and QLoRALinear
+    layers on meta get a fresh adapter. A tied weight (lm_head = the embedding) may be in the file
+    under either of its names.
 
-    Each quantized entry goes into the QLoRALinear at that name (its adapter is kept), or replaces
-    an nn.Linear (or transformers Conv1D, whose weight the file holds [out, in], as bitsandbytes
-    quantizes it) there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...; the
-    model is then frozen but for the adapters, as replace_linear leaves it). Every other entry must
-    match the model's state dict (shape, and a matching kind of dtype: floating into floating,
-    anything else only into its own dtype); a quantized layer's bias must be floating point and of
-    shape [out]. Raises and leaves the model unchanged when the file does not fit: everything is
-    checked before the first change.
+    Each 4-bit entry goes into the QLoRALinear at that name (its adapter is kept), or replaces an
+    nn.Linear (or transformers Conv1D, whose weight the file holds [out, in], as bitsandbytes
+    quantizes it) there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...;
+    the model is then frozen but for the adapters, as replace_linear leaves it). A dense weight at
+    a QLoRALinear's name (an [out, in] Linear weight; [in, out] for a layer that replaced a Conv1D)
+    is quantized in that layer's format (quant type, blocksize, double quantization), on the
+    layer's device, or `device` for an empty layer: so `replace_linear` on an empty model and then
+    this loads a 16-bit checkpoint as a 4-bit model, one tensor at a time, without ever holding
+    the model (or the file) in 16 bits. Every other entry must match the model's state dict
+    (shape, and a matching kind of dtype: floating into floating, anything else only into its own
+    dtype); a quantized layer's bias must be floating point and of shape [out].
+
+    Nothing in the model changes until everything fits: the headers are checked first (no tensor
+    read), then each tensor is read and made ready (moved, quantized: a NaN/Inf weight is refused
+    here, naming it), and only then put into the model. Raises and leaves the model as it was.
     """
     _check_model(model, "load_quantized")
-    path = Path(path)
-    tensors = _read_checkpoint(path)
+    target = None if device is None else torch.device(device)
+    ckpt = _Checkpoint(Path(path))
+    path = ckpt.path
+    tensors = {k: ckpt.meta(k) for k in ckpt.keys()}  # shapes and dtypes only: nothing read yet
     problems: list[str] = []
-    quantized: dict[str, tuple[torch.Tensor, QuantState, Optional[torch.Tensor]]] = {}
+    quantized: dict[str, tuple[QuantState, Optional[torch.Tensor]]] = {}
     consumed: set[str] = set()
     for key in tensors:
         if (m := _QS_KEY.match(key)) is None:
             continue
         name = m["module"]
-        group = {k: v for k, v in tensors.items() if k.startswith(f"{name}.weight.")}
+        # The scales and the state's JSON (1/64 of the weight or less) are read now, to check them.
+        group = {k: ckpt.load(k) for k in tensors if k.startswith(f"{name}.weight.")}
         consumed.update(group)
         packed = tensors.get(f"{name}.weight")
         if packed is None:
@@ -689,7 +756,7 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         consumed.add(f"{name}.weight")
         try:
             state = QuantState.from_dict(group)
-            state.validate(packed)
+            state.to("meta").validate(packed)
         except (ValueError, TypeError) as e:
             problems.append(f"{name}: bad quant state: {e}")
             continue
@@ -700,11 +767,15 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
         if len(state.shape) != 2:
             problems.append(f"{name}: quantized weight of shape {tuple(state.shape)} is not a Linear weight")
             continue
-        quantized[name] = (packed, state, tensors.get(f"{name}.bias"))
+        quantized[name] = (state, tensors.get(f"{name}.bias"))
 
-    swaps: list[tuple[str, QLoRALinear]] = []
-    updates: list[tuple[QLoRALinear, torch.Tensor, QuantState, Optional[torch.Tensor]]] = []
-    for name, (packed, state, bias) in quantized.items():
+    def device_of(mod: nn.Module) -> torch.device:
+        dev = next((t.device for t in [*mod.parameters(), *mod.buffers()]), torch.device("cpu"))
+        return (target or torch.device("cpu")) if dev.type == "meta" else dev
+
+    swaps: list[tuple[str, Callable[[], QLoRALinear]]] = []
+    updates: list[tuple[QLoRALinear, Callable[[], tuple[torch.Tensor, QuantState]], Optional[str]]] = []
+    for name, (state, bias) in quantized.items():
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -728,23 +799,48 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
                 problems.append(f"{name}.bias: {bias.dtype} of shape {tuple(bias.shape)} in the file, the layer "
                                 f"needs a floating-point bias of shape ({out_f},)")
                 continue
-        device = next((t.device for t in mod.parameters()), torch.device("cpu"))
-        if device.type == "meta":  # a model built without memory: the layer takes the file's tensors
-            device = packed.device
+        dev = device_of(mod)
+
+        def read(name=name, state=state, dev=dev):
+            return ckpt.load(f"{name}.weight").to(dev), state.to(dev)
+
+        bias_key = None if bias is None else f"{name}.bias"
         if isinstance(mod, QLoRALinear):
-            updates.append((mod, packed.to(device), state.to(device), bias))
+            updates.append((mod, read, bias_key))
         elif dense_shape(mod) is not None:
-            try:
-                layer = QLoRALinear.from_quantized(
-                    packed.to(device), state.to(device), None if bias is None else bias.to(device), **layer_kwargs)
+            conv = is_conv1d(mod)
+
+            def build(read=read, bias_key=bias_key, dev=dev, conv=conv):
+                packed, state = read()
+                bias = None if bias_key is None else ckpt.load(bias_key).to(dev)
+                layer = QLoRALinear.from_quantized(packed, state, bias, **layer_kwargs)
+                # A Conv1D's weight is quantized [out, in] as well (bitsandbytes transposes GPT-2's too).
+                layer.fan_in_fan_out = conv
+                return layer
+            try:  # the arguments are checked now, on an empty layer of the same format
+                QLoRALinear.from_quantized(tensors[f"{name}.weight"], state.to("meta"), None, **layer_kwargs)
             except (TypeError, ValueError) as e:
                 problems.append(f"{name}: cannot build a QLoRALinear: {e}")
                 continue
-            # A Conv1D's weight is quantized [out, in] as well (bitsandbytes transposes GPT-2's too).
-            layer.fan_in_fan_out = is_conv1d(mod)
-            swaps.append((name, layer))
+            swaps.append((name, build))
         else:
             problems.append(f"{name}: the model's module is a {type(mod).__name__}, not a Linear")
+
+    # Dense weights of the model's QLoRALinear layers: quantized as they load.
+    dense: list[tuple[QLoRALinear, str]] = []
+    for name, layer in _qlora_layers(model).items():
+        key = f"{name}.weight"
+        if name in quantized or key not in tensors:
+            continue
+        consumed.add(key)
+        w = tensors[key]
+        want = (layer.in_features, layer.out_features) if layer.fan_in_fan_out else (layer.out_features, layer.in_features)
+        if tuple(w.shape) != want or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            problems.append(f"{key}: {w.dtype} {tuple(w.shape)} in the file; QLoRALinear {name} quantizes a float32/"
+                            f"bfloat16/float16 weight of shape {want}"
+                            + (" (it replaced a Conv1D: [in, out])" if layer.fan_in_fan_out else ""))
+            continue
+        dense.append((layer, name))
 
     replaced = set(quantized)
     current = model.state_dict()
@@ -770,9 +866,9 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
     source = {k: k if k in rest else next((o for o in names_of[id(slots[k])] if o in rest), None) for k in expected}
     missing = sorted(k for k, src in source.items() if src is None)
     unexpected = sorted(set(rest) - set(expected))
-    qlora_without = sorted(set(_qlora_layers(model)) - set(quantized))
+    qlora_without = sorted(set(_qlora_layers(model)) - set(quantized) - {n for _, n in dense})
     if qlora_without:
-        problems.append(f"the file has no quantized weight for the model's QLoRALinear layer(s) {qlora_without[:10]}")
+        problems.append(f"the file has no weight (4-bit or dense) for the model's QLoRALinear layer(s) {qlora_without[:10]}")
     if missing:
         problems.append(f"missing from the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
         # transformers ties weights at from_pretrained, not under init_empty_weights: say so when a
@@ -794,42 +890,67 @@ def load_quantized(model: nn.Module, path: PathLike, **layer_kwargs) -> nn.Modul
             problems.append(f"{k}: dtype {t.dtype} in the file, {expected[k].dtype} in the model (floating-point "
                             "values load only into floating-point tensors, other dtypes only into their own)")
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-                    if t.is_meta and n.rpartition(".")[0] not in quantized and source.get(n) is None]
+                    if t.is_meta and n.rpartition(".")[0] not in quantized and source.get(n) is None
+                    and n.rpartition(".")[0] not in {name for _, name in dense}]
     if left_on_meta and not missing:
         problems.append(f"{left_on_meta[:10]} would stay on the meta device: the file has no values for them "
                         "(non-persistent buffers such as a rotary embedding's inv_freq never are in a checkpoint: "
                         "build the model under accelerate.init_empty_weights(), which keeps buffers real, rather "
                         "than under torch.device('meta'))")
-    if not quantized:
-        problems.append("the file holds no 4-bit quantized weights (no *.weight.quant_state.bitsandbytes__* key)")
+    if not quantized and not dense:
+        problems.append("the file holds no 4-bit quantized weights (no *.weight.quant_state.bitsandbytes__* key) "
+                        "and the model no QLoRALinear layer to quantize a dense weight into")
     if problems:
         raise AdapterFileError(f"{path}: does not fit the model:\n  " + "\n  ".join(problems))
 
+    # Read and make ready, one tensor at a time (a dense weight is dropped once quantized); the
+    # model is not touched until all of it is ready.
+    ready_updates = []
+    for layer, read, bias_key in updates:
+        packed, state = read()
+        ready_updates.append((layer, packed, state, None if bias_key is None else ckpt.load(bias_key)))
+    ready_dense = []
+    for layer, name in dense:
+        w = ckpt.load(f"{name}.weight").to(device_of(layer))
+        if layer.fan_in_fan_out:
+            w = w.t()
+        try:
+            packed, state = quantize_4bit(w, quant_type=layer.quant_type, blocksize=layer.blocksize,
+                                          double_quant=layer.double_quant, quant_storage=layer.quant_storage)
+        except ValueError as e:  # NaN/Inf in the weight
+            raise AdapterFileError(f"{path}: {name}.weight cannot be quantized: {e}; nothing was loaded") from None
+        ready_dense.append((layer, packed, state))
+        del w
+    ready_swaps = [(name, build()) for name, build in swaps]
+    values = {}
+    for k in expected:
+        value = ckpt.load(source[k])
+        values[k] = value.to(device_of(model.get_submodule(k.rpartition(".")[0]))) if slots[k].is_meta else value
+
     paths = _module_paths(model)  # a Linear registered under several names is swapped at each
     with torch.no_grad():
-        for layer, packed, state, bias in updates:
+        for layer, packed, state, bias in ready_updates + [(layer, p, st, None) for layer, p, st in ready_dense]:
             layer._set_quantized(packed, state)
             layer.weight_dtype = state.dtype
             if layer.lora_A.is_meta:
                 layer._materialize_adapter(packed.device)
             if bias is not None:
                 if layer.bias.is_meta:  # the file's tensor, on the device the layer's buffers took from it
-                    _assign(holders, layer.bias, bias)
+                    _assign(holders, layer.bias, bias.to(packed.device))
                 else:
                     layer.bias.copy_(bias)
         for k in expected:
-            value = rest[source[k]]
             if slots[k].is_meta:
-                _assign(holders, slots[k], value)
+                _assign(holders, slots[k], values[k])
             else:
-                current[k].copy_(value)
-        for name, layer in swaps:
+                current[k].copy_(values[k])
+        for name, layer in ready_swaps:
             for alias in paths[id(model.get_submodule(name))]:
                 _set_submodule(model, alias, layer)
-    if swaps:
-        freeze_all_but_adapters(model, [layer for _, layer in swaps])
+    if ready_swaps:
+        freeze_all_but_adapters(model, [layer for _, layer in ready_swaps])
         guard_state_dict_loads(model)
-        model.qlora_replaced = list(getattr(model, "qlora_replaced", [])) + [n for n, _ in swaps]
+        model.qlora_replaced = list(getattr(model, "qlora_replaced", [])) + [n for n, _ in ready_swaps]
     return model
 
 
