@@ -260,3 +260,21 @@ def test_dense_gpt2_checkpoint_quantizes_into_an_empty_replaced_gpt2(bnb_gpt2):
         layer = model.get_submodule(name)
         assert layer.fan_in_fan_out and torch.equal(layer.packed_weight, theirs[f"{name}.weight"])
     torch.testing.assert_close(_logits(model.eval()), _logits(bnb_model), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_saved_pretrained_quantized_loads_in_transformers(bnb_gpt2, tmp_path):
+    """Our 4-bit GPT-2 as a "bnb-4bit" directory: transformers loads it (its Conv1Ds as Linear4bit,
+    the tied lm_head from the embedding) to the logits of its own bitsandbytes GPT-2."""
+    _, bnb_model, _ = bnb_gpt2
+    qk.save_pretrained_quantized(_qlora_gpt2(), tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, device_map="cpu").eval()
+    for m in hf.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    torch.testing.assert_close(_logits(hf), _logits(bnb_model), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 import qlora_kernels as qk
-from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter, save_quantized
+from qlora_kernels import (QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter,
+                           save_pretrained_quantized, save_quantized)
 from qlora_kernels import io as qk_io
 from qlora_kernels.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError
 
@@ -526,6 +527,45 @@ def test_bad_checkpoint_directories_are_refused(tmp_path, case):
         index_path.write_text(json.dumps(index))
     target = replace_linear(_llama(seed=3), target_modules=PROJ, r=4, compute_dtype=torch.float32)
     _assert_refused_unchanged(target, lambda: load_quantized(target, tmp_path), match, errors=errors)
+
+
+def test_save_pretrained_quantized_loads_in_transformers_and_back(tmp_path):
+    """A merged, re-quantized model published as a "bnb-4bit" checkpoint directory: transformers
+    loads it with bitsandbytes' Linear4bit layers (the unquantized Linears skipped), and
+    load_quantized loads it into an empty model, both giving the model's logits."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
+    model = qk.merge_and_unload(_qlora_llama(targets=("q_proj", "v_proj", "up_proj")), requantize=True)
+    expected = _logits(model)
+    save_pretrained_quantized(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"]
+    assert "lm_head" in qc["llm_int8_skip_modules"] and "model.layers.1.self_attn.k_proj" in qc["llm_int8_skip_modules"]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu").eval()
+    for m in hf.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            _exact_cpu_path(m)
+    assert isinstance(hf.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert type(hf.model.layers[0].self_attn.k_proj) is nn.Linear
+    torch.testing.assert_close(_logits(hf), expected, rtol=1e-5, atol=1e-5)
+
+    back = load_quantized(_empty_llama(), tmp_path, r=4, compute_dtype=torch.float32)
+    assert sorted(back.qlora_replaced) == sorted(model.qlora_replaced)
+    torch.testing.assert_close(_logits(back), expected, rtol=0, atol=0)
+
+
+def test_save_pretrained_quantized_refuses_what_bitsandbytes_cannot_describe(tmp_path):
+    mixed = replace_linear(_llama(), target_modules=["q_proj"], r=4, compute_dtype=torch.float32)
+    replace_linear(mixed, target_modules=["v_proj"], r=4, compute_dtype=torch.float32, quant_type="fp4")
+    with pytest.raises(ValueError, match=r"quant_type differ \(\['fp4', 'nf4'\]\).*Nothing was written"):
+        save_pretrained_quantized(mixed, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+    with pytest.raises(TypeError, match="takes a Hugging Face model"):
+        save_pretrained_quantized(replace_linear(nn.Sequential(nn.Linear(64, 64)), r=4), tmp_path / "plain")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        save_pretrained_quantized(_qlora_llama(), tmp_path / "a_file")
 
 
 def test_our_quantized_base_loads_into_bitsandbytes(tmp_path):

@@ -19,6 +19,7 @@ when everything fits, so a bad file leaves the model as it was.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -676,6 +677,61 @@ def save_quantized(model: nn.Module, path: PathLike) -> Path:
     return path
 
 
+def save_pretrained_quantized(model: nn.Module, directory: PathLike) -> Path:
+    """Write a Hugging Face model with QLoRALinear layers as a pre-quantized "bnb-4bit" checkpoint
+    directory: config.json with the bitsandbytes quantization_config, model.safetensors with the
+    4-bit base (save_quantized's content; a tied weight once, under its first name), and
+    generation_config.json when the model has one. transformers loads it with from_pretrained
+    (bitsandbytes' Linear4bit layers), load_quantized into an empty model. The adapters are not
+    written (save_adapter; or merge_and_unload(model, requantize=True) first to publish a merged
+    model). Linears left unquantized are listed in llm_int8_skip_modules.
+
+    Raises TypeError for a model without a Hugging Face config, ValueError when the layers differ in
+    quant type, double quantization or storage dtype (bitsandbytes' config holds one of each); the
+    files are written under temporary names and renamed into place together, so a failure leaves
+    the directory's previous checkpoint as it was.
+    """
+    _check_model(model, "save_pretrained_quantized")
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_json_string", None)):
+        raise TypeError(f"save_pretrained_quantized takes a Hugging Face model (one with a .config); "
+                        f"{type(model).__name__} has none: use save_quantized for a file of its state dict")
+    layers = _qlora_layers(model)
+    if not layers:
+        raise ValueError("save_pretrained_quantized: the model has no QLoRALinear layers (call replace_linear first)")
+    for what in ("quant_type", "double_quant", "quant_storage", "compute_dtype"):
+        values = {getattr(m, what) for m in layers.values()}
+        if len(values) > 1 and what != "compute_dtype":
+            raise ValueError(f"save_pretrained_quantized: the layers' {what} differ ({sorted(map(str, values))}); a "
+                             "bitsandbytes quantization_config holds one. Nothing was written")
+    first = next(iter(layers.values()))
+    compute = Counter(m.compute_dtype for m in layers.values()).most_common(1)[0][0]
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_pretrained_quantized: {directory} is a file; give a directory")
+    from transformers import BitsAndBytesConfig
+
+    skip = sorted(n for n, m in model.named_modules() if dense_shape(m) is not None and not isinstance(m, QLoRALinear))
+    config = copy.deepcopy(config)
+    config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=first.quant_type, bnb_4bit_use_double_quant=first.double_quant,
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=first.quant_storage,
+        llm_int8_skip_modules=skip or None).to_dict()
+    tensors = quantized_state_dict(model)
+    # A tied weight once, under its first name (Hugging Face's layout: transformers ties it again).
+    tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()})
+    for key in tied:
+        tensors.pop(key, None)
+    files = [(directory / CHECKPOINT_FILE, lambda p: _write_safetensors(
+                 tensors, p, metadata={"format": "pt", "quantization": "bitsandbytes-4bit"})),
+             (directory / "config.json", lambda p: p.write_text(config.to_json_string()))]
+    generation = getattr(model, "generation_config", None)
+    if callable(getattr(generation, "to_json_string", None)):
+        files.append((directory / "generation_config.json", lambda p: p.write_text(generation.to_json_string())))
+    _write_files(files)
+    return directory
+
+
 def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
     """The parameter or buffer object itself at state-dict `key` (state_dict() gives detached copies)."""
     module, _, leaf = key.rpartition(".")
@@ -955,4 +1011,4 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
 
 
 __all__ = ["AdapterFileError", "load_adapter", "load_quantized", "quantized_state_dict", "save_adapter",
-           "save_quantized"]
+           "save_pretrained_quantized", "save_quantized"]
