@@ -127,3 +127,30 @@ def spy_small_m_launches(monkeypatch) -> list:
 
     monkeypatch.setattr(tql_small, "_small_m_kernel", Spy())
     return seen
+
+
+def train_causal_lm(model, ids: torch.Tensor, steps: int = 3, make_optimizer=None) -> list[float]:
+    """`steps` causal-LM training steps (labels = the inputs) on the model's trainable parameters,
+    in train mode, left in eval mode; the losses. make_optimizer(params): SGD(lr=0.5) by default."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params) if make_optimizer else torch.optim.SGD(params, lr=0.5)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def fill_trainable(model, seed: int = 11):
+    """Stands in for training: every trainable parameter (the adapters) different and non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model

@@ -18,6 +18,8 @@ import qlora_kernels as qk
 from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter, save_quantized
 from qlora_kernels.io import ADAPTER_CONFIG, AdapterFileError
 
+from helpers import train_causal_lm
+
 peft = pytest.importorskip("peft", reason="peft is a test dependency (the DoRA oracle)")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 
@@ -165,14 +167,8 @@ def _trained_dora_llama(steps: int = 3) -> nn.Module:
                            use_dora=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sum(n.endswith("lora_magnitude_vector") for n in trainable) == 2 * len(PROJ)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    train_causal_lm(model, IDS, steps=steps, make_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    return model
 
 
 def test_dora_adapter_round_trips_through_peft(tmp_path):

@@ -19,6 +19,8 @@ import qlora_kernels as qk
 from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter
 from qlora_kernels.io import ADAPTER_CONFIG
 
+from helpers import fill_trainable, train_causal_lm
+
 os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (GPT-2's Conv1D)")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -47,15 +49,6 @@ def _logits(model) -> torch.Tensor:
 def _qlora_gpt2(targets=None, seed: int = 0, **kw) -> nn.Module:
     kw = {"r": 4, "lora_alpha": 8, "compute_dtype": torch.float32, **kw}
     return replace_linear(_gpt2(seed), target_modules=targets, **kw)
-
-
-def _fill_adapters(model: nn.Module, seed: int = 11) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +112,7 @@ def test_bitsandbytes_gpt2_checkpoint_loads_into_a_plain_gpt2(bnb_gpt2, empty):
 def test_our_gpt2_adapter_loads_in_peft_on_the_bitsandbytes_model(bnb_gpt2, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
     _, bnb_model, quantized = bnb_gpt2
-    model = _fill_adapters(_qlora_gpt2())  # every Conv1D, as the bitsandbytes model quantizes them all
+    model = fill_trainable(_qlora_gpt2())  # every Conv1D, as the bitsandbytes model quantizes them all
     ours = _logits(model)
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
@@ -147,14 +140,7 @@ def test_peft_gpt2_adapter_with_fan_in_fan_out_loads_into_ours(tmp_path):
     assert all(isinstance(base.get_submodule(n), Conv1D) for n in CONV1D_NAMES)
     pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
                                                    fan_in_fan_out=True, lora_dropout=0.0))
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
-    pm.train()
-    for _ in range(3):
-        loss = pm(input_ids=IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pm.eval()
+    train_causal_lm(pm, IDS)
     expected = _logits(pm)
     pm.save_pretrained(str(tmp_path))
     assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["fan_in_fan_out"] is True
@@ -165,18 +151,9 @@ def test_peft_gpt2_adapter_with_fan_in_fan_out_loads_into_ours(tmp_path):
 
 def test_gpt2_trains_then_merges_and_unloads_back_to_conv1d():
     model = _qlora_gpt2()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_causal_lm(model, IDS, steps=4, make_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     assert losses[-1] < losses[0]
     assert all(model.get_submodule(n).lora_B.abs().sum() > 0 for n in CONV1D_NAMES)
-    model.eval()
     qlogits = _logits(model)
     layers = {n: model.get_submodule(n) for n in CONV1D_NAMES}
     expected = {n: (l.dequantize(torch.float32) + l.scale * l.lora_B.detach() @ l.lora_A.detach()).t()
@@ -201,7 +178,7 @@ def test_gpt2_trains_then_merges_and_unloads_back_to_conv1d():
 
 
 def test_unload_gives_conv1d_with_the_dequantized_base():
-    model = _fill_adapters(_qlora_gpt2(["c_fc"]))
+    model = fill_trainable(_qlora_gpt2(["c_fc"]))
     dequantized = {n: model.get_submodule(n).dequantize(torch.float32) for n in model.qlora_replaced}
     qk.unload(model)
     for n, w in dequantized.items():
@@ -234,7 +211,7 @@ def test_conv1d_that_cannot_be_replaced_is_refused_or_skipped_with_the_reason():
 def test_gpt2_dora_adapter_loads_in_peft_on_conv1d(tmp_path):
     """DoRA's row norms are per output feature: [out, in] rows here, PEFT's transposed Conv1D rows."""
     peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
-    model = _fill_adapters(_qlora_gpt2(["c_attn", "c_proj"], use_dora=True))
+    model = fill_trainable(_qlora_gpt2(["c_attn", "c_proj"], use_dora=True))
     ours = _logits(model)
     save_adapter(model, tmp_path)
     base = qk.unload(_qlora_gpt2(["c_attn", "c_proj"]))

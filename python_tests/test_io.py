@@ -21,6 +21,8 @@ from qlora_kernels import (QLoRALinear, load_adapter, load_quantized, replace_li
 from qlora_kernels import io as qk_io
 from qlora_kernels.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError
 
+from helpers import fill_trainable, train_causal_lm
+
 os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is a runtime dependency")
@@ -44,19 +46,9 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-def _fill_trainable(model: nn.Module, seed: int) -> nn.Module:
-    """Stands in for training: every trainable parameter (the adapters) different and non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 def _qlora_llama(targets=("q_proj", "v_proj"), r=4, train=True) -> nn.Module:
     model = replace_linear(_llama(), target_modules=list(targets), r=r, lora_alpha=2 * r, compute_dtype=torch.float32)
-    return _fill_trainable(model, 11) if train else model
+    return fill_trainable(model, 11) if train else model
 
 
 def _dequantized_base(qmodel: nn.Module) -> nn.Module:
@@ -174,14 +166,7 @@ def test_peft_trained_adapter_loads_into_ours(tmp_path, use_rslora):
     base = _dequantized_base(qmodel)
     pm = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                    lora_dropout=0.0, use_rslora=use_rslora))
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
-    pm.train()
-    for _ in range(3):
-        loss = pm(input_ids=IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pm.eval()
+    train_causal_lm(pm, IDS)
     expected = _logits(pm)
     pm.save_pretrained(str(tmp_path))
     load_adapter(qmodel, tmp_path)
@@ -669,7 +654,7 @@ def _nested_qlora(case: str, train: bool = True) -> nn.Module:
     model = replace_linear(_nested(), target_modules=["blk.a", "blk.c"], r=4, lora_alpha=16,
                            compute_dtype=torch.float32)
     replace_linear(model, target_modules=r"a", r=r_a, lora_alpha=alpha_a, compute_dtype=torch.float32)
-    return _fill_trainable(model, 5) if train else model
+    return fill_trainable(model, 5) if train else model
 
 
 @pytest.mark.parametrize("case", ["alpha", "rank"])

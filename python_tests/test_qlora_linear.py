@@ -24,7 +24,7 @@ from qlora_kernels.backends.triton import qlora_linear as tql
 from qlora_kernels.backends.triton import qlora_linear_small_m as tql_small
 
 from conftest import HAS_CUDA
-from helpers import check_counters, guarded_counters, spy_small_m_launches
+from helpers import check_counters, guarded_counters, spy_small_m_launches, train_causal_lm
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # fp32 ulp-level slack: the float64 truth is rounded to fp32 and two fp32 summation orders may
@@ -676,18 +676,11 @@ def _tiny_llama(backend_seed: int = 0):
 def _train(backend: str, steps: int = 3):
     model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # SGD keeps the update linear in the gradient, so summation-order differences stay that size
-    # (Adam's first step is sign(g) * lr: a gradient within rounding of 0 could flip its sign).
-    opt = torch.optim.SGD(params, lr=0.5)
-    losses = []
+    # SGD (train_causal_lm's) keeps the update linear in the gradient, so summation-order
+    # differences stay that size (Adam's first step is sign(g) * lr: a gradient within rounding of
+    # 0 could flip its sign).
     with use_backend(backend):
-        for _ in range(steps):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = train_causal_lm(model, ids, steps=steps)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return losses, lora
 
