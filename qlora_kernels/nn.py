@@ -637,7 +637,8 @@ class QLoRALinear(nn.Module):
             return row_scale * y if bias is None else torch.addcmul(bias, row_scale, y)
         # PEFT's form when the adapter's input is dropout(x): the base of x stays as it is.
         d = torch.nn.functional.dropout(x, self.lora_dropout, training=True)
-        lora = (d @ self.lora_A.to(x.dtype).t()) @ self.lora_B.to(x.dtype).t()
+        # (the adapter's matmuls in its own dtype, as PEFT runs them: fp32 adapters stay fp32)
+        lora = ((d.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()).to(x.dtype)
         return self._base(x, bias) + (row_scale - 1) * self._base(d, None) + row_scale * (self.scale * lora)
 
     # --- merge --------------------------------------------------------------------------------
