@@ -271,3 +271,26 @@ def test_dora_layers_built_empty_start_from_the_loaded_base(tmp_path):
     with qk.disable_adapter(model):
         base = _logits(model)
     torch.testing.assert_close(_logits(model), base, rtol=0, atol=0)
+
+
+def test_a_zero_row_gives_zero_not_nan():
+    """A row of W that is all zeros (pruned) with B's row zero has n = 0: PEFT's m / n is NaN
+    there; ours is 0, so that output is the bias and every gradient stays finite."""
+    lin = nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight[7] = 0.0
+    layer = QLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+        layer.lora_B[7] = 0.0
+    assert layer.dora_weight_norm()[7] == 0 and layer.lora_magnitude_vector[7] == 0
+    x = torch.randn(5, 96, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y[:, 7], layer.bias[7].expand(5), rtol=0, atol=0)
+    y.sum().backward()
+    assert all(bool(torch.isfinite(t).all()) for t in (y, x.grad, layer.lora_A.grad, layer.lora_B.grad,
+                                                      layer.lora_magnitude_vector.grad))
+    assert bool(torch.isfinite(layer.merge().weight).all())
+    pm = _peft_twin(layer)
+    assert torch.isnan(pm(x.detach())[:, 7]).all()  # what PEFT gives there
+    torch.testing.assert_close(pm(x.detach())[:, :7], y.detach()[:, :7], rtol=1e-5, atol=1e-5)

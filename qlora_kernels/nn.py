@@ -114,6 +114,15 @@ def _check_real(what: str, v) -> None:
         raise ValueError(f"{what} must be finite, got {v!r}")
 
 
+def _magnitude_over_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's m / n per row, 0 where n = 0: such a row of W + s B A is all zeros, so its output is
+    zero whatever the scale (PEFT divides by zero there and gives NaN); the denominator is made safe
+    first so that m's gradient stays finite too."""
+    nonzero = norm > 0
+    return torch.where(nonzero, magnitude / torch.where(nonzero, norm, torch.ones_like(norm)),
+                       torch.zeros_like(magnitude))
+
+
 class QuantizedWeight(torch.Tensor):
     """What `QLoRALinear.weight` returns: a storage-less tensor that reports the shape
     [out, in], the compute dtype, the device and requires_grad=False of the weight an nn.Linear
@@ -631,7 +640,7 @@ class QLoRALinear(nn.Module):
 
     def _dora(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # m / n: the gradient reaches m, not n (detached, as DoRA's paper and PEFT do).
-        row_scale = (self.lora_magnitude_vector / self.dora_weight_norm()).to(x.dtype)
+        row_scale = _magnitude_over_norm(self.lora_magnitude_vector, self.dora_weight_norm()).to(x.dtype)
         if self.lora_dropout == 0.0 or not self.training:
             y = qlora_linear(x, self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scale)
             return row_scale * y if bias is None else torch.addcmul(bias, row_scale, y)
@@ -647,7 +656,7 @@ class QLoRALinear(nn.Module):
         with torch.no_grad():
             merged = self.dequantize(torch.float32) + self.scale * (self.lora_B.float() @ self.lora_A.float())
             if self.use_dora:  # W' = (m / ||W + s B A||) (W + s B A), row by row
-                merged *= (self.lora_magnitude_vector.float() / merged.norm(dim=1)).unsqueeze(1)
+                merged *= _magnitude_over_norm(self.lora_magnitude_vector.float(), merged.norm(dim=1)).unsqueeze(1)
             return merged
 
     def _as_linear(self, weight_fp32: torch.Tensor) -> nn.Module:
