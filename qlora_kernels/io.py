@@ -11,10 +11,13 @@ Adapter directory (what PEFT 0.21's save_pretrained writes and from_pretrained r
 Quantized base (one .safetensors file): the model's state dict without the adapters, each
 QLoRALinear written as a bitsandbytes Linear4bit: <module>.weight (packed), .weight.absmax,
 .weight.quant_map, .weight.nested_absmax, .weight.nested_quant_map,
-.weight.quant_state.bitsandbytes__<nf4|fp4>, and <module>.bias.
+.weight.quant_state.bitsandbytes__<nf4|fp4>, and <module>.bias (save_quantized; with config.json
+and generation_config.json, a Hugging Face "bnb-4bit" directory: save_pretrained_quantized).
 
-Every loader reads and checks the whole file against the model first and changes the model only
-when everything fits, so a bad file leaves the model as it was.
+Every loader checks the whole file against the model first and changes the model only when
+everything fits, so a bad file leaves the model as it was. load_quantized checks a checkpoint by
+its headers, then reads it one tensor at a time (a dense weight is quantized and dropped before the
+next is read), so a checkpoint larger than memory loads into an empty model.
 """
 
 from __future__ import annotations
@@ -699,12 +702,13 @@ def save_pretrained_quantized(model: nn.Module, directory: PathLike) -> Path:
     layers = _qlora_layers(model)
     if not layers:
         raise ValueError("save_pretrained_quantized: the model has no QLoRALinear layers (call replace_linear first)")
-    for what in ("quant_type", "double_quant", "quant_storage", "compute_dtype"):
+    for what in ("quant_type", "double_quant", "quant_storage"):
         values = {getattr(m, what) for m in layers.values()}
-        if len(values) > 1 and what != "compute_dtype":
+        if len(values) > 1:
             raise ValueError(f"save_pretrained_quantized: the layers' {what} differ ({sorted(map(str, values))}); a "
                              "bitsandbytes quantization_config holds one. Nothing was written")
     first = next(iter(layers.values()))
+    # (bitsandbytes' config has one compute dtype too; layers' that differ get the most common)
     compute = Counter(m.compute_dtype for m in layers.values()).most_common(1)[0][0]
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
