@@ -1098,3 +1098,34 @@ def test_disabled_layer_compiles_and_draws_no_dropout():
     layer.eval()
     with qk.disable_adapter(layer):
         torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", ["before", "after"], ids=["prepare_then_replace", "replace_then_prepare"])
+def test_prepare_model_for_kbit_training_in_either_order(order):
+    """PEFT's recipe for this package: the base frozen and its 16-bit norms/embeddings in fp32,
+    gradient checkpointing on, and the adapters left trainable whichever comes first (PEFT's own
+    function after replace_linear freezes them: the model would train nothing)."""
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (its recipe is the reference)")
+    model = _tiny_llama(hidden=64).to(torch.bfloat16)
+
+    def replace():
+        replace_linear(model, target_modules=list(LLAMA_PROJ), r=4, compute_dtype=torch.bfloat16)
+
+    if order == "after":
+        replace()
+    qk.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    if order == "before":
+        replace()
+    assert model.is_gradient_checkpointing
+    outside = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in outside.values())
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(adapters) == 28 and all(p.requires_grad for p in adapters.values())
+    model.train()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in adapters.items() if n.endswith("lora_B"))
+
+    if order == "after":  # the pitfall this function avoids
+        peft.prepare_model_for_kbit_training(model)
+        assert not any(p.requires_grad for p in adapters.values())

@@ -902,6 +902,41 @@ def freeze_all_but_adapters(model: nn.Module, layers: Optional[Iterable[QLoRALin
         p.requires_grad_(flag)
 
 
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: Optional[dict] = None,
+                                    upcast: bool = True) -> nn.Module:
+    """What PEFT's prepare_model_for_kbit_training does for a bitsandbytes model, for this one, in
+    either order with replace_linear: every parameter outside the QLoRALinear layers frozen (their
+    adapters keep their requires_grad: PEFT's version, called after replace_linear, would freeze
+    them too and the model would silently train nothing); with upcast, those frozen 16-bit
+    parameters (norms, embeddings, a dense lm_head) cast to float32 for stable numerics, as PEFT
+    does; with use_gradient_checkpointing, Hugging Face's gradient checkpointing enabled
+    (gradient_checkpointing_kwargs passed on) and, for the reentrant form, which needs a
+    grad-requiring input, the input embeddings' output made to require grad. Returns the model.
+    Best called after replace_linear: before it, the Linears still dense are upcast too (memory),
+    and replace_linear then quantizes them from float32.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_model_for_kbit_training takes an nn.Module, got {type(model).__name__}")
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    inside = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) in inside:
+            continue
+        p.requires_grad_(False)
+        if upcast and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.to(torch.float32)
+    if use_gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable (not a Hugging Face "
+                            "model): pass use_gradient_checkpointing=False, or checkpoint it with torch.utils.checkpoint")
+        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)  # None: Hugging Face's default
+        if kwargs.get("use_reentrant", True) and callable(getattr(model, "enable_input_require_grads", None)):
+            model.enable_input_require_grads()
+    return model
+
+
 def guard_state_dict_loads(model: nn.Module) -> None:
     """Make model.load_state_dict check every QLoRALinear before anything is copied (_check_qlora_load),
     once per model: replace_linear and io.load_quantized call it."""
@@ -1215,5 +1250,5 @@ def memory_report(model: nn.Module) -> MemoryReport:
     return MemoryReport(rows)
 
 
-__all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
+__all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "prepare_model_for_kbit_training", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
            "memory_report", "replace_linear"]
