@@ -1129,3 +1129,15 @@ def test_prepare_model_for_kbit_training_in_either_order(order):
     if order == "after":  # the pitfall this function avoids
         peft.prepare_model_for_kbit_training(model)
         assert not any(p.requires_grad for p in adapters.values())
+
+
+def test_prepare_model_for_kbit_training_on_a_plain_model():
+    model = replace_linear(nn.Sequential(nn.Linear(64, 64).to(torch.bfloat16), nn.LayerNorm(64).to(torch.bfloat16)), r=4)
+    with pytest.raises(TypeError, match="no gradient_checkpointing_enable .* use_gradient_checkpointing=False"):
+        qk.prepare_model_for_kbit_training(model)
+    assert model[1].weight.dtype == torch.bfloat16  # refused before any change
+    qk.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert model[1].weight.dtype == torch.float32 and not model[1].weight.requires_grad
+    assert model[0].lora_A.requires_grad and model[0].packed_weight.dtype == torch.uint8
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        qk.prepare_model_for_kbit_training("model")

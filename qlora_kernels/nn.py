@@ -919,6 +919,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_model_for_kbit_training takes an nn.Module, got {type(model).__name__}")
     kwargs = dict(gradient_checkpointing_kwargs or {})
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if use_gradient_checkpointing and not callable(enable):  # (checked before anything changes)
+        raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable (not a Hugging Face "
+                        "model): pass use_gradient_checkpointing=False, or checkpoint it with torch.utils.checkpoint")
     inside = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in m.parameters()}
     for p in model.parameters():
         if id(p) in inside:
@@ -927,10 +931,6 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         if upcast and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.to(torch.float32)
     if use_gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable (not a Hugging Face "
-                            "model): pass use_gradient_checkpointing=False, or checkpoint it with torch.utils.checkpoint")
         enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)  # None: Hugging Face's default
         if kwargs.get("use_reentrant", True) and callable(getattr(model, "enable_input_require_grads", None)):
             model.enable_input_require_grads()
