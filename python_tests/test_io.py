@@ -404,6 +404,9 @@ def test_dense_checkpoint_with_a_bad_weight_leaves_the_empty_model_as_it_was(tmp
     with pytest.raises(AdapterFileError, match=r"model.layers.1.mlp.down_proj.weight cannot be quantized.*nothing was loaded"):
         load_quantized(model, tmp_path)
     assert all(t.is_meta for t in model.parameters())
+    real = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="device='cpu' places an empty model's tensors"):
+        load_quantized(real, tmp_path, device="cpu")
 
     sd = _llama().state_dict()
     sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"][:, :32].contiguous()

@@ -796,6 +796,9 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     """
     _check_model(model, "load_quantized")
     target = None if device is None else torch.device(device)
+    if target is not None and not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError(f"load_quantized: device={device!r} places an empty model's tensors, and this model has "
+                         "none on the meta device: its tensors load where they are (move it with .to())")
     ckpt = _Checkpoint(Path(path))
     path = ckpt.path
     tensors = {k: ckpt.meta(k) for k in ckpt.keys()}  # shapes and dtypes only: nothing read yet
