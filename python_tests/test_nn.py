@@ -1116,7 +1116,7 @@ def test_prepare_model_for_kbit_training_in_either_order(order):
     qk.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
     if order == "before":
         replace()
-    assert model.is_gradient_checkpointing
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     outside = {n: p for n, p in model.named_parameters() if "lora_" not in n}
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in outside.values())
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -1133,7 +1133,7 @@ def test_prepare_model_for_kbit_training_in_either_order(order):
 
 def test_prepare_model_for_kbit_training_on_a_plain_model():
     model = replace_linear(nn.Sequential(nn.Linear(64, 64).to(torch.bfloat16), nn.LayerNorm(64).to(torch.bfloat16)), r=4)
-    with pytest.raises(TypeError, match="no gradient_checkpointing_enable .* use_gradient_checkpointing=False"):
+    with pytest.raises(TypeError, match="no activation_checkpointing_enable / gradient_checkpointing_enable .* use_gradient_checkpointing=False"):
         qk.prepare_model_for_kbit_training(model)
     assert model[1].weight.dtype == torch.bfloat16  # refused before any change
     qk.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

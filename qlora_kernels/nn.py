@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import functools
 import logging
 import math
 import numbers
@@ -919,10 +920,17 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_model_for_kbit_training takes an nn.Module, got {type(model).__name__}")
     kwargs = dict(gradient_checkpointing_kwargs or {})
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    # transformers 5 renamed it (the old name warns, and goes in v6); older releases have only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable = functools.partial(enable, activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        enable = functools.partial(model.gradient_checkpointing_enable,
+                                   gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
     if use_gradient_checkpointing and not callable(enable):  # (checked before anything changes)
-        raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable (not a Hugging Face "
-                        "model): pass use_gradient_checkpointing=False, or checkpoint it with torch.utils.checkpoint")
+        raise TypeError(f"{type(model).__name__} has no activation_checkpointing_enable / gradient_checkpointing_enable "
+                        "(not a Hugging Face model): pass use_gradient_checkpointing=False, or checkpoint it with "
+                        "torch.utils.checkpoint")
     inside = {id(p) for m in model.modules() if isinstance(m, QLoRALinear) for p in m.parameters()}
     for p in model.parameters():
         if id(p) in inside:
@@ -931,7 +939,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         if upcast and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.to(torch.float32)
     if use_gradient_checkpointing:
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)  # None: Hugging Face's default
+        enable()  # (kwargs None: Hugging Face's default)
         if kwargs.get("use_reentrant", True) and callable(getattr(model, "enable_input_require_grads", None)):
             model.enable_input_require_grads()
     return model
