@@ -67,18 +67,10 @@ class AdapterFileError(ValueError):
     """An adapter or quantized-base file that is unreadable or does not fit the model."""
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types (and OSError) for bad bytes
-        raise AdapterFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return tensors, metadata
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors file (small files: an adapter)."""
+    file = _Checkpoint(path)
+    return {k: file.load(k) for k in file.keys()}
 
 
 # safetensors' dtype names -> torch dtypes (what a header says, before any bytes are read).
@@ -501,7 +493,7 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         raise AdapterFileError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {config['lora_dropout']!r}")
     rank_pattern = _read_patterns(config, "rank_pattern", _as_rank, cfg_path)
     alpha_pattern = _read_patterns(config, "alpha_pattern", _as_alpha, cfg_path)
-    tensors, _ = _read_safetensors(directory / ADAPTER_WEIGHTS)
+    tensors = _read_safetensors(directory / ADAPTER_WEIGHTS)
 
     layers = _qlora_layers(model)
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -890,8 +882,9 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             problems.append(f"{name}: the model's module is a {type(mod).__name__}, not a Linear")
 
     # Dense weights of the model's QLoRALinear layers: quantized as they load.
+    layers = _qlora_layers(model)
     dense: list[tuple[QLoRALinear, str]] = []
-    for name, layer in _qlora_layers(model).items():
+    for name, layer in layers.items():
         key = f"{name}.weight"
         if name in quantized or key not in tensors:
             continue
@@ -915,7 +908,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             continue
         if module in replaced and (leaf in _QLORA_INTERNAL or leaf in ("weight", "bias")):
             continue
-        if module in _qlora_layers(model) and leaf in _QLORA_INTERNAL:
+        if module in layers and leaf in _QLORA_INTERNAL:
             continue
         expected[k] = v
     rest = {k: v for k, v in tensors.items() if k not in consumed}
@@ -929,7 +922,8 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     source = {k: k if k in rest else next((o for o in names_of[id(slots[k])] if o in rest), None) for k in expected}
     missing = sorted(k for k, src in source.items() if src is None)
     unexpected = sorted(set(rest) - set(expected))
-    qlora_without = sorted(set(_qlora_layers(model)) - set(quantized) - {n for _, n in dense})
+    dense_names = {name for _, name in dense}
+    qlora_without = sorted(set(layers) - set(quantized) - dense_names)
     if qlora_without:
         problems.append(f"the file has no weight (4-bit or dense) for the model's QLoRALinear layer(s) {qlora_without[:10]}")
     if missing:
@@ -954,7 +948,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
                             "values load only into floating-point tensors, other dtypes only into their own)")
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                     if t.is_meta and n.rpartition(".")[0] not in quantized and source.get(n) is None
-                    and n.rpartition(".")[0] not in {name for _, name in dense}]
+                    and n.rpartition(".")[0] not in dense_names]
     if left_on_meta and not missing:
         problems.append(f"{left_on_meta[:10]} would stay on the meta device: the file has no values for them "
                         "(non-persistent buffers such as a rotary embedding's inv_freq never are in a checkpoint: "
