@@ -20,7 +20,7 @@ import qlora_kernels as qk
 from qlora_kernels import nn as qnn
 from qlora_kernels.nn import QLoRALinear, memory_report, replace_linear
 
-from helpers import minilm_linear_weights
+from helpers import minilm_linear_weights, spy_small_m_launches
 
 ATOL_REL = 1e-6  # of the output's magnitude (fp32 rounding of the float64 truth itself)
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -1141,3 +1141,34 @@ def test_prepare_model_for_kbit_training_on_a_plain_model():
     assert model[0].lora_A.requires_grad and model[0].packed_weight.dtype == torch.uint8
     with pytest.raises(TypeError, match="takes an nn.Module"):
         qk.prepare_model_for_kbit_training("model")
+
+
+# --- generation: the decode path inside a real model's KV-cache loop ---------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_greedy_generate_with_kv_cache_matches_the_merged_model(backend, monkeypatch):
+    """model.generate (prefill of the prompt, then one token per step with the KV cache: M = batch
+    rows per layer call, the small-M / decode kernel's regime) gives the tokens and per-step logits
+    of the same model with its adapters merged into plain fp32 Linears."""
+    model, _ = _trained_tiny_llama()
+    prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=0)
+    launches = spy_small_m_launches(monkeypatch)
+    with torch.no_grad(), qk.use_backend(backend):
+        got = model.generate(prompt, **kwargs)
+    if backend == "triton":
+        # The prefill (M = 2 x 5 prompt tokens) takes the small-M kernel's tiles in all 14 layers
+        # (DECODE = 0), then each of the 5 decode steps (M = 2) its decode path (DECODE = M).
+        assert launches == [0] * 14 + [2] * (5 * 14), launches
+    else:
+        assert launches == []
+    qk.merge_and_unload(model)
+    with torch.no_grad():
+        expected = model.generate(prompt, **kwargs)
+    torch.testing.assert_close(got.sequences, expected.sequences, rtol=0, atol=0)
+    assert got.sequences.shape == (2, 11)
+    # fp32 throughout: the merged model differs only in operation order (one GEMM with W + s B A),
+    # as in test_merge_and_unload_gives_plain_linears_with_the_same_outputs.
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-4)
