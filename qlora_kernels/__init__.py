@@ -6,7 +6,7 @@ Layers: formats -> reference -> backends -> _ops -> functional -> (autograd, nn,
 from .backends import BackendUnavailableError, use_backend
 from .formats import QuantState
 from .functional import dequantize_4bit, dequantize_blockwise, qlora_linear, quantize_4bit, quantize_blockwise
-from .io import load_adapter, load_quantized, save_adapter, save_pretrained_quantized, save_quantized
+from .io import from_pretrained, load_adapter, load_quantized, save_adapter, save_pretrained_quantized, save_quantized
 from .nn import (QLoRALinear, disable_adapter, memory_report, merge_and_unload, prepare_model_for_kbit_training,
                  replace_linear, unload)
 from .optim import PagedAdamW, PagedAdamW8bit
@@ -20,8 +20,9 @@ __all__ = [
     "QLoRALinear",
     "QuantState",
     "dequantize_4bit",
-    "disable_adapter",
     "dequantize_blockwise",
+    "disable_adapter",
+    "from_pretrained",
     "load_adapter",
     "load_quantized",
     "memory_report",

@@ -17,11 +17,13 @@ and generation_config.json, a Hugging Face "bnb-4bit" directory: save_pretrained
 Every loader checks the whole file against the model first and changes the model only when
 everything fits, so a bad file leaves the model as it was. load_quantized checks a checkpoint by
 its headers, then reads it one tensor at a time (a dense weight is quantized and dropped before the
-next is read), so a checkpoint larger than memory loads into an empty model.
+next is read), so a checkpoint larger than memory loads into an empty model. from_pretrained does
+all of it for a Hugging Face checkpoint directory (build empty, replace_linear, load_quantized).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -38,6 +40,7 @@ import torch.nn as nn
 from .formats import QuantState, get_code
 from .functional import quantize_4bit
 from .nn import (
+    ALL_LINEAR,
     QLoRALinear,
     _module_paths,
     _set_submodule,
@@ -46,6 +49,7 @@ from .nn import (
     freeze_all_but_adapters,
     guard_state_dict_loads,
     is_conv1d,
+    replace_linear,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -758,7 +762,7 @@ def _assign(holders: dict[int, list[tuple[nn.Module, str]]], old: torch.Tensor, 
 
 
 def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str, torch.device]] = None,
-                   **layer_kwargs) -> nn.Module:
+                   *, ignore_unexpected: Sequence[str] = (), **layer_kwargs) -> nn.Module:
     """Load a checkpoint into a model with 4-bit layers: a 4-bit base (ours, or a bitsandbytes
     Linear4bit state dict such as a pre-quantized "bnb-4bit" model), or a dense 16/32-bit one whose
     weights the model's QLoRALinear layers quantize as they load.
@@ -780,7 +784,10 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     this loads a 16-bit checkpoint as a 4-bit model, one tensor at a time, without ever holding
     the model (or the file) in 16 bits. Every other entry must match the model's state dict
     (shape, and a matching kind of dtype: floating into floating, anything else only into its own
-    dtype); a quantized layer's bias must be floating point and of shape [out].
+    dtype); a quantized layer's bias must be floating point and of shape [out]. An entry the model
+    has no place for is refused, unless a regex of `ignore_unexpected` finds it (re.search): it is
+    then not read (what transformers' _keys_to_ignore_on_load_unexpected does, e.g. for buffers
+    older releases saved and the model now computes).
 
     Nothing in the model changes until everything fits: the headers are checked first (no tensor
     read), then each tensor is read and made ready (moved, quantized: a NaN/Inf weight is refused
@@ -922,6 +929,9 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     source = {k: k if k in rest else next((o for o in names_of[id(slots[k])] if o in rest), None) for k in expected}
     missing = sorted(k for k, src in source.items() if src is None)
     unexpected = sorted(set(rest) - set(expected))
+    if ignore_unexpected:
+        ignored = re.compile("|".join(f"(?:{p})" for p in ignore_unexpected))
+        unexpected = [k for k in unexpected if not ignored.search(k)]
     dense_names = {name for _, name in dense}
     qlora_without = sorted(set(layers) - set(quantized) - dense_names)
     if qlora_without:
@@ -1011,5 +1021,136 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     return model
 
 
-__all__ = ["AdapterFileError", "load_adapter", "load_quantized", "quantized_state_dict", "save_adapter",
-           "save_pretrained_quantized", "save_quantized"]
+# --- from_pretrained: a Hugging Face checkpoint directory as a 4-bit model, in one call ---------------
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # What transformers' from_pretrained builds a model under: parameters made in `dtype`, while
+    # buffers a model computes in float32 on purpose (a rotary embedding's inv_freq) stay float32.
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _as_dtype(value, what: str) -> Optional[torch.dtype]:
+    """A torch dtype from a config value (a torch.dtype or its name, e.g. "bfloat16"); None stays None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{what}: {value!r} is not a torch dtype")
+    return dtype
+
+
+def _checkpoint_dtype(ckpt: _Checkpoint) -> torch.dtype:
+    """The floating dtype most of the checkpoint's (non-4-bit) values are stored in: what
+    transformers' dtype="auto" takes when the config names none. float32 when it holds none."""
+    quantized = {m["module"] for k in ckpt.keys() if (m := _QS_KEY.match(k))}
+    sizes: Counter = Counter()
+    for key in ckpt.keys():
+        module = key.partition(".weight")[0]
+        if module in quantized and (key == f"{module}.weight" or key.startswith(f"{module}.weight.")):
+            continue
+        t = ckpt.meta(key)
+        if t.is_floating_point():
+            sizes[t.dtype] += t.numel()
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
+
+
+def from_pretrained(path: PathLike, model_class=None, *, target_modules=ALL_LINEAR, exclude=None,
+                    dtype: Union[str, torch.dtype] = "auto", device: Optional[Union[str, torch.device]] = None,
+                    **layer_kwargs) -> nn.Module:
+    """A Hugging Face checkpoint directory as a QLoRA model in one call: transformers'
+    from_pretrained, but the Linears are QLoRALinear layers (4-bit base, trainable adapters) and the
+    model is never held in 16 bits (built empty, then filled one tensor at a time by load_quantized).
+
+    path: a local directory with config.json and model.safetensors (or shards and their index).
+      A dense (16/32-bit) checkpoint: the Linears replace_linear(target_modules, exclude) selects
+      (default "all-linear": every Linear but the output layer) are quantized as they load
+      (layer_kwargs: r, lora_alpha, lora_dropout, quant_type, blocksize, compute_dtype, use_dora, ...).
+      A pre-quantized "bnb-4bit" checkpoint (config.json's quantization_config: load_in_4bit; e.g.
+      one save_pretrained_quantized wrote): its 4-bit layers become QLoRALinear with bitsandbytes'
+      bytes, computing in the config's bnb_4bit_compute_dtype unless layer_kwargs names one (as
+      transformers does); which layers are 4-bit is the checkpoint's choice, so target_modules and
+      exclude are refused there.
+    model_class: the transformers class to build (default: the config's architectures[0], as
+      the checkpoint was saved; e.g. AutoModelForCausalLM or a class of your own).
+    dtype: of the layers left unquantized (embeddings, norms, lm_head) and of the weights the
+      QLoRALinear layers record (what merge_and_unload gives back): "auto" (the config's dtype,
+      else the checkpoint's), or a torch dtype.
+    device: where every tensor goes as it is read (default the CPU).
+
+    Returns the model in eval mode, frozen but for the adapters, with `qlora_replaced`, its
+    weights tied as the config says and its generation_config.json read. Raises ImportError
+    without transformers/accelerate, FileNotFoundError/ValueError naming what is wrong with the
+    directory, its config or the arguments (before anything is read).
+    """
+    try:
+        import accelerate
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"from_pretrained needs transformers and accelerate ({e}): "
+                          "pip install transformers accelerate") from None
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"from_pretrained: {root} is not a Hugging Face checkpoint directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
+    if model_class is None:
+        archs = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, archs[0], None) if archs else None
+        if model_class is None:
+            raise ValueError(f"from_pretrained: {root}/config.json names no transformers architecture "
+                             f"({archs or 'none'}); pass model_class (e.g. transformers.AutoModelForCausalLM)")
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and not isinstance(quant, dict):
+        quant = quant.to_dict()
+    if quant is not None:
+        if quant.get("quant_method", "bitsandbytes") != "bitsandbytes" or not quant.get("load_in_4bit"):
+            raise ValueError(f"from_pretrained: {root} is quantized as {quant.get('quant_method')} "
+                             f"(load_in_4bit={quant.get('load_in_4bit')}); only bitsandbytes 4-bit checkpoints "
+                             "and dense ones load here")
+        if target_modules != ALL_LINEAR or exclude is not None:
+            raise ValueError(f"from_pretrained: {root} is a pre-quantized bnb-4bit checkpoint: its 4-bit layers "
+                             "are the ones it holds, so target_modules / exclude cannot choose them")
+        compute = _as_dtype(quant.get("bnb_4bit_compute_dtype"), f"{root}/config.json bnb_4bit_compute_dtype")
+        layer_kwargs.setdefault("compute_dtype", compute or torch.float32)  # (transformers' default too)
+        del config.quantization_config  # the model is built plain; load_quantized makes its 4-bit layers
+    ckpt = _Checkpoint(root)  # headers only: the directory's files are checked before anything is built
+    if dtype == "auto":
+        # (transformers 5 names it dtype, and warns when torch_dtype, its old name, is read)
+        named = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+        dtype = _as_dtype(named, f"{root}/config.json dtype") or _checkpoint_dtype(ckpt)
+    elif not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"from_pretrained: dtype must be \"auto\" or a floating torch dtype, got {dtype!r}")
+    target = None if device is None else torch.device(device)
+
+    with accelerate.init_empty_weights(), _default_dtype(dtype):  # parameters on meta, buffers real
+        model = (model_class.from_config(config) if hasattr(model_class, "from_config")
+                 else model_class(config))
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # (from_pretrained ties at load; a tied weight is then read once)
+    # Entries transformers skips too: its model's own patterns, and entries at the name of a buffer
+    # the model computes rather than saves (older releases saved BERT's position_ids, a rotary inv_freq).
+    persistent = set(model.state_dict())
+    computed = {n.rpartition(".")[2] for n, _ in model.named_buffers() if n not in persistent}
+    ignore = [rf"(^|\.){re.escape(leaf)}$" for leaf in sorted(computed)]
+    ignore += list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    if quant is None:
+        replace_linear(model, target_modules=target_modules, exclude=exclude, **layer_kwargs)
+        load_quantized(model, root, device=target, ignore_unexpected=ignore)
+    else:
+        load_quantized(model, root, device=target, ignore_unexpected=ignore, **layer_kwargs)
+    if target is not None:
+        model.to(target)  # the buffers init_empty_weights kept real (on the CPU); the rest is there already
+    generation = root / "generation_config.json"
+    if generation.is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(root), local_files_only=True)
+    return model.eval()
+
+
+__all__ = ["AdapterFileError", "from_pretrained", "load_adapter", "load_quantized", "quantized_state_dict",
+           "save_adapter", "save_pretrained_quantized", "save_quantized"]
