@@ -38,7 +38,6 @@ import torch
 import torch.nn as nn
 
 from .formats import QuantState, get_code
-from .functional import quantize_4bit
 from .nn import (
     ALL_LINEAR,
     QLoRALinear,
@@ -713,6 +712,7 @@ def save_pretrained_quantized(model: nn.Module, directory: PathLike) -> Path:
 
     skip = sorted(n for n, m in model.named_modules() if dense_shape(m) is not None and not isinstance(m, QLoRALinear))
     config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]  # (what transformers' save_pretrained records too)
     config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=first.quant_type, bnb_4bit_use_double_quant=first.double_quant,
         bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=first.quant_storage,
@@ -779,8 +779,9 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     quantizes it) there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...;
     the model is then frozen but for the adapters, as replace_linear leaves it). A dense weight at
     a QLoRALinear's name (an [out, in] Linear weight; [in, out] for a layer that replaced a Conv1D)
-    is quantized in that layer's format (quant type, blocksize, double quantization), on the
-    layer's device, or `device` for an empty layer: so `replace_linear` on an empty model and then
+    is quantized in that layer's format (quant type, blocksize, double quantization; a layer with
+    init_lora_weights="loftq" also gets the LoftQ adapter fitted to it), on the layer's device, or
+    `device` for an empty layer: so `replace_linear` on an empty model and then
     this loads a 16-bit checkpoint as a 4-bit model, one tensor at a time, without ever holding
     the model (or the file) in 16 bits. Every other entry must match the model's state dict
     (shape, and a matching kind of dtype: floating into floating, anything else only into its own
@@ -982,11 +983,10 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
         if layer.fan_in_fan_out:
             w = w.t()
         try:
-            packed, state = quantize_4bit(w, quant_type=layer.quant_type, blocksize=layer.blocksize,
-                                          double_quant=layer.double_quant, quant_storage=layer.quant_storage)
+            packed, state, loftq_adapter = layer._quantize_weight(w)
         except ValueError as e:  # NaN/Inf in the weight
             raise AdapterFileError(f"{path}: {name}.weight cannot be quantized: {e}; nothing was loaded") from None
-        ready_dense.append((layer, packed, state))
+        ready_dense.append((layer, packed, state, loftq_adapter))
         del w
     ready_swaps = [(name, build()) for name, build in swaps]
     values = {}
@@ -996,11 +996,14 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
 
     paths = _module_paths(model)  # a Linear registered under several names is swapped at each
     with torch.no_grad():
-        for layer, packed, state, bias in ready_updates + [(layer, p, st, None) for layer, p, st in ready_dense]:
+        fitted = {id(layer): adapter for layer, _, _, adapter in ready_dense}
+        for layer, packed, state, bias in ready_updates + [(layer, p, st, None) for layer, p, st, _ in ready_dense]:
             layer._set_quantized(packed, state)
             layer.weight_dtype = state.dtype
             if layer.lora_A.is_meta:
                 layer._materialize_adapter(packed.device)
+            if fitted.get(id(layer)) is not None:  # LoftQ: the adapter goes with the base it was fitted to
+                layer._init_adapter(fitted[id(layer)])
             if bias is not None:
                 if layer.bias.is_meta:  # the file's tensor, on the device the layer's buffers took from it
                     _assign(holders, layer.bias, bias.to(packed.device))

@@ -216,6 +216,36 @@ class RequantizationError:
         )
 
 
+# PEFT's init_lora_weights values supported here (True: kaiming-uniform A, zero B).
+INIT_LORA_WEIGHTS = (True, "gaussian", "loftq")
+
+
+def loftq_decompose(w: torch.Tensor, r: int, scale: float, iters: int = 1, **quant):
+    """LoftQ (Li et al. 2023): a 4-bit base W_q and a rank-r adapter with W_q + scale * B @ A ~ W,
+    instead of W_q = quant(W) and B = 0. Each iteration quantizes what the adapter leaves
+    (W - scale * B A; W itself first) and refits B A to the rank-r truncated SVD of
+    (W - dequant(W_q)) / scale, split evenly (B = U sqrt(S), A = sqrt(S) V^T). PEFT's loftq_init
+    fits B A to W - dequant(W_q) itself, right only when lora_alpha = r (scale 1); here the scale
+    is divided out, so the sum is the fit whatever the scale.
+
+    w: [out, in] dense weight (any float dtype; computed in fp32 on its device). quant: the
+    quantize_4bit format arguments. Returns (packed, state, A [r, in] fp32, B [out, r] fp32).
+    """
+    w = w.detach().float()
+    target = w
+    for _ in range(iters):
+        packed, state = quantize_4bit(target, **quant)
+        residual = w - dequantize_4bit(packed, state, torch.float32)
+        u, sv, vh = torch.linalg.svd(residual / scale, full_matrices=False)
+        root = sv[:r].sqrt()
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]
+        if min(w.shape) < r:  # a rank above min(out, in): the other directions start at zero
+            b = torch.nn.functional.pad(b, (0, r - b.shape[1]))
+            a = torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0]))
+        target = w - scale * (b @ a)
+    return packed, state, a, b
+
+
 class QLoRALinear(nn.Module):
     """y = x @ dequant(W)^T + scale * dropout(x) @ lora_A^T @ lora_B^T (+ bias), scale = lora_alpha / r
     (lora_alpha / sqrt(r) with use_rslora=True, PEFT's rank-stabilized LoRA).
@@ -249,6 +279,8 @@ class QLoRALinear(nn.Module):
     # False inside disable_adapter(model): the layer computes its 4-bit base alone.
     adapter_enabled: bool = True
     use_dora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    loftq_iter: int = 1
 
     def __init__(
         self,
@@ -268,6 +300,8 @@ class QLoRALinear(nn.Module):
         lora_dtype: torch.dtype = torch.float32,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        loftq_iter: int = 1,
         *,
         _weight: Optional[torch.Tensor] = None,
         _bias: Optional[torch.Tensor] = None,
@@ -302,8 +336,21 @@ class QLoRALinear(nn.Module):
                 raise TypeError(f"{what} must be True or False, got {flag!r}")
         self.use_rslora = use_rslora
         self.use_dora = use_dora
+        if not (init_lora_weights is True or (isinstance(init_lora_weights, str)
+                                              and init_lora_weights in INIT_LORA_WEIGHTS)):  # (1 == True)
+            raise ValueError(f"init_lora_weights must be one of {INIT_LORA_WEIGHTS}, got {init_lora_weights!r}")
+        if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
+            raise ValueError(f"loftq_iter must be a positive int, got {loftq_iter!r}")
+        self.init_lora_weights = init_lora_weights
+        self.loftq_iter = loftq_iter
+        loftq_adapter = None
 
         if _quantized is not None:
+            if init_lora_weights == "loftq":
+                raise ValueError("init_lora_weights='loftq' fits the adapter to the error of quantizing the dense "
+                                 "weight, and this layer is built from an already-quantized one (from_quantized, "
+                                 "a bnb-4bit checkpoint): build it from the dense weight (from_linear, "
+                                 "replace_linear, a dense checkpoint)")
             packed, state = _quantized
             self.weight_dtype = state.dtype
         else:
@@ -319,8 +366,7 @@ class QLoRALinear(nn.Module):
             if device is not None:
                 w = w.to(device)
             self.weight_dtype = w.dtype  # the quant state's dtype (bitsandbytes records it too)
-            packed, state = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize,
-                                          double_quant=double_quant, quant_storage=quant_storage)
+            packed, state, loftq_adapter = self._quantize_weight(w)
         self._set_quantized(packed, state)
         dev = packed.device
 
@@ -337,7 +383,7 @@ class QLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=dev, dtype=lora_dtype))
-        self.reset_lora_parameters()
+        self._init_adapter(loftq_adapter)
 
     # --- construction -----------------------------------------------------------------------
 
@@ -416,11 +462,36 @@ class QLoRALinear(nn.Module):
                                              requires_grad=old.requires_grad))
         self.reset_lora_parameters()
 
+    def _quantize_weight(self, w: torch.Tensor):
+        """(packed, state, LoftQ adapter (A, B) or None) of the dense weight w [out, in], in this
+        layer's format: what the constructor and load_quantized (a dense checkpoint) store."""
+        quant = dict(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
+                     quant_storage=self.quant_storage)
+        if self.init_lora_weights == "loftq" and not w.is_meta:
+            packed, state, a, b = loftq_decompose(w, self.r, self.scale, self.loftq_iter, **quant)
+            return packed, state, (a, b)
+        return (*quantize_4bit(w, **quant), None)
+
+    def _init_adapter(self, loftq_adapter=None) -> None:
+        self.reset_lora_parameters()
+        if loftq_adapter is not None:
+            with torch.no_grad():
+                self.lora_A.copy_(loftq_adapter[0])
+                self.lora_B.copy_(loftq_adapter[1])
+                if self.use_dora:  # m / n = 1 at the start, n now of W_q + s B A
+                    self.lora_magnitude_vector.copy_(self.dora_weight_norm())
+
     def reset_lora_parameters(self) -> None:
-        """A kaiming-uniform (a=sqrt(5)), B zeros: the adapter starts as the identity update (with
-        DoRA, the magnitude starts at the base's row norms, so m / n = 1)."""
+        """B zeros and A kaiming-uniform (a=sqrt(5); init_lora_weights=True, PEFT's default) or
+        normal with std 1/r ("gaussian", PEFT's): the adapter starts as the identity update (with
+        DoRA, the magnitude starts at the base's row norms, so m / n = 1). A "loftq" layer's
+        adapter is fitted to its dense weight when that weight is quantized; reset gives the default
+        start (B = 0) on the LoftQ base."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
             if self.use_dora:
                 self.lora_magnitude_vector.copy_(self.dora_base_sq_norm.sqrt())
@@ -739,6 +810,7 @@ class QLoRALinear(nn.Module):
             f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
             + (", use_rslora=True" if self.use_rslora else "")
             + (", use_dora=True" if self.use_dora else "")
+            + ("" if self.init_lora_weights is True else f", init_lora_weights={self.init_lora_weights!r}")
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + ("" if self.adapter_enabled else ", adapter_enabled=False")
         )
