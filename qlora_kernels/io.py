@@ -780,7 +780,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     the model is then frozen but for the adapters, as replace_linear leaves it). A dense weight at
     a QLoRALinear's name (an [out, in] Linear weight; [in, out] for a layer that replaced a Conv1D)
     is quantized in that layer's format (quant type, blocksize, double quantization; a layer with
-    init_lora_weights="loftq" also gets the LoftQ adapter fitted to it), on the layer's device, or
+    init_lora_weights "loftq" / "pissa" also gets the adapter fitted with it), on the layer's device, or
     `device` for an empty layer: so `replace_linear` on an empty model and then
     this loads a 16-bit checkpoint as a 4-bit model, one tensor at a time, without ever holding
     the model (or the file) in 16 bits. Every other entry must match the model's state dict
@@ -1002,7 +1002,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             layer.weight_dtype = state.dtype
             if layer.lora_A.is_meta:
                 layer._materialize_adapter(packed.device)
-            if fitted.get(id(layer)) is not None:  # LoftQ: the adapter goes with the base it was fitted to
+            if fitted.get(id(layer)) is not None:  # LoftQ / PiSSA: the adapter goes with its base
                 layer._init_adapter(fitted[id(layer)])
             if bias is not None:
                 if layer.bias.is_meta:  # the file's tensor, on the device the layer's buffers took from it

@@ -217,16 +217,38 @@ class RequantizationError:
 
 
 # PEFT's init_lora_weights values supported here (True: kaiming-uniform A, zero B).
-INIT_LORA_WEIGHTS = (True, "gaussian", "loftq")
+INIT_LORA_WEIGHTS = (True, "gaussian", "pissa", "loftq")
+
+
+def _rank_r_fit(m: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) with scale * B @ A the rank-r truncated SVD of m (fp32), split
+    evenly (B = U sqrt(S / scale), A = sqrt(S / scale) V^T). A rank above min(out, in) leaves the
+    extra directions at zero."""
+    u, sv, vh = torch.linalg.svd(m / scale, full_matrices=False)
+    root = sv[:r].sqrt()
+    b, a = u[:, :r] * root, root[:, None] * vh[:r]
+    if b.shape[1] < r:
+        b = torch.nn.functional.pad(b, (0, r - b.shape[1]))
+        a = torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0]))
+    return a, b
+
+
+def pissa_decompose(w: torch.Tensor, r: int, scale: float, **quant):
+    """PiSSA (Meng et al. 2024; QPiSSA with a 4-bit base): the adapter takes W's r principal
+    components (scale * B @ A = the rank-r truncated SVD of W) and the base quantizes the rest,
+    W - scale * B A, whose smaller range quantizes with a smaller error. Returns (packed, state,
+    A, B) as loftq_decompose."""
+    w = w.detach().float()
+    a, b = _rank_r_fit(w, r, scale)
+    return (*quantize_4bit(w - scale * (b @ a), **quant), a, b)
 
 
 def loftq_decompose(w: torch.Tensor, r: int, scale: float, iters: int = 1, **quant):
     """LoftQ (Li et al. 2023): a 4-bit base W_q and a rank-r adapter with W_q + scale * B @ A ~ W,
     instead of W_q = quant(W) and B = 0. Each iteration quantizes what the adapter leaves
-    (W - scale * B A; W itself first) and refits B A to the rank-r truncated SVD of
-    (W - dequant(W_q)) / scale, split evenly (B = U sqrt(S), A = sqrt(S) V^T). PEFT's loftq_init
-    fits B A to W - dequant(W_q) itself, right only when lora_alpha = r (scale 1); here the scale
-    is divided out, so the sum is the fit whatever the scale.
+    (W - scale * B A; W itself first) and refits scale * B A to the rank-r truncated SVD of
+    W - dequant(W_q). PEFT's loftq_init fits B A itself to that, right only when lora_alpha = r
+    (scale 1); here the scale is divided out, so the sum is the fit whatever the scale.
 
     w: [out, in] dense weight (any float dtype; computed in fp32 on its device). quant: the
     quantize_4bit format arguments. Returns (packed, state, A [r, in] fp32, B [out, r] fp32).
@@ -235,13 +257,7 @@ def loftq_decompose(w: torch.Tensor, r: int, scale: float, iters: int = 1, **qua
     target = w
     for _ in range(iters):
         packed, state = quantize_4bit(target, **quant)
-        residual = w - dequantize_4bit(packed, state, torch.float32)
-        u, sv, vh = torch.linalg.svd(residual / scale, full_matrices=False)
-        root = sv[:r].sqrt()
-        b, a = u[:, :r] * root, root[:, None] * vh[:r]
-        if min(w.shape) < r:  # a rank above min(out, in): the other directions start at zero
-            b = torch.nn.functional.pad(b, (0, r - b.shape[1]))
-            a = torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0]))
+        a, b = _rank_r_fit(w - dequantize_4bit(packed, state, torch.float32), r, scale)
         target = w - scale * (b @ a)
     return packed, state, a, b
 
@@ -259,6 +275,11 @@ class QLoRALinear(nn.Module):
     PEFT's LoRA layers), or autocast's inside an autocast region. So a float32 model whose Linears
     compute in bf16 keeps float32 activations between them (its other layers, e.g. eager
     attention's probs @ V, need operands of one dtype).
+
+    init_lora_weights (PEFT's): True, A kaiming-uniform (a=sqrt(5)) and B = 0, so a fresh layer is
+    its 4-bit base; "gaussian", A normal with std 1/r; "pissa" and "loftq" (loftq_iter rounds) split
+    the dense weight between base and adapter so that dequant(W) + scale * B A starts closer to the
+    dense weight than quant(W) does (pissa_decompose, loftq_decompose): only from a dense weight.
 
     use_dora=True: DoRA (weight-decomposed LoRA, Liu et al. 2024), as PEFT's use_dora:
     y = (m / n) * (x @ dequant(W)^T + scale * x @ A^T @ B^T) + bias, with a trainable magnitude
@@ -346,11 +367,11 @@ class QLoRALinear(nn.Module):
         loftq_adapter = None
 
         if _quantized is not None:
-            if init_lora_weights == "loftq":
-                raise ValueError("init_lora_weights='loftq' fits the adapter to the error of quantizing the dense "
-                                 "weight, and this layer is built from an already-quantized one (from_quantized, "
-                                 "a bnb-4bit checkpoint): build it from the dense weight (from_linear, "
-                                 "replace_linear, a dense checkpoint)")
+            if init_lora_weights in ("loftq", "pissa"):
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} splits the dense weight between the base "
+                                 "and the adapter, and this layer is built from an already-quantized one "
+                                 "(from_quantized, a bnb-4bit checkpoint): build it from the dense weight "
+                                 "(from_linear, replace_linear, a dense checkpoint)")
             packed, state = _quantized
             self.weight_dtype = state.dtype
         else:
@@ -463,12 +484,16 @@ class QLoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def _quantize_weight(self, w: torch.Tensor):
-        """(packed, state, LoftQ adapter (A, B) or None) of the dense weight w [out, in], in this
-        layer's format: what the constructor and load_quantized (a dense checkpoint) store."""
+        """(packed, state, the adapter (A, B) "loftq" / "pissa" fit with the base, else None) of the
+        dense weight w [out, in], in this layer's format: what the constructor and load_quantized (a
+        dense checkpoint) store."""
         quant = dict(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
                      quant_storage=self.quant_storage)
         if self.init_lora_weights == "loftq" and not w.is_meta:
             packed, state, a, b = loftq_decompose(w, self.r, self.scale, self.loftq_iter, **quant)
+            return packed, state, (a, b)
+        if self.init_lora_weights == "pissa" and not w.is_meta:
+            packed, state, a, b = pissa_decompose(w, self.r, self.scale, **quant)
             return packed, state, (a, b)
         return (*quantize_4bit(w, **quant), None)
 
@@ -484,9 +509,9 @@ class QLoRALinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         """B zeros and A kaiming-uniform (a=sqrt(5); init_lora_weights=True, PEFT's default) or
         normal with std 1/r ("gaussian", PEFT's): the adapter starts as the identity update (with
-        DoRA, the magnitude starts at the base's row norms, so m / n = 1). A "loftq" layer's
-        adapter is fitted to its dense weight when that weight is quantized; reset gives the default
-        start (B = 0) on the LoftQ base."""
+        DoRA, the magnitude starts at the base's row norms, so m / n = 1). A "loftq" / "pissa"
+        layer's adapter is fitted with its base when the dense weight is quantized; reset gives the
+        default start (B = 0) on that base."""
         with torch.no_grad():
             if self.init_lora_weights == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
