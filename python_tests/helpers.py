@@ -21,6 +21,25 @@ def bnb_functional():
     return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes 0.50.2 is a test dependency")
 
 
+def bnb_4bit_model(model_class, src_dir, quantized_dir):
+    """transformers + bitsandbytes' 4-bit model (NF4, double quant, fp32 compute) of the dense
+    checkpoint in src_dir, on the CPU, in eval mode, saved to quantized_dir as a "bnb-4bit" checkpoint."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
+    import transformers
+
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = model_class.from_pretrained(src_dir, quantization_config=config, device_map="cpu",
+                                        dtype=torch.float32).eval()
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            # Its other CPU path (AVX512-BF16 repacking) multiplies in bf16; this one dequantizes and
+            # multiplies in the compute dtype, as ours does here.
+            m.support_avx512bf16_for_cpu = False
+    model.save_pretrained(quantized_dir)
+    return model
+
+
 def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     """Equal bit for bit (same dtype, shape, and raw bytes). Signed zeros count as different."""
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"

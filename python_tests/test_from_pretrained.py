@@ -10,7 +10,6 @@ position_ids buffer, which transformers skips and so must we).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ import qlora_kernels as qk
 from qlora_kernels import QLoRALinear, replace_linear
 from qlora_kernels.io import AdapterFileError
 
-os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
+from helpers import bnb_4bit_model
+
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 pytest.importorskip("accelerate", reason="from_pretrained builds the model empty with accelerate, a test dependency")
 
@@ -101,18 +101,9 @@ def test_real_minilm_directory(tmp_path):
 @pytest.fixture(scope="module")
 def bnb_llama(tmp_path_factory):
     """(transformers + bitsandbytes 4-bit Llama, the "bnb-4bit" directory it saved)."""
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
     src, quantized = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("llama_bnb4bit")
     _llama_dir(src, tie=False, dtype=torch.float32)
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.LlamaForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu",
-                                                          dtype=torch.float32).eval()
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False  # (its other CPU path multiplies in bf16; see test_gpt2_conv1d)
-    model.save_pretrained(quantized)
-    return model, quantized
+    return bnb_4bit_model(transformers.LlamaForCausalLM, src, quantized), quantized
 
 
 def test_bitsandbytes_directory_gives_their_bytes_and_logits(bnb_llama):

@@ -19,7 +19,7 @@ import qlora_kernels as qk
 from qlora_kernels import QLoRALinear, load_adapter, load_quantized, replace_linear, save_adapter
 from qlora_kernels.io import ADAPTER_CONFIG
 
-from helpers import fill_trainable, train_causal_lm
+from helpers import bnb_4bit_model, fill_trainable, train_causal_lm
 
 os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (GPT-2's Conv1D)")
@@ -54,20 +54,9 @@ def _qlora_gpt2(targets=None, seed: int = 0, **kw) -> nn.Module:
 @pytest.fixture(scope="module")
 def bnb_gpt2(tmp_path_factory):
     """(fp32 checkpoint dir, transformers + bitsandbytes 4-bit model, its saved "bnb-4bit" dir)."""
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
     src, quantized = tmp_path_factory.mktemp("gpt2"), tmp_path_factory.mktemp("gpt2_bnb4bit")
     _gpt2().save_pretrained(src)
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.GPT2LMHeadModel.from_pretrained(src, quantization_config=config, device_map="cpu",
-                                                         dtype=torch.float32).eval()
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            # Its other CPU path (AVX512-BF16 repacking) multiplies in bf16; this one dequantizes and
-            # multiplies in the compute dtype, as ours does here.
-            m.support_avx512bf16_for_cpu = False
-    model.save_pretrained(quantized)
-    return src, model, quantized
+    return src, bnb_4bit_model(transformers.GPT2LMHeadModel, src, quantized), quantized
 
 
 @pytest.mark.parametrize("targets", [None, "all-linear", ["c_attn", "c_proj", "c_fc"]], ids=["none", "all-linear", "names"])
