@@ -143,6 +143,11 @@ def test_bad_directories_and_arguments_are_refused(tmp_path, bnb_llama):
         qk.from_pretrained(bnb_llama[1], target_modules=["q_proj"])
     with pytest.raises(ValueError, match="r must be a positive int"):
         qk.from_pretrained(path, r=0)
+    with pytest.raises(TypeError, match="takes dtype=, not torch_dtype="):
+        qk.from_pretrained(path, torch_dtype=torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            qk.from_pretrained(path, device="cuda")
 
     # config.json that names no architecture: the class must be given
     cfg_path = path / "config.json"

@@ -1098,6 +1098,11 @@ def from_pretrained(path: PathLike, model_class=None, *, target_modules=ALL_LINE
     except ImportError as e:
         raise ImportError(f"from_pretrained needs transformers and accelerate ({e}): "
                           "pip install transformers accelerate") from None
+    if "torch_dtype" in layer_kwargs:  # transformers' old name (renamed dtype in transformers 5)
+        raise TypeError("from_pretrained takes dtype=, not torch_dtype= (transformers' old name for it)")
+    target = None if device is None else torch.device(device)
+    if target is not None and target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"from_pretrained: device={device!r}, but torch sees no CUDA device here")
     root = Path(path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"from_pretrained: {root} is not a Hugging Face checkpoint directory (no config.json)")
@@ -1129,7 +1134,6 @@ def from_pretrained(path: PathLike, model_class=None, *, target_modules=ALL_LINE
         dtype = _as_dtype(named, f"{root}/config.json dtype") or _checkpoint_dtype(ckpt)
     elif not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"from_pretrained: dtype must be \"auto\" or a floating torch dtype, got {dtype!r}")
-    target = None if device is None else torch.device(device)
 
     with accelerate.init_empty_weights(), _default_dtype(dtype):  # parameters on meta, buffers real
         model = (model_class.from_config(config) if hasattr(model_class, "from_config")

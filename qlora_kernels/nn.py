@@ -252,6 +252,7 @@ def loftq_decompose(w: torch.Tensor, r: int, scale: float, iters: int = 1, **qua
 
     w: [out, in] dense weight (any float dtype; computed in fp32 on its device). quant: the
     quantize_4bit format arguments. Returns (packed, state, A [r, in] fp32, B [out, r] fp32).
+    Each iteration costs a full SVD of the weight (as PEFT's and pissa's: done once, at init).
     """
     w = w.detach().float()
     target = w
