@@ -1205,3 +1205,19 @@ def test_model_compiled_layer_by_layer_trains_as_eager():
     for name, g in eager_grads.items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_memory_report_counts_parameters_as_peft_does(tie):
+    """trainable / all parameter counts equal PEFT's get_nb_trainable_parameters() for the same
+    LoRA on the dense model (a 4-bit base counted as the weights it stands for; a tied weight once)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (the oracle)")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    theirs = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                                 peft.LoraConfig(r=4, target_modules="all-linear")).get_nb_trainable_parameters()
+    rep = memory_report(replace_linear(transformers.LlamaForCausalLM(cfg), target_modules="all-linear", r=4))
+    assert (rep.trainable_params, rep.all_params) == theirs
+    assert rep.trainable_line() in str(rep)
+    assert rep.trainable_line().startswith(f"trainable params: {theirs[0]:,d} || all params: {theirs[1]:,d}")

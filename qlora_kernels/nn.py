@@ -1302,6 +1302,15 @@ class MemoryRow:
 @dataclass
 class MemoryReport:
     rows: list[MemoryRow]
+    # PEFT's print_trainable_parameters() numbers: each distinct parameter once (a tied weight
+    # once), a QLoRALinear's 4-bit base counted as the out * in weights it stands for.
+    trainable_params: int = 0
+    all_params: int = 0
+
+    def trainable_line(self) -> str:
+        share = 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+        return (f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
+                f"trainable%: {share:.4f}")
 
     @property
     def quantized(self) -> list[MemoryRow]:
@@ -1329,12 +1338,15 @@ class MemoryReport:
         lines.append(fmt(self.total()))
         lines.append("(bytes: base weights; for a QLoRALinear packed 4-bit + absmax + nested scales, its LoRA "
                      "and bias in 'lora+bias'; the code tables, constants shared by all layers, excluded)")
+        lines.append(self.trainable_line())
         return "\n".join(lines)
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
     """Per-module storage of `model`: each QLoRALinear (quantized base, bits/param, LoRA bytes) and
-    each other module that owns parameters/buffers directly (dense bytes). Print it for a table."""
+    each other module that owns parameters/buffers directly (dense bytes), and the trainable /
+    all parameter counts PEFT's print_trainable_parameters() gives (trainable_line()). Print it
+    for a table."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_report takes an nn.Module as `model`, got {type(model).__name__}")
     rows: list[MemoryRow] = []
@@ -1353,7 +1365,11 @@ def memory_report(model: nn.Module) -> MemoryReport:
         seen.update(id(t) for t in tensors)
         n = sum(t.numel() for t in tensors)
         rows.append(MemoryRow(name or "(root)", type(mod).__name__, n, _nbytes(tensors)))
-    return MemoryReport(rows)
+    params = list(model.parameters())  # (distinct: a tied weight once)
+    bases = sum(m.in_features * m.out_features for m in {id(m): m for m in model.modules()
+                                                          if isinstance(m, QLoRALinear)}.values())
+    return MemoryReport(rows, trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                        all_params=sum(p.numel() for p in params) + bases)
 
 
 __all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "prepare_model_for_kbit_training", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
