@@ -983,10 +983,10 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
         if layer.fan_in_fan_out:
             w = w.t()
         try:
-            packed, state, loftq_adapter = layer._quantize_weight(w)
+            packed, state, fitted_adapter = layer._quantize_weight(w)
         except ValueError as e:  # NaN/Inf in the weight
             raise AdapterFileError(f"{path}: {name}.weight cannot be quantized: {e}; nothing was loaded") from None
-        ready_dense.append((layer, packed, state, loftq_adapter))
+        ready_dense.append((layer, packed, state, fitted_adapter))
         del w
     ready_swaps = [(name, build()) for name, build in swaps]
     values = {}

@@ -365,7 +365,7 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"loftq_iter must be a positive int, got {loftq_iter!r}")
         self.init_lora_weights = init_lora_weights
         self.loftq_iter = loftq_iter
-        loftq_adapter = None
+        fitted_adapter = None
 
         if _quantized is not None:
             if init_lora_weights in ("loftq", "pissa"):
@@ -388,7 +388,7 @@ class QLoRALinear(nn.Module):
             if device is not None:
                 w = w.to(device)
             self.weight_dtype = w.dtype  # the quant state's dtype (bitsandbytes records it too)
-            packed, state, loftq_adapter = self._quantize_weight(w)
+            packed, state, fitted_adapter = self._quantize_weight(w)
         self._set_quantized(packed, state)
         dev = packed.device
 
@@ -405,7 +405,7 @@ class QLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev, dtype=lora_dtype))
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=dev, dtype=lora_dtype))
-        self._init_adapter(loftq_adapter)
+        self._init_adapter(fitted_adapter)
 
     # --- construction -----------------------------------------------------------------------
 
@@ -498,12 +498,13 @@ class QLoRALinear(nn.Module):
             return packed, state, (a, b)
         return (*quantize_4bit(w, **quant), None)
 
-    def _init_adapter(self, loftq_adapter=None) -> None:
+    def _init_adapter(self, fitted_adapter=None) -> None:
+        """reset_lora_parameters(), then the (A, B) fitted with the base ("loftq" / "pissa") if given."""
         self.reset_lora_parameters()
-        if loftq_adapter is not None:
+        if fitted_adapter is not None:
             with torch.no_grad():
-                self.lora_A.copy_(loftq_adapter[0])
-                self.lora_B.copy_(loftq_adapter[1])
+                self.lora_A.copy_(fitted_adapter[0])
+                self.lora_B.copy_(fitted_adapter[1])
                 if self.use_dora:  # m / n = 1 at the start, n now of W_q + s B A
                     self.lora_magnitude_vector.copy_(self.dora_weight_norm())
 
@@ -1366,8 +1367,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
         n = sum(t.numel() for t in tensors)
         rows.append(MemoryRow(name or "(root)", type(mod).__name__, n, _nbytes(tensors)))
     params = list(model.parameters())  # (distinct: a tied weight once)
-    bases = sum(m.in_features * m.out_features for m in {id(m): m for m in model.modules()
-                                                          if isinstance(m, QLoRALinear)}.values())
+    bases = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLoRALinear))
     return MemoryReport(rows, trainable_params=sum(p.numel() for p in params if p.requires_grad),
                         all_params=sum(p.numel() for p in params) + bases)
 
