@@ -1279,6 +1279,114 @@ def disable_adapter(model: nn.Module):
             layer.adapter_enabled = enabled
 
 
+# --- from_peft: a PEFT LoRA model (bitsandbytes 4-bit or dense base) taken over in memory -------------
+
+
+def _peft_lora_layer(layer, adapter: str, compute_dtype: Optional[torch.dtype]) -> "QLoRALinear":
+    """The QLoRALinear doing what PEFT's LoRA layer `layer` does with `adapter` on its base."""
+    base = layer.get_base_layer()
+    settings = dict(r=int(layer.r[adapter]), lora_alpha=layer.lora_alpha[adapter],
+                    lora_dropout=float(getattr(layer.lora_dropout[adapter], "p", 0.0)),
+                    use_rslora=bool(layer.use_rslora.get(adapter, False)),
+                    use_dora=adapter in layer.lora_magnitude_vector,
+                    lora_dtype=layer.lora_A[adapter].weight.dtype)
+    if getattr(getattr(base, "weight", None), "quant_state", None) is not None:  # bitsandbytes Linear4bit
+        # Its own state dict: the checkpoint layout, undoing any CPU-only repacking of the bytes.
+        sd = base.state_dict()
+        state = QuantState.from_dict({k: v for k, v in sd.items() if k.startswith("weight.")},
+                                     device=sd["weight"].device)
+        cd = compute_dtype or getattr(base, "compute_dtype", None)
+        new = QLoRALinear.from_quantized(sd["weight"], state, sd.get("bias"),
+                                         compute_dtype=cd if cd in _COMPUTE_DTYPES else torch.float32, **settings)
+    else:  # a dense base: quantized now (QLoRA's NF4, blocksize 64, double quantization)
+        dt = base.weight.dtype
+        new = QLoRALinear.from_linear(base, compute_dtype=compute_dtype or (dt if dt in _COMPUTE_DTYPES
+                                                                            else torch.float32), **settings)
+    new.fan_in_fan_out = is_conv1d(base)
+    with torch.no_grad():
+        new.lora_A.copy_(layer.lora_A[adapter].weight)
+        new.lora_B.copy_(layer.lora_B[adapter].weight)
+        if new.use_dora:
+            new.lora_magnitude_vector.copy_(layer.lora_magnitude_vector[adapter].weight)
+    for name in new._adapter_names():
+        theirs = (layer.lora_magnitude_vector[adapter].weight if name == "lora_magnitude_vector"
+                  else getattr(layer, name)[adapter].weight)
+        getattr(new, name).requires_grad_(theirs.requires_grad)
+    return new.train(layer.training)
+
+
+def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The model inside a PEFT LoRA model (peft.get_peft_model / PeftModel.from_pretrained), with
+    each of PEFT's LoRA layers replaced by a QLoRALinear that computes the same: an existing QLoRA
+    script switches to these kernels with one line, model = qk.from_peft(model).
+
+    A layer over a bitsandbytes Linear4bit keeps its 4-bit bytes (and its compute dtype); one over a
+    dense nn.Linear (or GPT-2 Conv1D) is quantized now (NF4, blocksize 64, double quantization). The
+    adapter (A, B; DoRA's magnitude), r, lora_alpha, dropout, rsLoRA and requires_grad come from
+    PEFT's; modules_to_save wrappers give way to their trained copy. compute_dtype: for every layer
+    (default: the Linear4bit's, float32 when unset, as bitsandbytes; a dense base's weight dtype).
+
+    The PEFT model is consumed (its layers' tensors are shared, not copied). Raises TypeError for a
+    non-PEFT model and ValueError, with the model unchanged, for what has no QLoRALinear form: more
+    than one adapter, a merged adapter, lora_bias, LoRA on a layer that is not a Linear / Conv1D or
+    over an 8-bit base, another PEFT method.
+    """
+    try:
+        import peft
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        raise TypeError(f"from_peft takes a PEFT model, and peft is not installed "
+                        f"(got {type(peft_model).__name__})") from None
+    if not isinstance(peft_model, peft.PeftModel):
+        raise TypeError(f"from_peft takes a peft.PeftModel, got {type(peft_model).__name__}")
+    configs = peft_model.peft_config
+    if len(configs) != 1:
+        raise ValueError(f"from_peft takes a PEFT model with one adapter, this one has {sorted(configs)}: save the one "
+                         "to keep (save_pretrained(selected_adapters=[...])) and load_adapter it into a replace_linear model")
+    (adapter, config), = configs.items()
+    if str(getattr(config, "peft_type", "")) not in ("LORA", "PeftType.LORA"):
+        raise ValueError(f"from_peft takes LoRA adapters, this one is {config.peft_type}")
+    if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+    model = peft_model.get_base_model()
+    problems, layers = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        base = mod.get_base_layer()
+        if mod.merged:
+            problems.append(f"{name}: its adapter is merged into the base (unmerge_adapter() first)")
+        elif mod.lora_bias.get(adapter, False):
+            problems.append(f"{name}: lora_bias=True (a bias on lora_B) has no QLoRALinear form")
+        elif adapter not in mod.lora_A or (getattr(getattr(base, "weight", None), "quant_state", None) is None
+                                           and dense_weight(base) is None):
+            problems.append(f"{name}: LoRA on a {type(base).__name__}, which is not a Linear / Conv1D with a float "
+                            "or bitsandbytes 4-bit weight")
+        else:
+            layers.append((name, mod))
+    if problems:
+        raise ValueError("from_peft: the PEFT model has layers with no QLoRALinear form, nothing was changed:\n  "
+                         + "\n  ".join(problems))
+    if not layers:
+        raise ValueError("from_peft: the PEFT model has no LoRA layer")
+    new_layers = [(name, _peft_lora_layer(mod, adapter, compute_dtype)) for name, mod in layers]
+    paths = _module_paths(model)
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for (name, layer), (_, old) in zip(new_layers, layers):
+        _move_hooks(layer, old)
+        for path in paths[id(old)]:
+            _set_submodule(model, path, layer)
+    for name, wrapper in wrappers:  # the trained copy takes the wrapper's place
+        trained = wrapper.modules_to_save[adapter] if adapter in wrapper.modules_to_save else wrapper.original_module
+        for path in paths[id(wrapper)]:
+            _set_submodule(model, path, trained)
+    guard_state_dict_loads(model)
+    model.qlora_replaced = [name for name, _ in new_layers]
+    logger.info("from_peft: %d LoRA layer(s) now QLoRALinear", len(new_layers))
+    return model
+
+
 # --- memory_report ----------------------------------------------------------------------------
 
 
@@ -1372,5 +1480,5 @@ def memory_report(model: nn.Module) -> MemoryReport:
                         all_params=sum(p.numel() for p in params) + bases)
 
 
-__all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "prepare_model_for_kbit_training", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
+__all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "from_peft", "prepare_model_for_kbit_training", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
            "memory_report", "replace_linear"]
