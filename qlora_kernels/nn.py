@@ -1324,7 +1324,8 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
     dense nn.Linear (or GPT-2 Conv1D) is quantized now (NF4, blocksize 64, double quantization). The
     adapter (A, B; DoRA's magnitude), r, lora_alpha, dropout, rsLoRA and requires_grad come from
     PEFT's; modules_to_save wrappers give way to their trained copy. compute_dtype: for every layer
-    (default: the Linear4bit's, float32 when unset, as bitsandbytes; a dense base's weight dtype).
+    (default: the Linear4bit's, float32 where it has none (BitsAndBytesConfig's default); for a
+    dense base, its weight dtype, so the model computes what PEFT's did).
 
     The PEFT model is consumed (its layers' tensors are shared, not copied). Raises TypeError for a
     non-PEFT model and ValueError, with the model unchanged, for what has no QLoRALinear form: more
