@@ -976,7 +976,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     ready_updates = []
     for layer, read, bias_key in updates:
         packed, state = read()
-        ready_updates.append((layer, packed, state, None if bias_key is None else ckpt.load(bias_key)))
+        ready_updates.append((layer, packed, state, None if bias_key is None else ckpt.load(bias_key), None))
     ready_dense = []
     for layer, name in dense:
         w = ckpt.load(f"{name}.weight").to(device_of(layer))
@@ -986,7 +986,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             packed, state, fitted_adapter = layer._quantize_weight(w)
         except ValueError as e:  # NaN/Inf in the weight
             raise AdapterFileError(f"{path}: {name}.weight cannot be quantized: {e}; nothing was loaded") from None
-        ready_dense.append((layer, packed, state, fitted_adapter))
+        ready_dense.append((layer, packed, state, None, fitted_adapter))
         del w
     ready_swaps = [(name, build()) for name, build in swaps]
     values = {}
@@ -996,14 +996,13 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
 
     paths = _module_paths(model)  # a Linear registered under several names is swapped at each
     with torch.no_grad():
-        fitted = {id(layer): adapter for layer, _, _, adapter in ready_dense}
-        for layer, packed, state, bias in ready_updates + [(layer, p, st, None) for layer, p, st, _ in ready_dense]:
+        for layer, packed, state, bias, fitted_adapter in ready_updates + ready_dense:
             layer._set_quantized(packed, state)
             layer.weight_dtype = state.dtype
             if layer.lora_A.is_meta:
                 layer._materialize_adapter(packed.device)
-            if fitted.get(id(layer)) is not None:  # LoftQ / PiSSA: the adapter goes with its base
-                layer._init_adapter(fitted[id(layer)])
+            if fitted_adapter is not None:  # LoftQ / PiSSA: the adapter goes with its base
+                layer._init_adapter(fitted_adapter)
             if bias is not None:
                 if layer.bias.is_meta:  # the file's tensor, on the device the layer's buffers took from it
                     _assign(holders, layer.bias, bias.to(packed.device))

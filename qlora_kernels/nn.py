@@ -218,6 +218,7 @@ class RequantizationError:
 
 # PEFT's init_lora_weights values supported here (True: kaiming-uniform A, zero B).
 INIT_LORA_WEIGHTS = (True, "gaussian", "pissa", "loftq")
+_FITTED_INITS = ("pissa", "loftq")  # the adapter fitted together with the base, from the dense weight
 
 
 def _rank_r_fit(m: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +369,7 @@ class QLoRALinear(nn.Module):
         fitted_adapter = None
 
         if _quantized is not None:
-            if init_lora_weights in ("loftq", "pissa"):
+            if init_lora_weights in _FITTED_INITS:
                 raise ValueError(f"init_lora_weights={init_lora_weights!r} splits the dense weight between the base "
                                  "and the adapter, and this layer is built from an already-quantized one "
                                  "(from_quantized, a bnb-4bit checkpoint): build it from the dense weight "
@@ -490,11 +491,11 @@ class QLoRALinear(nn.Module):
         dense checkpoint) store."""
         quant = dict(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
                      quant_storage=self.quant_storage)
-        if self.init_lora_weights == "loftq" and not w.is_meta:
-            packed, state, a, b = loftq_decompose(w, self.r, self.scale, self.loftq_iter, **quant)
-            return packed, state, (a, b)
-        if self.init_lora_weights == "pissa" and not w.is_meta:
-            packed, state, a, b = pissa_decompose(w, self.r, self.scale, **quant)
+        if self.init_lora_weights in _FITTED_INITS and not w.is_meta:
+            if self.init_lora_weights == "loftq":
+                packed, state, a, b = loftq_decompose(w, self.r, self.scale, self.loftq_iter, **quant)
+            else:
+                packed, state, a, b = pissa_decompose(w, self.r, self.scale, **quant)
             return packed, state, (a, b)
         return (*quantize_4bit(w, **quant), None)
 
@@ -960,6 +961,14 @@ def _move_hooks(new: nn.Module, old: nn.Module) -> None:
         add_hook_to_module(new, hook)
 
 
+def _take_place(model: nn.Module, paths: dict[int, list[str]], old: nn.Module, new: nn.Module) -> None:
+    """`new` replaces `old` in `model` at every name `old` is registered under (paths:
+    _module_paths(model) from before any swap), with old's hooks."""
+    _move_hooks(new, old)
+    for path in paths[id(old)]:
+        _set_submodule(model, path, new)
+
+
 def _own_forward(mod: nn.Module) -> Optional[str]:
     """Why a Linear's (or Conv1D's) behaviour is more than nn.Linear.forward (Conv1D.forward),
     None when it is not."""
@@ -1180,9 +1189,7 @@ def replace_linear(
     # Build every new layer before swapping any, so a failure (bad kwargs) leaves the model as it was.
     new_layers = [(name, QLoRALinear.from_linear(mod, **layer_kwargs)) for name, mod in chosen]
     for (name, layer), (_, old) in zip(new_layers, chosen):
-        _move_hooks(layer, old)
-        for path in paths[id(old)]:
-            _set_submodule(model, path, layer)
+        _take_place(model, paths, old, layer)
         report.replaced.append(name)
         if len(paths[id(old)]) > 1:
             report.aliases[name] = paths[id(old)][1:]
@@ -1213,10 +1220,8 @@ def _swap_qlora_layers(model: nn.Module, build, what: str) -> nn.Module:
     # Built first, swapped after: an error (e.g. out of memory) leaves the model as it was.
     new_layers = [(name, build(layer).train(layer.training)) for name, layer in layers]
     paths = _module_paths(model)
-    for (name, layer), (_, old) in zip(new_layers, layers):
-        _move_hooks(layer, old)
-        for path in paths[id(old)]:  # every name of a layer registered under several
-            _set_submodule(model, path, layer)
+    for (_, layer), (_, old) in zip(new_layers, layers):
+        _take_place(model, paths, old, layer)
     if not any(isinstance(m, QLoRALinear) for m in model.modules()):
         model.qlora_replaced = []
     logger.info("%s: %d layer(s)", what, len(new_layers))
@@ -1282,6 +1287,11 @@ def disable_adapter(model: nn.Module):
 # --- from_peft: a PEFT LoRA model (bitsandbytes 4-bit or dense base) taken over in memory -------------
 
 
+def _is_bnb_4bit(base: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit (its weight a Params4bit carrying the quant state)."""
+    return getattr(getattr(base, "weight", None), "quant_state", None) is not None
+
+
 def _peft_lora_layer(layer, adapter: str, compute_dtype: Optional[torch.dtype]) -> "QLoRALinear":
     """The QLoRALinear doing what PEFT's LoRA layer `layer` does with `adapter` on its base."""
     base = layer.get_base_layer()
@@ -1290,7 +1300,7 @@ def _peft_lora_layer(layer, adapter: str, compute_dtype: Optional[torch.dtype]) 
                     use_rslora=bool(layer.use_rslora.get(adapter, False)),
                     use_dora=adapter in layer.lora_magnitude_vector,
                     lora_dtype=layer.lora_A[adapter].weight.dtype)
-    if getattr(getattr(base, "weight", None), "quant_state", None) is not None:  # bitsandbytes Linear4bit
+    if _is_bnb_4bit(base):
         # Its own state dict: the checkpoint layout, undoing any CPU-only repacking of the bytes.
         sd = base.state_dict()
         state = QuantState.from_dict({k: v for k, v in sd.items() if k.startswith("weight.")},
@@ -1304,14 +1314,9 @@ def _peft_lora_layer(layer, adapter: str, compute_dtype: Optional[torch.dtype]) 
                                                                             else torch.float32), **settings)
     new.fan_in_fan_out = is_conv1d(base)
     with torch.no_grad():
-        new.lora_A.copy_(layer.lora_A[adapter].weight)
-        new.lora_B.copy_(layer.lora_B[adapter].weight)
-        if new.use_dora:
-            new.lora_magnitude_vector.copy_(layer.lora_magnitude_vector[adapter].weight)
-    for name in new._adapter_names():
-        theirs = (layer.lora_magnitude_vector[adapter].weight if name == "lora_magnitude_vector"
-                  else getattr(layer, name)[adapter].weight)
-        getattr(new, name).requires_grad_(theirs.requires_grad)
+        for name in new._adapter_names():  # PEFT keeps each as module_dict[adapter].weight, same name
+            theirs = getattr(layer, name)[adapter].weight
+            getattr(new, name).copy_(theirs).requires_grad_(theirs.requires_grad)
     return new.train(layer.training)
 
 
@@ -1360,8 +1365,7 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
             problems.append(f"{name}: its adapter is merged into the base (unmerge_adapter() first)")
         elif mod.lora_bias.get(adapter, False):
             problems.append(f"{name}: lora_bias=True (a bias on lora_B) has no QLoRALinear form")
-        elif adapter not in mod.lora_A or (getattr(getattr(base, "weight", None), "quant_state", None) is None
-                                           and dense_weight(base) is None):
+        elif adapter not in mod.lora_A or not (_is_bnb_4bit(base) or dense_weight(base) is not None):
             problems.append(f"{name}: LoRA on a {type(base).__name__}, which is not a Linear / Conv1D with a float "
                             "or bitsandbytes 4-bit weight")
         else:
@@ -1374,10 +1378,8 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
     new_layers = [(name, _peft_lora_layer(mod, adapter, compute_dtype)) for name, mod in layers]
     paths = _module_paths(model)
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    for (name, layer), (_, old) in zip(new_layers, layers):
-        _move_hooks(layer, old)
-        for path in paths[id(old)]:
-            _set_submodule(model, path, layer)
+    for (_, layer), (_, old) in zip(new_layers, layers):
+        _take_place(model, paths, old, layer)
     for name, wrapper in wrappers:  # the trained copy takes the wrapper's place
         trained = wrapper.modules_to_save[adapter] if adapter in wrapper.modules_to_save else wrapper.original_module
         for path in paths[id(wrapper)]:
