@@ -727,6 +727,74 @@ def test_load_quantized_checks_biases_and_dtypes_before_any_change(tmp_path, int
     _assert_refused_unchanged(target, lambda: load_quantized(target, path, r=4), match)
 
 
+def test_load_quantized_into_plain_linears_keeps_their_hooks(tmp_path):
+    """A plain Linear that takes a 4-bit weight from the file becomes a QLoRALinear with the
+    Linear's hooks, as replace_linear gives them: registered forward / backward hooks and an
+    accelerate device hook fire on the new layer, and their handles still remove them."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CountCalls(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountCalls.calls += 1
+            return args, kwargs
+
+    path = tmp_path / "base.safetensors"
+    save_quantized(_small_qlora(seed=1), path)
+    target = _small()
+    seen = []
+    handles = [target[0].register_forward_hook(lambda m, args, out: seen.append(("fwd", type(m).__name__))),
+               target[1].register_full_backward_hook(lambda m, gin, gout: seen.append(("bwd", type(m).__name__)))]
+    add_hook_to_module(target[1], CountCalls())
+    load_quantized(target, path, r=4, compute_dtype=torch.float32)
+    assert isinstance(target[0], QLoRALinear) and isinstance(target[1], QLoRALinear)
+    assert isinstance(target[1]._hf_hook, CountCalls)
+    target(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    assert seen == [("fwd", "QLoRALinear"), ("bwd", "QLoRALinear")] and CountCalls.calls == 1
+    for h in handles:
+        h.remove()
+    seen.clear()
+    target(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    assert seen == [] and CountCalls.calls == 2
+
+
+@pytest.mark.parametrize("why", ["instance_forward", "subclass_forward", "offloaded"])
+def test_load_quantized_refuses_a_linear_whose_forward_does_more(tmp_path, why):
+    """A 4-bit weight in the file for a Linear whose forward is more than nn.Linear.forward (replaced
+    on the instance, overridden by a subclass, or offloaded by accelerate): a QLoRALinear in its
+    place would drop that behaviour, so the load is refused, naming the layer, and nothing changes
+    (replace_linear skips such a Linear; here the file's weight would have nowhere to go)."""
+    path = tmp_path / "base.safetensors"
+    save_quantized(_small_qlora(seed=1), path)
+    target = _small()
+    if why == "instance_forward":
+        target[1].forward = lambda x: nn.functional.linear(x, target[1].weight, target[1].bias) * 2
+    elif why == "subclass_forward":
+        class Doubled(nn.Linear):
+            def forward(self, x):
+                return super().forward(x) * 2
+
+        old = target[1]
+        target[1] = Doubled(32, 16)
+        target[1].load_state_dict(old.state_dict())
+    else:
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(target[1], AlignDevicesHook(execution_device="cpu", offload=True))
+    match = {"instance_forward": "forward was replaced on the instance", "subclass_forward": "Doubled overrides",
+             "offloaded": "offloads its weights"}[why]
+    pattern = rf"\b1: cannot take .*{match}"
+    if why != "offloaded":
+        _assert_refused_unchanged(target, lambda: load_quantized(target, path, r=4), pattern)
+    else:  # the offloaded Linear's tensors are on meta (the hook keeps them): compare the others
+        before = target[0].weight.clone()
+        with pytest.raises(AdapterFileError, match=pattern):
+            load_quantized(target, path, r=4)
+        assert torch.equal(target[0].weight, before) and target[1].weight.is_meta
+    assert type(target[0]) is nn.Linear and not any(isinstance(m, QLoRALinear) for m in target.modules())
+
+
 LAYER = "model.layers.1.self_attn.v_proj"
 
 

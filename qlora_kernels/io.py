@@ -42,7 +42,8 @@ from .nn import (
     ALL_LINEAR,
     QLoRALinear,
     _module_paths,
-    _set_submodule,
+    _own_forward,
+    _take_place,
     dense_shape,
     finite_real,
     freeze_all_but_adapters,
@@ -777,7 +778,9 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     Each 4-bit entry goes into the QLoRALinear at that name (its adapter is kept), or replaces an
     nn.Linear (or transformers Conv1D, whose weight the file holds [out, in], as bitsandbytes
     quantizes it) there with a new QLoRALinear (layer_kwargs: r, lora_alpha, compute_dtype, ...;
-    the model is then frozen but for the adapters, as replace_linear leaves it). A dense weight at
+    the model is then frozen but for the adapters, as replace_linear leaves it; the Linear's hooks,
+    an accelerate device hook included, move to it, and a Linear whose forward does more than
+    nn.Linear's is refused, as replace_linear skips it). A dense weight at
     a QLoRALinear's name (an [out, in] Linear weight; [in, out] for a layer that replaced a Conv1D)
     is quantized in that layer's format (quant type, blocksize, double quantization; a layer with
     init_lora_weights "loftq" / "pissa" also gets the adapter fitted with it), on the layer's device, or
@@ -836,7 +839,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
         dev = next((t.device for t in [*mod.parameters(), *mod.buffers()]), torch.device("cpu"))
         return (target or torch.device("cpu")) if dev.type == "meta" else dev
 
-    swaps: list[tuple[str, Callable[[], QLoRALinear]]] = []
+    swaps: list[tuple[str, nn.Module, Callable[[], QLoRALinear]]] = []
     updates: list[tuple[QLoRALinear, Callable[[], tuple[torch.Tensor, QuantState]], Optional[str]]] = []
     for name, (state, bias) in quantized.items():
         try:
@@ -871,6 +874,10 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
         if isinstance(mod, QLoRALinear):
             updates.append((mod, read, bias_key))
         elif dense_shape(mod) is not None:
+            why = _own_forward(mod)
+            if why is not None:  # the file's 4-bit weight has nowhere else to go: refuse, as replace_linear skips
+                problems.append(f"{name}: cannot take the file's 4-bit weight in a QLoRALinear: {why}")
+                continue
             conv = is_conv1d(mod)
 
             def build(read=read, bias_key=bias_key, dev=dev, conv=conv):
@@ -885,7 +892,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             except (TypeError, ValueError) as e:
                 problems.append(f"{name}: cannot build a QLoRALinear: {e}")
                 continue
-            swaps.append((name, build))
+            swaps.append((name, mod, build))
         else:
             problems.append(f"{name}: the model's module is a {type(mod).__name__}, not a Linear")
 
@@ -988,7 +995,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             raise AdapterFileError(f"{path}: {name}.weight cannot be quantized: {e}; nothing was loaded") from None
         ready_dense.append((layer, packed, state, None, fitted_adapter))
         del w
-    ready_swaps = [(name, build()) for name, build in swaps]
+    ready_swaps = [(name, old, build()) for name, old, build in swaps]
     values = {}
     for k in expected:
         value = ckpt.load(source[k])
@@ -1013,13 +1020,12 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
                 _assign(holders, slots[k], values[k])
             else:
                 current[k].copy_(values[k])
-        for name, layer in ready_swaps:
-            for alias in paths[id(model.get_submodule(name))]:
-                _set_submodule(model, alias, layer)
+        for _, old, layer in ready_swaps:  # with the Linear's hooks, as replace_linear
+            _take_place(model, paths, old, layer)
     if ready_swaps:
-        freeze_all_but_adapters(model, [layer for _, layer in ready_swaps])
+        freeze_all_but_adapters(model, [layer for _, _, layer in ready_swaps])
         guard_state_dict_loads(model)
-        model.qlora_replaced = list(getattr(model, "qlora_replaced", [])) + [n for n, _ in ready_swaps]
+        model.qlora_replaced = list(getattr(model, "qlora_replaced", [])) + [n for n, _, _ in ready_swaps]
     return model
 
 
