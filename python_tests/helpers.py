@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -173,3 +174,24 @@ def fill_trainable(model, seed: int = 11):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
+
+
+def write_hf_shards(directory: Path, sd: dict, n_shards: int = 2, torch_save: bool = False) -> None:
+    """A Hugging Face sharded checkpoint: model-0000i-of-0000n.safetensors and the index mapping
+    every tensor name to its shard (torch_save: pytorch_model-0000i-of-0000n.bin and
+    pytorch_model.bin.index.json, as transformers wrote them before safetensors)."""
+    keys = sorted(sd)
+    weight_map = {}
+    stem = "pytorch_model" if torch_save else "model"
+    for i in range(n_shards):
+        shard = f"{stem}-{i + 1:05d}-of-{n_shards:05d}.{'bin' if torch_save else 'safetensors'}"
+        part = {k: sd[k].clone() for k in keys[i::n_shards]}  # no shared storage
+        if torch_save:
+            torch.save(part, directory / shard)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(part, str(directory / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    index = f"{stem}.{'bin' if torch_save else 'safetensors'}.index.json"
+    (directory / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

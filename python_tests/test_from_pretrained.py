@@ -19,7 +19,7 @@ import qlora_kernels as qk
 from qlora_kernels import QLoRALinear, replace_linear
 from qlora_kernels.io import AdapterFileError
 
-from helpers import bnb_4bit_model
+from helpers import bnb_4bit_model, write_hf_shards
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 pytest.importorskip("accelerate", reason="from_pretrained builds the model empty with accelerate, a test dependency")
@@ -83,6 +83,36 @@ def test_dense_directory_with_layer_settings_dtype_and_targets(tmp_path):
     assert (layer.r, layer.quant_type, layer.blocksize, layer.use_dora) == (8, "fp4", 128, True)
     assert model.model.embed_tokens.weight.dtype == torch.float32
     _same_model(model, expected)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_torch_save_directory_gives_what_its_safetensors_twin_gives(tmp_path, tie, n_shards):
+    """A checkpoint in torch.save's format, as transformers wrote them before safetensors
+    (pytorch_model.bin, or pytorch_model-0000i-of-0000n.bin shards and pytorch_model.bin.index.json;
+    a tied lm_head stored under both names, sharing the embedding's storage), loads as the same
+    checkpoint in safetensors does, tensor for tensor and logit for logit; transformers' own loading
+    of that directory (then replace_linear) gives the same model too."""
+    src = _llama_dir(tmp_path / "safetensors", tie)
+    old = tmp_path / "pickle"
+    old.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (old / name).write_text((src / name).read_text())
+    sd = safetensors_torch.load_file(str(src / "model.safetensors"))
+    if tie:  # transformers' .bin files kept the tied entry, one storage under two names
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    if n_shards == 1:
+        torch.save(sd, old / "pytorch_model.bin")
+    else:
+        write_hf_shards(old, sd, n_shards, torch_save=True)
+    model = qk.from_pretrained(old, r=4)
+    twin = qk.from_pretrained(src, r=4)
+    theirs = replace_linear(transformers.LlamaForCausalLM.from_pretrained(old), target_modules="all-linear", r=4)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    for other in (twin, theirs):
+        _same_model(model, other)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, other(IDS).logits)
 
 
 def test_real_minilm_directory(tmp_path):
@@ -164,7 +194,7 @@ def test_bad_directories_and_arguments_are_refused(tmp_path, bnb_llama):
         qk.from_pretrained(path)
     cfg_path.write_text(json.dumps(cfg))
 
-    # weights in a format not read here (no safetensors)
+    # no weights file of a name a checkpoint has
     (path / "model.safetensors").rename(path / "elsewhere.safetensors")
     with pytest.raises(FileNotFoundError, match="without model.safetensors"):
         qk.from_pretrained(path)

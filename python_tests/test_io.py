@@ -21,7 +21,7 @@ from qlora_kernels import (QLoRALinear, load_adapter, load_quantized, replace_li
 from qlora_kernels import io as qk_io
 from qlora_kernels.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError
 
-from helpers import fill_trainable, train_causal_lm
+from helpers import fill_trainable, train_causal_lm, write_hf_shards
 
 os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
@@ -317,19 +317,6 @@ def _llama_config(tie: bool = False):
                                     tie_word_embeddings=tie)
 
 
-def _write_hf_shards(directory: pathlib.Path, sd: dict, n_shards: int = 2) -> None:
-    """A Hugging Face sharded checkpoint: model-0000i-of-0000n.safetensors and the index mapping
-    every tensor name to its shard."""
-    keys = sorted(sd)
-    weight_map = {}
-    for i in range(n_shards):
-        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = keys[i::n_shards]
-        safetensors_torch.save_file({k: sd[k].clone() for k in part}, str(directory / shard))  # no shared storage
-        weight_map.update({k: shard for k in part})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
 def _empty_llama(tie: bool = False) -> nn.Module:
     accelerate = pytest.importorskip("accelerate", reason="accelerate is a test dependency (empty-weights init)")
     with accelerate.init_empty_weights():  # parameters on meta, buffers real (as from_pretrained builds)
@@ -343,7 +330,7 @@ def test_sharded_bitsandbytes_checkpoint_directory_loads_into_an_empty_model(tmp
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test dependency (interop target)")
     bmodel = _bnb_model(_llama(), PROJ, bnb)
     expected = _logits(bmodel)
-    _write_hf_shards(tmp_path, bmodel.state_dict())
+    write_hf_shards(tmp_path, bmodel.state_dict())
     model = _empty_llama()
     load_quantized(model, tmp_path, r=4, compute_dtype=torch.float32)
     assert len(model.qlora_replaced) == 2 * 7
@@ -361,14 +348,16 @@ def test_sharded_bitsandbytes_checkpoint_directory_loads_into_an_empty_model(tmp
                                expected, rtol=0, atol=0)
 
 
-def test_dense_checkpoint_quantizes_into_an_empty_model_one_tensor_at_a_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("torch_save", [False, True], ids=["safetensors", "torch_save"])
+def test_dense_checkpoint_quantizes_into_an_empty_model_one_tensor_at_a_time(tmp_path, monkeypatch, torch_save):
     """replace_linear on an empty model, then a 16/32-bit sharded checkpoint: each QLoRALinear
     quantizes its weight as it loads (bit for bit what replace_linear on the loaded model gives),
-    and each dense weight is gone before the next is read (the model is never held in 16 bits)."""
+    and each dense weight is gone before the next is read (the model is never held in 16 bits).
+    Shards in torch.save's format too (memory-mapped, each tensor copied out as it is read)."""
     import weakref
 
     source = _llama()
-    _write_hf_shards(tmp_path, source.state_dict(), n_shards=3)
+    write_hf_shards(tmp_path, source.state_dict(), n_shards=3, torch_save=torch_save)
     expected = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
     model = replace_linear(_empty_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
 
@@ -399,7 +388,7 @@ def test_dense_checkpoint_quantizes_into_an_empty_model_one_tensor_at_a_time(tmp
 def test_dense_checkpoint_with_a_bad_weight_leaves_the_empty_model_as_it_was(tmp_path):
     sd = _llama().state_dict()
     sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
-    _write_hf_shards(tmp_path, sd)
+    write_hf_shards(tmp_path, sd)
     model = replace_linear(_empty_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
     with pytest.raises(AdapterFileError, match=r"model.layers.1.mlp.down_proj.weight cannot be quantized.*nothing was loaded"):
         load_quantized(model, tmp_path)
@@ -486,7 +475,7 @@ def test_meta_buffers_no_file_can_fill_are_refused_before_any_change(tmp_path):
                                   "empty_dir"])
 def test_bad_checkpoint_directories_are_refused(tmp_path, case):
     model = replace_linear(_llama(), target_modules=PROJ, r=4, compute_dtype=torch.float32)
-    _write_hf_shards(tmp_path, qk_io.quantized_state_dict(model))
+    write_hf_shards(tmp_path, qk_io.quantized_state_dict(model))
     index_path = tmp_path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     errors, match = AdapterFileError, None
@@ -510,7 +499,7 @@ def test_bad_checkpoint_directories_are_refused(tmp_path, case):
     else:
         for f in tmp_path.iterdir():
             f.unlink()
-        errors, match = FileNotFoundError, "without model.safetensors or model.safetensors.index.json"
+        errors, match = FileNotFoundError, "without model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
     if index is not None and case not in ("missing_shard", "empty_dir"):
         index_path.write_text(json.dumps(index))
     target = replace_linear(_llama(seed=3), target_modules=PROJ, r=4, compute_dtype=torch.float32)
@@ -685,6 +674,80 @@ def test_nested_names_round_trip_exactly(tmp_path, case):
     assert {n: (inner.get_submodule(n).r["default"], inner.get_submodule(n).lora_alpha["default"])
             for n in hyper} == hyper
     torch.testing.assert_close(pm(X64), model(X64), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_peft_wrote_in_torch_save_format_loads(tmp_path):
+    """adapter_model.bin (what PEFT writes with safe_serialization=False, and what adapters saved
+    before safetensors hold) loads as its safetensors twin does: the trained layers' outputs, bit for
+    bit. Beside an adapter_model.safetensors it is not read (PEFT's preference)."""
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (interop target)")
+    model = _nested_qlora("alpha")
+    save_adapter(model, tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(_nested(), str(tmp_path / "ours"))
+    pm.save_pretrained(str(tmp_path / "peft_bin"), safe_serialization=False)
+    assert (tmp_path / "peft_bin" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "peft_bin" / ADAPTER_WEIGHTS).exists()
+    fresh = _nested_qlora("alpha", train=False)
+    load_adapter(fresh, tmp_path / "peft_bin")
+    torch.testing.assert_close(fresh(X64), model(X64), rtol=0, atol=0)
+
+    # torch.save's format before torch 1.6 (no zip archive, so it cannot be memory-mapped): read whole
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / ADAPTER_CONFIG).write_text((tmp_path / "peft_bin" / ADAPTER_CONFIG).read_text())
+    torch.save(torch.load(tmp_path / "peft_bin" / "adapter_model.bin", weights_only=True),
+               legacy / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    fresh = _nested_qlora("alpha", train=False)
+    load_adapter(fresh, legacy)
+    torch.testing.assert_close(fresh(X64), model(X64), rtol=0, atol=0)
+
+    # both files: the safetensors one is read (here the .bin is garbage, so reading it would fail)
+    save_adapter(_nested_qlora("alpha"), tmp_path / "both")
+    (tmp_path / "both" / "adapter_model.bin").write_bytes(b"not a torch file")
+    load_adapter(_nested_qlora("alpha", train=False), tmp_path / "both")
+
+
+class _RunsCodeWhenUnpickled:
+    """An object whose unpickling would create a directory: proof of code run by a load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("case", ["runs_code", "not_a_dict", "truncated", "garbage"])
+def test_bad_torch_save_files_are_refused_without_running_code(tmp_path, case):
+    """A .bin adapter or checkpoint is read with torch.load(weights_only=True): a pickle that would run
+    code is refused and the code never runs; anything but a dict of named tensors, or a damaged file,
+    is refused naming the file, and the model is unchanged."""
+    source = _nested_qlora("alpha")
+    save_adapter(source, tmp_path)
+    tensors = safetensors_torch.load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    (tmp_path / ADAPTER_WEIGHTS).unlink()
+    weights = tmp_path / "adapter_model.bin"
+    marker = tmp_path / "code_ran"
+    if case == "runs_code":
+        torch.save({**tensors, "extra": _RunsCodeWhenUnpickled(marker)}, weights)
+        match = r"holds objects other than tensors.*refused, nothing run \(.*GLOBAL posix\.mkdir"
+    elif case == "not_a_dict":
+        torch.save(list(tensors.values()), weights)
+        match = "holds a list, not a dict of named tensors"
+    elif case == "truncated":
+        torch.save(tensors, weights)
+        weights.write_bytes(weights.read_bytes()[:-200])
+        match = "truncated or corrupt"
+    else:
+        weights.write_bytes(b"\x80\x02not a zip archive at all")
+        match = "not a readable torch.save file .truncated or corrupt.*Unsupported operand"
+    target = _nested_qlora("alpha", train=False)
+    _assert_refused_unchanged(target, lambda: load_adapter(target, tmp_path), rf"adapter_model\.bin: .*{match}")
+    assert not marker.exists()
+    # the same file as a checkpoint
+    plain = _nested()
+    _assert_refused_unchanged(plain, lambda: load_quantized(plain, weights), rf"adapter_model\.bin: .*{match}")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("patterns", [

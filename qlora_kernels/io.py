@@ -1,9 +1,11 @@
-"""Files: LoRA adapters in PEFT's layout, 4-bit bases in bitsandbytes' layout. safetensors and JSON
-only (no pickle: loading a file never runs code).
+"""Files: LoRA adapters in PEFT's layout, 4-bit bases in bitsandbytes' layout. Written as safetensors
+and JSON only. Read from those, and from torch.save files (.bin, what transformers and PEFT wrote
+before safetensors) through torch.load(weights_only=True), whose restricted unpickler builds tensors
+and plain containers only: loading a file never runs code.
 
 Adapter directory (what PEFT 0.21's save_pretrained writes and from_pretrained reads for LoRA):
     adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
-    adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, in]
+    adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, in]   (or adapter_model.bin)
                                base_model.model.<module>.lora_B.weight [out, r]
                                base_model.model.<module>.lora_magnitude_vector [out]  (use_dora)
                                base_model.model.<module>.base_layer.bias   (bias="lora_only")
@@ -55,9 +57,17 @@ from .nn import (
 PathLike = Union[str, os.PathLike]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What older PEFT versions wrote (torch.save of the adapter's state dict); read when no .safetensors is there.
+ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
 # A Hugging Face checkpoint directory: one file, or shards listed by an index.
 CHECKPOINT_FILE = "model.safetensors"
 CHECKPOINT_INDEX = "model.safetensors.index.json"
+# The same in torch.save's format, as transformers wrote checkpoints before safetensors (read, never
+# written here; safetensors is preferred when a directory has both, as transformers prefers it).
+CHECKPOINT_FILE_PICKLE = "pytorch_model.bin"
+CHECKPOINT_INDEX_PICKLE = "pytorch_model.bin.index.json"
+# Suffixes of files in torch.save's format (the rest are read as safetensors).
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
@@ -71,8 +81,8 @@ class AdapterFileError(ValueError):
     """An adapter or quantized-base file that is unreadable or does not fit the model."""
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one .safetensors file (small files: an adapter)."""
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors (or torch.save) file (small files: an adapter)."""
     file = _Checkpoint(path)
     return {k: file.load(k) for k in file.keys()}
 
@@ -86,10 +96,15 @@ _SAFETENSORS_DTYPES = {
 
 
 class _Checkpoint:
-    """A .safetensors file or a Hugging Face checkpoint directory (model.safetensors, or the shards
-    model.safetensors.index.json maps every key to), opened without reading tensor bytes: keys,
-    shapes and dtypes come from the headers (meta()), a tensor's bytes only from load(). So a
-    checkpoint larger than memory can be checked whole, then loaded one tensor at a time."""
+    """A checkpoint file or a Hugging Face checkpoint directory (model.safetensors, or the shards
+    model.safetensors.index.json maps every key to; else the same as pytorch_model.bin[.index.json]),
+    opened without reading tensor bytes: keys, shapes and dtypes come from the headers (meta()), a
+    tensor's bytes only from load(). So a checkpoint larger than memory can be checked whole, then
+    loaded one tensor at a time.
+
+    Files in torch.save's format (.bin / .pt / .pth) are opened with weights_only=True (a pickle that
+    would run code, or holds anything but tensors, is refused) and memory-mapped, so they too are
+    read a tensor at a time; load() copies each tensor out of the mapping."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -97,12 +112,18 @@ class _Checkpoint:
         if not path.is_dir():
             self._file_of = dict.fromkeys(self._keys_of(path), path)
             return
-        index_path = path / CHECKPOINT_INDEX
-        if not index_path.is_file():
-            if (path / CHECKPOINT_FILE).is_file():
-                self._file_of = dict.fromkeys(self._keys_of(path / CHECKPOINT_FILE), path / CHECKPOINT_FILE)
+        for file_name, index_name in ((CHECKPOINT_FILE, CHECKPOINT_INDEX),
+                                      (CHECKPOINT_FILE_PICKLE, CHECKPOINT_INDEX_PICKLE)):
+            if (path / index_name).is_file():
+                self._file_of = self._shards(path, path / index_name)
                 return
-            raise FileNotFoundError(f"{path}: a directory without {CHECKPOINT_FILE} or {CHECKPOINT_INDEX}")
+            if (path / file_name).is_file():
+                self._file_of = dict.fromkeys(self._keys_of(path / file_name), path / file_name)
+                return
+        raise FileNotFoundError(f"{path}: a directory without {CHECKPOINT_FILE}, {CHECKPOINT_INDEX}, "
+                                f"{CHECKPOINT_FILE_PICKLE} or {CHECKPOINT_INDEX_PICKLE}")
+
+    def _shards(self, path: Path, index_path: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index_path.read_text()).get("weight_map")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
@@ -114,28 +135,64 @@ class _Checkpoint:
         outside = [f for f in shards if Path(f).name != f]
         if outside:  # a shard is a file beside the index, never a path elsewhere
             raise AdapterFileError(f"{index_path}: shard names must be plain file names, got {outside[:3]}")
-        self._file_of = {}
+        file_of = {}
         for shard in shards:
             keys = self._keys_of(path / shard)
             wrong = sorted(k for k in keys if weight_map.get(k) != shard)
             if wrong:
                 raise AdapterFileError(f"{path / shard}: holds {wrong[:5]}, which the index maps elsewhere (or not at all)")
-            self._file_of.update(dict.fromkeys(keys, path / shard))
-        absent = sorted(set(weight_map) - set(self._file_of))
+            file_of.update(dict.fromkeys(keys, path / shard))
+        absent = sorted(set(weight_map) - set(file_of))
         if absent:
             raise AdapterFileError(f"{index_path}: {len(absent)} tensor(s) are in no shard: {absent[:5]}")
+        return file_of
 
     def _open(self, file: Path):
-        from safetensors import safe_open
-
         if file not in self._handles:
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: no such file")
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types (and OSError) for bad bytes
-                raise AdapterFileError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+            self._handles[file] = self._open_pickle(file) if file.suffix in _PICKLE_SUFFIXES else self._open_safetensors(file)
         return self._handles[file]
+
+    @staticmethod
+    def _open_safetensors(file: Path):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types (and OSError) for bad bytes
+            raise AdapterFileError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+    @staticmethod
+    def _open_pickle(file: Path) -> dict[str, torch.Tensor]:
+        import pickle
+
+        def read(mmap: bool):
+            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
+
+        try:
+            try:
+                tensors = read(mmap=True)
+            except RuntimeError as e:
+                if "_use_new_zipfile_serialization" not in str(e):
+                    raise
+                tensors = read(mmap=False)  # torch.save's format before torch 1.6 cannot be mapped: read whole
+        except pickle.UnpicklingError as e:
+            # torch's message is mostly advice (including "load with weights_only=False", which would
+            # run whatever the file says); keep the lines that say what was found.
+            detail = "; ".join(line for line in str(e).splitlines() if line.strip() and not line.startswith(
+                ("Weights only load failed", "Please file an issue", "Check the documentation")))
+            if "GLOBAL" in detail:
+                raise AdapterFileError(f"{file}: holds objects other than tensors, which only running code from the "
+                                       f"file could build; refused, nothing run ({detail})") from None
+            raise AdapterFileError(f"{file}: not a readable torch.save file (truncated or corrupt?): {detail}") from None
+        except Exception as e:  # zipfile / storage errors of a damaged file
+            raise AdapterFileError(f"{file}: not a readable torch.save file (truncated or corrupt?): {e}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise AdapterFileError(f"{file}: holds a {type(tensors).__name__}, not a dict of named tensors "
+                                   "(a state dict)")
+        return tensors
 
     def _keys_of(self, file: Path) -> list[str]:
         return list(self._open(file).keys())
@@ -146,8 +203,11 @@ class _Checkpoint:
     def meta(self, key: str) -> torch.Tensor:
         """A tensor on the meta device with the entry's shape and dtype (from the header)."""
         file = self._file_of[key]
+        handle = self._open(file)
+        if isinstance(handle, dict):
+            return torch.empty(handle[key].shape, dtype=handle[key].dtype, device="meta")
         try:
-            piece = self._open(file).get_slice(key)
+            piece = handle.get_slice(key)
             dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
             shape = piece.get_shape()
         except Exception as e:
@@ -158,8 +218,13 @@ class _Checkpoint:
 
     def load(self, key: str) -> torch.Tensor:
         file = self._file_of[key]
+        handle = self._open(file)
         try:
-            return self._open(file).get_tensor(key)
+            if isinstance(handle, dict):
+                # A tensor of its own: the mapped file's pages are not the model's (and tensors that
+                # shared storage in the file, tied weights, come out apart, as safetensors gives them).
+                return handle[key].clone(memory_format=torch.contiguous_format)
+            return handle.get_tensor(key)
         except Exception as e:
             raise AdapterFileError(f"{file}: cannot read {key!r} (truncated or corrupt?): {e}") from None
 
@@ -497,7 +562,10 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         raise AdapterFileError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {config['lora_dropout']!r}")
     rank_pattern = _read_patterns(config, "rank_pattern", _as_rank, cfg_path)
     alpha_pattern = _read_patterns(config, "alpha_pattern", _as_alpha, cfg_path)
-    tensors = _read_safetensors(directory / ADAPTER_WEIGHTS)
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file() and (directory / ADAPTER_WEIGHTS_PICKLE).is_file():  # an older PEFT's adapter
+        weights = directory / ADAPTER_WEIGHTS_PICKLE
+    tensors = _read_tensors(weights)
 
     layers = _qlora_layers(model)
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -768,8 +836,9 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
     Linear4bit state dict such as a pre-quantized "bnb-4bit" model), or a dense 16/32-bit one whose
     weights the model's QLoRALinear layers quantize as they load.
 
-    path: a .safetensors file, or a Hugging Face checkpoint directory (model.safetensors, or the
-    shards model.safetensors.index.json lists). The model may be empty (built under
+    path: a .safetensors (or torch.save .bin / .pt) file, or a Hugging Face checkpoint directory
+    (model.safetensors, or the shards model.safetensors.index.json lists; else pytorch_model.bin or
+    its shards). The model may be empty (built under
     accelerate.init_empty_weights(): parameters on the meta device): its tensors then come from the
     file, on `device` (default: the CPU) in the dtypes the model was built with, and QLoRALinear
     layers on meta get a fresh adapter. A tied weight (lm_head = the embedding) may be in the file
@@ -1076,7 +1145,8 @@ def from_pretrained(path: PathLike, model_class=None, *, target_modules=ALL_LINE
     from_pretrained, but the Linears are QLoRALinear layers (4-bit base, trainable adapters) and the
     model is never held in 16 bits (built empty, then filled one tensor at a time by load_quantized).
 
-    path: a local directory with config.json and model.safetensors (or shards and their index).
+    path: a local directory with config.json and model.safetensors (or shards and their index;
+      or, as older checkpoints have it, pytorch_model.bin, read a tensor at a time all the same).
       A dense (16/32-bit) checkpoint: the Linears replace_linear(target_modules, exclude) selects
       (default "all-linear": every Linear but the output layer) are quantized as they load
       (layer_kwargs: r, lora_alpha, lora_dropout, quant_type, blocksize, compute_dtype, use_dora, ...).
