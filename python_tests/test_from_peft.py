@@ -81,6 +81,31 @@ def test_bitsandbytes_peft_model_computes_the_same_as_ours(bnb_dir, lora):
     torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_several_peft_adapters_come_over_by_name(bnb_dir):
+    """A PEFT model with two adapters (the second with its own r, alpha and rsLoRA): PEFT's active one
+    is active here, the other stored under its name; switched to either, the logits are PEFT's."""
+    peft_model = _bnb_peft(bnb_dir)
+    peft_model.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=PROJ))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for n, p in peft_model.named_parameters():
+            if ".other." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    expected = {}
+    for name in ("other", "default"):
+        peft_model.set_adapter(name)
+        expected[name] = _logits(peft_model)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    model = qk.from_peft(peft_model)  # "default" active, as PEFT's was last
+    layer = model.get_submodule("model.layers.1.mlp.down_proj")
+    assert layer.adapter_names == ("default", "other") and layer.lora_stored["other"].r == 8
+    assert {_our_name(n) for n in trainable} == {n for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(_logits(model), expected["default"], rtol=1e-5, atol=1e-5)
+    qk.set_adapter(model, "other")
+    assert (layer.r, layer.lora_alpha, layer.use_rslora) == (8, 4, True)
+    torch.testing.assert_close(_logits(model), expected["other"], rtol=1e-5, atol=1e-5)
+
+
 def test_training_continues_as_peft_would(bnb_dir):
     """3 SGD steps after from_peft give PEFT's losses (no dropout: the same draws on both sides)."""
     expected = train_causal_lm(_bnb_peft(bnb_dir), IDS)
@@ -107,10 +132,20 @@ def test_what_has_no_qlora_form_is_refused_with_the_model_unchanged(bnb_dir):
     with pytest.raises(TypeError, match="takes a peft.PeftModel"):
         qk.from_peft(_llama())
 
-    two = _bnb_peft(bnb_dir)
-    two.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"one adapter, this one has \['default', 'other'\]"):
-        qk.from_peft(two)
+    other_targets = _bnb_peft(bnb_dir)
+    other_targets.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"k_proj: has adapters \['default'\] of the model's \['default', 'other'\]"):
+        qk.from_peft(other_targets)
+    assert not any(isinstance(m, QLoRALinear) for m in other_targets.modules())
+    mixed = _bnb_peft(bnb_dir)
+    mixed.add_adapter("other", peft.LoraConfig(r=2, target_modules=PROJ, use_dora=True))
+    with pytest.raises(ValueError, match="some of its adapters are DoRA and some not"):
+        qk.from_peft(mixed)
+    saved_twice = _bnb_peft(bnb_dir, modules_to_save=["lm_head"])
+    saved_twice.add_adapter("other", peft.LoraConfig(r=2, target_modules=PROJ, modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"lm_head: modules_to_save copies for adapters \['other'\]"):
+        qk.from_peft(saved_twice)
+    assert not any(isinstance(m, QLoRALinear) for m in saved_twice.modules())
 
     merged = _bnb_peft(bnb_dir)
     merged.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters.append("default")

@@ -43,6 +43,8 @@ from .formats import QuantState, get_code
 from .nn import (
     ALL_LINEAR,
     QLoRALinear,
+    _check_adapter_name,
+    adapter_active,
     _module_paths,
     _own_forward,
     _take_place,
@@ -75,6 +77,16 @@ _BIAS_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.bias$")
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector$")
 _QS_KEY = re.compile(r"^(?P<module>.+)\.weight\.quant_state\.bitsandbytes__(?P<qt>[a-z0-9]+)$")
 _QLORA_INTERNAL = ("packed_weight", "absmax", "nested_absmax", "offset", "lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def _layer_internal(key: str, layers) -> bool:
+    """Whether state-dict `key` is a QLoRALinear's own state (its 4-bit base, its active adapter or
+    a stored one: <layer>.lora_stored.<name>.lora_A), which files of the base leave out."""
+    module, _, leaf = key.rpartition(".")
+    if module in layers and leaf in _QLORA_INTERNAL:
+        return True
+    owner, stored, _ = key.partition(".lora_stored.")
+    return bool(stored) and owner in layers
 
 
 class AdapterFileError(ValueError):
@@ -344,8 +356,10 @@ def save_adapter(
     modules_to_save: Optional[Sequence[str]] = None,
     task_type: Optional[str] = None,
     base_model_name_or_path: Optional[PathLike] = None,
+    adapter_name: Optional[str] = None,
 ) -> Path:
-    """Write the LoRA weights of every QLoRALinear in `model` in PEFT's adapter layout.
+    """Write the LoRA weights of every QLoRALinear in `model` in PEFT's adapter layout (the active
+    adapter's; adapter_name: that one of the model's named adapters, see add_adapter).
 
     modules_to_save: a list of names of other modules trained in full (e.g. a classification head),
     saved whole as PEFT saves its modules_to_save (a bare string is refused: PEFT would read it
@@ -362,6 +376,9 @@ def save_adapter(
     so a failure leaves the directory's previous adapter as it was.
     """
     _check_model(model, "save_adapter")
+    if adapter_name is not None:
+        with adapter_active(model, adapter_name):
+            return save_adapter(model, directory, modules_to_save, task_type, base_model_name_or_path)
     if modules_to_save is not None:
         if isinstance(modules_to_save, (str, bytes)):
             # PEFT matches each element of modules_to_save, so a string would select modules by its letters.
@@ -515,7 +532,8 @@ def _pattern_value(patterns: list[tuple[re.Pattern, object]], name: str, default
     return default
 
 
-def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True,
+                 adapter_name: Optional[str] = None) -> nn.Module:
     """Load a LoRA adapter in PEFT's layout (ours or PEFT's) into the QLoRALinear layers of `model`.
 
     The model's layers must already be QLoRALinear (replace_linear) with the adapter's rank at the
@@ -526,11 +544,59 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
     module name wins). Other entries of the file load only into parameters and buffers outside the
     QLoRALinear layers (their 4-bit bases are load_quantized's), with the model's shape and a
     matching kind of dtype (floating into floating; anything else only into its own dtype).
+    adapter_name (PEFT's load_adapter(path, adapter_name)): load it as that named adapter of the
+    model instead of into the active one. A name the model's layers hold already (add_adapter) is
+    overwritten; a new name is added to every QLoRALinear beside the active adapter, which stays
+    active (set_adapter switches; the new one is frozen until then), with the file's ranks (a layer
+    the file does not cover, strict=False, gets an identity adapter, B = 0). A file for an inactive
+    adapter may carry LoRA weights only (no bias, no modules_to_save: those are the model's own,
+    shared by all its adapters).
     Raises (AdapterFileError / ValueError / FileNotFoundError) and leaves the model unchanged when
     the files are unreadable, the config's hyperparameters are out of range, or the files do not fit.
     """
     _check_model(model, "load_adapter")
     directory = Path(directory)
+    layers = _qlora_layers(model)
+    actives = {layer.active_adapter for layer in layers.values()}
+    if adapter_name is None or actives == {adapter_name}:
+        return _load_adapter(model, directory, strict, lora_only=False)
+    _check_adapter_name(adapter_name)
+    holding = [n for n, layer in layers.items() if adapter_name in layer.adapter_names]
+    if holding and len(holding) < len(layers):
+        raise ValueError(f"load_adapter: adapter_name={adapter_name!r} is held by {len(holding)} of the model's "
+                         f"{len(layers)} QLoRALinear layers (e.g. {holding[0]}); delete_adapter it or pick another name")
+    if holding:
+        with adapter_active(model, adapter_name):
+            return _load_adapter(model, directory, strict, lora_only=True)
+    # A new adapter: each layer's takes the file's rank (the load below checks it against the config).
+    weights = _Checkpoint(_adapter_weights_path(directory))
+    ranks = {}
+    for name in layers:
+        key = f"{PEFT_PREFIX}{name}.lora_A.weight"
+        if key in weights.keys() and weights.meta(key).dim() == 2 and weights.meta(key).shape[0] >= 1:
+            ranks[name] = int(weights.meta(key).shape[0])
+    added = []
+    try:
+        for name, layer in layers.items():
+            layer.add_adapter(adapter_name, r=ranks.get(name))
+            added.append(layer)
+        with adapter_active(model, adapter_name):
+            return _load_adapter(model, directory, strict, lora_only=True)
+    except BaseException:
+        for layer in added:  # the model as it was
+            layer.delete_adapter(adapter_name)
+        raise
+
+
+def _adapter_weights_path(directory: Path) -> Path:
+    """adapter_model.safetensors, or an older PEFT's adapter_model.bin when only that is there."""
+    if not (directory / ADAPTER_WEIGHTS).is_file() and (directory / ADAPTER_WEIGHTS_PICKLE).is_file():
+        return directory / ADAPTER_WEIGHTS_PICKLE
+    return directory / ADAPTER_WEIGHTS
+
+
+def _load_adapter(model: nn.Module, directory: Path, strict: bool, lora_only: bool) -> nn.Module:
+    """load_adapter into the active adapters; lora_only: the file may carry LoRA weights only."""
     cfg_path = directory / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: no such file (not a PEFT adapter directory?)")
@@ -562,10 +628,7 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
         raise AdapterFileError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {config['lora_dropout']!r}")
     rank_pattern = _read_patterns(config, "rank_pattern", _as_rank, cfg_path)
     alpha_pattern = _read_patterns(config, "alpha_pattern", _as_alpha, cfg_path)
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file() and (directory / ADAPTER_WEIGHTS_PICKLE).is_file():  # an older PEFT's adapter
-        weights = directory / ADAPTER_WEIGHTS_PICKLE
-    tensors = _read_tensors(weights)
+    tensors = _read_tensors(_adapter_weights_path(directory))
 
     layers = _qlora_layers(model)
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -665,6 +728,10 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> 
                             f"{' ...' if len(untouched) > 10 else ''} (strict=False loads the rest)")
     if not lora:
         problems.append("the adapter file holds no lora_A/lora_B weights")
+    if lora_only and (biases or others):
+        problems.append(f"entries besides LoRA weights ({sorted([*(f'{n}.base_layer.bias' for n in biases), *others])[:5]}): "
+                        "bias and modules_to_save are the model's own, shared by its adapters; load this file as "
+                        "the active adapter (set_adapter, then load_adapter without adapter_name)")
     if problems:
         raise AdapterFileError(f"{directory}: adapter does not fit the model:\n  " + "\n  ".join(problems))
 
@@ -714,8 +781,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     aliases = _alias_paths(model)
     out: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
-        module, _, leaf = k.rpartition(".")
-        if (module in layers and leaf in _QLORA_INTERNAL) or module in aliases:
+        if _layer_internal(k, layers) or k.rpartition(".")[0] in aliases:
             continue
         out[k] = v
     for name, layer in layers.items():
@@ -992,7 +1058,7 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
             continue
         if module in replaced and (leaf in _QLORA_INTERNAL or leaf in ("weight", "bias")):
             continue
-        if module in layers and leaf in _QLORA_INTERNAL:
+        if _layer_internal(k, layers):
             continue
         expected[k] = v
     rest = {k: v for k, v in tensors.items() if k not in consumed}
@@ -1033,9 +1099,11 @@ def load_quantized(model: nn.Module, path: PathLike, device: Optional[Union[str,
         elif _dtype_mismatch(t, expected[k]):
             problems.append(f"{k}: dtype {t.dtype} in the file, {expected[k].dtype} in the model (floating-point "
                             "values load only into floating-point tensors, other dtypes only into their own)")
+    # (A layer's adapters, stored ones included, are made real when its base loads.)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-                    if t.is_meta and n.rpartition(".")[0] not in quantized and source.get(n) is None
-                    and n.rpartition(".")[0] not in dense_names]
+                    if t.is_meta and source.get(n) is None
+                    and not any(owner in quantized or owner in dense_names
+                                for owner in (n.rpartition(".")[0], n.partition(".lora_stored.")[0]))]
     if left_on_meta and not missing:
         problems.append(f"{left_on_meta[:10]} would stay on the meta device: the file has no values for them "
                         "(non-persistent buffers such as a rotary embedding's inv_freq never are in a checkpoint: "

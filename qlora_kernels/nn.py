@@ -264,6 +264,41 @@ def loftq_decompose(w: torch.Tensor, r: int, scale: float, iters: int = 1, **qua
     return packed, state, a, b
 
 
+# What each adapter of a layer has of its own besides its parameters (lora_A, lora_B and, with DoRA,
+# lora_magnitude_vector; use_dora is the layer's, shared by its adapters as the base norms are).
+_ADAPTER_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights")
+
+
+def _set_lora_alpha(owner, value) -> None:
+    # Checked on every assignment (load_adapter sets it too): a bad value would otherwise surface
+    # only in the forward, as an obscure error from the scale.
+    _check_real("lora_alpha", value)
+    owner._lora_alpha = int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _check_adapter_name(adapter_name) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"an adapter name must be a non-empty string without '.', got {adapter_name!r}")
+    if adapter_name.startswith("_") or hasattr(nn.ModuleDict(), adapter_name):  # (it names a ModuleDict entry)
+        raise ValueError(f"adapter name {adapter_name!r} is taken by nn.ModuleDict's own attributes (or starts "
+                         "with '_'); pick another")
+
+
+class _StoredAdapter(nn.Module):
+    """An adapter a QLoRALinear holds but does not compute with: its parameters (registered, so they
+    move, cast and save with the layer: <layer>.lora_stored.<name>.lora_A, ...) and settings."""
+
+    r: int
+    lora_dropout: float
+    use_rslora: bool
+    init_lora_weights: Union[bool, str]
+
+    lora_alpha = property(lambda self: self._lora_alpha, lambda self, value: _set_lora_alpha(self, value))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+
+
 class QLoRALinear(nn.Module):
     """y = x @ dequant(W)^T + scale * dropout(x) @ lora_A^T @ lora_B^T (+ bias), scale = lora_alpha / r
     (lora_alpha / sqrt(r) with use_rslora=True, PEFT's rank-stabilized LoRA).
@@ -304,6 +339,9 @@ class QLoRALinear(nn.Module):
     use_dora: bool = False
     init_lora_weights: Union[bool, str] = True
     loftq_iter: int = 1
+    # The name of the adapter in lora_A / lora_B (PEFT's "default"); others the layer holds wait in
+    # the `lora_stored` ModuleDict (add_adapter / set_adapter), which exists only while there are some.
+    active_adapter: str = "default"
 
     def __init__(
         self,
@@ -476,14 +514,22 @@ class QLoRALinear(nn.Module):
     def _adapter_names(self) -> tuple[str, ...]:
         return ("lora_A", "lora_B", "lora_magnitude_vector") if self.use_dora else ("lora_A", "lora_B")
 
+    def _adapter_tensors(self) -> list[torch.Tensor]:
+        """The parameters of every adapter the layer holds, the active one's first."""
+        stored = self._modules.get("lora_stored")
+        return [getattr(self, n) for n in self._adapter_names()] + ([] if stored is None else list(stored.parameters()))
+
     def _materialize_adapter(self, device: torch.device) -> None:
-        """The adapter's parameters on the meta device (a layer built without memory) made real on
-        `device` with a fresh adapter (reset_lora_parameters), keeping their dtypes and requires_grad."""
-        for name in self._adapter_names():
-            old = getattr(self, name)
-            setattr(self, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
-                                             requires_grad=old.requires_grad))
-        self.reset_lora_parameters()
+        """The adapters' parameters on the meta device (a layer built without memory; stored adapters
+        too) made real on `device`, each a fresh adapter (reset_lora_parameters), keeping their dtypes
+        and requires_grad."""
+        for adapter in self.adapter_names:
+            with self._adapter_swapped_in(adapter):
+                for name in self._adapter_names():
+                    old = getattr(self, name)
+                    setattr(self, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                                     requires_grad=old.requires_grad))
+                self.reset_lora_parameters()
 
     def _quantize_weight(self, w: torch.Tensor):
         """(packed, state, the adapter (A, B) "loftq" / "pissa" fit with the base, else None) of the
@@ -541,18 +587,109 @@ class QLoRALinear(nn.Module):
             # (clamped: rounding may take a row of W + s B A that is ~0 just below zero)
             return (self.dora_base_sq_norm + 2.0 * s * cross + s * s * lora_sq).clamp_min(0.0).sqrt()
 
-    # --- the quantized weight ---------------------------------------------------------------
+    # --- named adapters (PEFT's add_adapter / set_adapter / delete_adapter) ---------------------
 
     @property
-    def lora_alpha(self) -> Union[int, float]:
-        return self._lora_alpha
+    def adapter_names(self) -> tuple[str, ...]:
+        """The active adapter's name, then those of the adapters the layer holds unused."""
+        return (self.active_adapter, *self._modules.get("lora_stored", {}))
 
-    @lora_alpha.setter
-    def lora_alpha(self, value) -> None:
-        # Checked on every assignment (load_adapter sets it too): a bad value would otherwise
-        # surface only in the forward, as an obscure error from the scale.
-        _check_real("lora_alpha", value)
-        self._lora_alpha = int(value) if isinstance(value, numbers.Integral) else float(value)
+    def add_adapter(self, adapter_name: str, r: Optional[int] = None, lora_alpha: Optional[float] = None,
+                    lora_dropout: Optional[float] = None, use_rslora: Optional[bool] = None,
+                    init_lora_weights: Union[bool, str] = True) -> None:
+        """A fresh adapter (B = 0: the identity update) beside the active one, which stays active; the
+        settings left None are the active adapter's. Its parameters are frozen until set_adapter
+        makes it the active one. init_lora_weights: True or "gaussian" ("loftq" / "pissa" fit an
+        adapter together with the base, which the layer's other adapters share)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"add_adapter: this layer already has an adapter named {adapter_name!r} "
+                             f"(its adapters: {list(self.adapter_names)})")
+        if init_lora_weights is not True and init_lora_weights != "gaussian":
+            raise ValueError(f"add_adapter: init_lora_weights must be True or 'gaussian' for an added adapter, got "
+                             f"{init_lora_weights!r} (LoftQ / PiSSA change the base, which every adapter shares)")
+        settings = {name: getattr(self, name) if value is None else value for name, value in (
+            ("r", r), ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("use_rslora", use_rslora))}
+        if isinstance(settings["r"], bool) or not isinstance(settings["r"], int) or settings["r"] < 1:
+            raise ValueError(f"add_adapter: r must be a positive int, got {settings['r']!r}")
+        _check_real("lora_dropout", settings["lora_dropout"])
+        if not 0.0 <= settings["lora_dropout"] < 1.0:
+            raise ValueError(f"add_adapter: lora_dropout must be in [0, 1), got {settings['lora_dropout']}")
+        if not isinstance(settings["use_rslora"], bool):
+            raise TypeError(f"add_adapter: use_rslora must be True or False, got {settings['use_rslora']!r}")
+        slot = _StoredAdapter()
+        slot.lora_alpha = settings["lora_alpha"]  # (checked by the property)
+        slot.r, slot.lora_dropout = settings["r"], float(settings["lora_dropout"])
+        slot.use_rslora, slot.init_lora_weights = settings["use_rslora"], init_lora_weights
+        dev, dt = self.lora_A.device, self.lora_A.dtype
+        shapes = {"lora_A": (slot.r, self.in_features), "lora_B": (self.out_features, slot.r),
+                  "lora_magnitude_vector": (self.out_features,)}
+        for name in self._adapter_names():
+            slot.register_parameter(name, nn.Parameter(torch.empty(shapes[name], device=dev, dtype=dt),
+                                                       requires_grad=False))
+        if "lora_stored" not in self._modules:
+            self.lora_stored = nn.ModuleDict()
+        self.lora_stored[adapter_name] = slot
+        with self._adapter_swapped_in(adapter_name):
+            if not self.lora_A.is_meta:
+                self.reset_lora_parameters()
+
+    def _swap_adapter(self, adapter_name: str) -> None:
+        """Make the stored adapter `adapter_name` the active one (its parameter objects, as they are:
+        an optimizer holding them keeps them) and store the active one in its place."""
+        stored = self._modules.get("lora_stored")
+        if adapter_name == self.active_adapter:
+            return
+        if stored is None or adapter_name not in stored:
+            raise ValueError(f"this layer has no adapter named {adapter_name!r} (its adapters: "
+                             f"{list(self.adapter_names)})")
+        incoming, outgoing = stored[adapter_name], _StoredAdapter()
+        for name in _ADAPTER_SETTINGS:
+            setattr(outgoing, name, getattr(self, name))
+            setattr(self, name, getattr(incoming, name))
+        for name in self._adapter_names():
+            outgoing.register_parameter(name, self._parameters[name])
+            self.register_parameter(name, incoming._parameters[name])
+        del stored[adapter_name]
+        stored[self.active_adapter] = outgoing
+        self.active_adapter = adapter_name
+
+    @contextlib.contextmanager
+    def _adapter_swapped_in(self, adapter_name: str):
+        """Within the block `adapter_name` is the active adapter; the previous one after it."""
+        before = self.active_adapter
+        self._swap_adapter(adapter_name)
+        try:
+            yield self
+        finally:
+            self._swap_adapter(before)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Compute with the adapter `adapter_name` from now on. As PEFT's set_adapter: its parameters
+        become trainable (inference_mode=True: frozen) and every other adapter's frozen."""
+        self._swap_adapter(adapter_name)
+        for name in self._adapter_names():
+            getattr(self, name).requires_grad_(not inference_mode)
+        for p in self._modules.get("lora_stored", nn.ModuleDict()).parameters():
+            p.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop the stored adapter `adapter_name` (the active one cannot go: set another first)."""
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is the active adapter; set_adapter another one first "
+                             f"(this layer's adapters: {list(self.adapter_names)})")
+        stored = self._modules.get("lora_stored")
+        if stored is None or adapter_name not in stored:
+            raise ValueError(f"delete_adapter: this layer has no adapter named {adapter_name!r} (its adapters: "
+                             f"{list(self.adapter_names)})")
+        del stored[adapter_name]
+        if not len(stored):
+            del self.lora_stored  # a layer with one adapter has the state dict it always had
+
+    # --- the quantized weight ---------------------------------------------------------------
+
+    lora_alpha = property(lambda self: self._lora_alpha, lambda self, value: _set_lora_alpha(self, value),
+                          doc="LoRA's alpha: the update is scaled by lora_alpha / r (or / sqrt(r), use_rslora).")
 
     @property
     def scale(self) -> float:
@@ -683,6 +820,20 @@ class QLoRALinear(nn.Module):
                                 f"layer{hint}")
             elif n not in mine and not t.is_floating_point():
                 problems.append(f"{n} is {t.dtype} in the state dict; a floating-point tensor is expected")
+        stored = self._modules.get("lora_stored", {})
+        for slot_name, slot in stored.items():
+            for n, ours in slot._parameters.items():
+                t = state_dict.get(f"{prefix}lora_stored.{slot_name}.{n}")
+                if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()
+                                          and tuple(t.shape) == tuple(ours.shape)):
+                    problems.append(f"lora_stored.{slot_name}.{n} is {getattr(t, 'dtype', type(t).__name__)} "
+                                    f"{tuple(getattr(t, 'shape', ()))} in the state dict; the layer's stored adapter "
+                                    f"{slot_name!r} has a floating-point {tuple(ours.shape)}")
+        unknown = sorted({k[len(prefix) + len("lora_stored."):].partition(".")[0] for k in state_dict
+                          if k.startswith(f"{prefix}lora_stored.")} - set(stored))
+        if unknown:
+            problems.append(f"the state dict has adapter(s) {unknown} that the layer does not hold (its adapters: "
+                            f"{list(self.adapter_names)}; add_adapter them first)")
         return problems
 
     def _describe(self) -> str:
@@ -841,6 +992,7 @@ class QLoRALinear(nn.Module):
             + ("" if self.init_lora_weights is True else f", init_lora_weights={self.init_lora_weights!r}")
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + ("" if self.adapter_enabled else ", adapter_enabled=False")
+            + (f", active_adapter={self.active_adapter!r}" if "lora_stored" in self._modules else "")
         )
 
 
@@ -1284,6 +1436,94 @@ def disable_adapter(model: nn.Module):
             layer.adapter_enabled = enabled
 
 
+def _adapter_layers(model: nn.Module, what: str) -> list[QLoRALinear]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} takes an nn.Module, got {type(model).__name__}")
+    layers = list({id(m): m for m in model.modules() if isinstance(m, QLoRALinear)}.values())
+    if not layers:
+        raise ValueError(f"{what}: the model has no QLoRALinear layer (was replace_linear run on it?)")
+    return layers
+
+
+def _layers_holding(model: nn.Module, adapter_name: str, what: str) -> list[QLoRALinear]:
+    """Every QLoRALinear of `model`, checked to hold an adapter `adapter_name` (all of them, or the
+    call is refused before any layer changes)."""
+    layers = _adapter_layers(model, what)
+    lacking = [layer for layer in layers if adapter_name not in layer.adapter_names]
+    if lacking:
+        paths = _module_paths(model)
+        raise ValueError(f"{what}: {len(lacking)} QLoRALinear layer(s) hold no adapter named {adapter_name!r}, e.g. "
+                         f"{paths[id(lacking[0])][0]} (adapters: {list(lacking[0].adapter_names)})")
+    return layers
+
+
+def add_adapter(model: nn.Module, adapter_name: str, r: Optional[int] = None, lora_alpha: Optional[float] = None,
+                lora_dropout: Optional[float] = None, use_rslora: Optional[bool] = None,
+                init_lora_weights: Union[bool, str] = True) -> nn.Module:
+    """A fresh adapter named `adapter_name` in every QLoRALinear of `model`, beside the active one
+    (which stays active: set_adapter switches). As PEFT's add_adapter: e.g. a second task's adapter
+    on the same 4-bit base. Settings left None are each layer's active adapter's; the new one
+    starts as the identity update (B = 0) and frozen. The adapters share the layer's base, bias and
+    use_dora. Refused, with no layer changed, when a layer already has that name. merge_and_unload
+    (and a layer's merge / merge_and_requantize) folds in the active adapter; the stored ones go
+    with the old layers, as PEFT's merge_and_unload drops every adapter."""
+    layers = _adapter_layers(model, "add_adapter")
+    taken = [layer for layer in layers if adapter_name in layer.adapter_names]
+    if taken:
+        raise ValueError(f"add_adapter: the model already has an adapter named {adapter_name!r} (adapters: "
+                         f"{list(taken[0].adapter_names)})")
+    added = []
+    try:
+        for layer in layers:
+            layer.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              use_rslora=use_rslora, init_lora_weights=init_lora_weights)
+            added.append(layer)
+    except (TypeError, ValueError):
+        for layer in added:
+            layer.delete_adapter(adapter_name)
+        raise
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = False) -> nn.Module:
+    """Every QLoRALinear of `model` computes with its adapter `adapter_name` from now on; as PEFT's
+    set_adapter, that adapter becomes trainable (inference_mode=True: frozen) and the others
+    frozen. The parameters stay the same objects, so an optimizer built over several adapters
+    keeps updating each. Refused, with no layer changed, when a layer lacks that adapter."""
+    for layer in _layers_holding(model, adapter_name, "set_adapter"):
+        layer.set_adapter(adapter_name, inference_mode=inference_mode)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Drop the adapter `adapter_name` from every QLoRALinear of `model` (not the active one:
+    set_adapter another first). As PEFT's delete_adapter."""
+    layers = _layers_holding(model, adapter_name, "delete_adapter")
+    active = [layer for layer in layers if layer.active_adapter == adapter_name]
+    if active:
+        raise ValueError(f"delete_adapter: {adapter_name!r} is the active adapter; set_adapter another one first")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    return model
+
+
+@contextlib.contextmanager
+def adapter_active(model: nn.Module, adapter_name: str):
+    """Within the block every QLoRALinear of `model` computes with `adapter_name`; on exit (an
+    exception included) each layer's previous adapter is active again. requires_grad is left as
+    it is (set_adapter's switch marks trainable): e.g. DPO's reference adapter, or saving one
+    adapter of several."""
+    layers = _layers_holding(model, adapter_name, "adapter_active")
+    before = [(layer, layer.active_adapter) for layer in layers]
+    try:
+        for layer in layers:
+            layer._swap_adapter(adapter_name)
+        yield model
+    finally:
+        for layer, name in before:
+            layer._swap_adapter(name)
+
+
 # --- from_peft: a PEFT LoRA model (bitsandbytes 4-bit or dense base) taken over in memory -------------
 
 
@@ -1292,13 +1532,19 @@ def _is_bnb_4bit(base: nn.Module) -> bool:
     return getattr(getattr(base, "weight", None), "quant_state", None) is not None
 
 
-def _peft_lora_layer(layer, adapter: str, compute_dtype: Optional[torch.dtype]) -> "QLoRALinear":
-    """The QLoRALinear doing what PEFT's LoRA layer `layer` does with `adapter` on its base."""
+def _peft_adapter_settings(layer, adapter: str) -> dict:
+    """r, lora_alpha, lora_dropout and use_rslora of PEFT's LoRA layer `layer` for `adapter`."""
+    return dict(r=int(layer.r[adapter]), lora_alpha=layer.lora_alpha[adapter],
+                lora_dropout=float(getattr(layer.lora_dropout[adapter], "p", 0.0)),
+                use_rslora=bool(layer.use_rslora.get(adapter, False)))
+
+
+def _peft_lora_layer(layer, adapters: Sequence[str], compute_dtype: Optional[torch.dtype]) -> "QLoRALinear":
+    """The QLoRALinear doing what PEFT's LoRA layer `layer` does on its base with each of `adapters`
+    (the first active, the others stored under their names)."""
     base = layer.get_base_layer()
-    settings = dict(r=int(layer.r[adapter]), lora_alpha=layer.lora_alpha[adapter],
-                    lora_dropout=float(getattr(layer.lora_dropout[adapter], "p", 0.0)),
-                    use_rslora=bool(layer.use_rslora.get(adapter, False)),
-                    use_dora=adapter in layer.lora_magnitude_vector,
+    adapter = adapters[0]
+    settings = dict(_peft_adapter_settings(layer, adapter), use_dora=adapter in layer.lora_magnitude_vector,
                     lora_dtype=layer.lora_A[adapter].weight.dtype)
     if _is_bnb_4bit(base):
         # Its own state dict: the checkpoint layout, undoing any CPU-only repacking of the bytes.
@@ -1313,10 +1559,14 @@ def _peft_lora_layer(layer, adapter: str, compute_dtype: Optional[torch.dtype]) 
         new = QLoRALinear.from_linear(base, compute_dtype=compute_dtype or (dt if dt in _COMPUTE_DTYPES
                                                                             else torch.float32), **settings)
     new.fan_in_fan_out = is_conv1d(base)
-    with torch.no_grad():
-        for name in new._adapter_names():  # PEFT keeps each as module_dict[adapter].weight, same name
-            theirs = getattr(layer, name)[adapter].weight
-            getattr(new, name).copy_(theirs).requires_grad_(theirs.requires_grad)
+    new.active_adapter = adapter
+    for other in adapters[1:]:
+        new.add_adapter(other, **_peft_adapter_settings(layer, other))
+    for name_ in adapters:
+        with new._adapter_swapped_in(name_), torch.no_grad():
+            for name in new._adapter_names():  # PEFT keeps each as module_dict[adapter].weight, same name
+                theirs = getattr(layer, name)[name_].weight
+                getattr(new, name).copy_(theirs).requires_grad_(theirs.requires_grad)
     return new.train(layer.training)
 
 
@@ -1332,10 +1582,14 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
     (default: the Linear4bit's, float32 where it has none (BitsAndBytesConfig's default); for a
     dense base, its weight dtype, so the model computes what PEFT's did).
 
+    Several adapters (PEFT's add_adapter / load_adapter(adapter_name)) come over by name: PEFT's active
+    one is each layer's active adapter, the others are stored beside it (set_adapter switches).
+
     The PEFT model is consumed (its layers' tensors are shared, not copied). Raises TypeError for a
-    non-PEFT model and ValueError, with the model unchanged, for what has no QLoRALinear form: more
-    than one adapter, a merged adapter, lora_bias, LoRA on a layer that is not a Linear / Conv1D or
-    over an 8-bit base, another PEFT method.
+    non-PEFT model and ValueError, with the model unchanged, for what has no QLoRALinear form: several
+    adapters active at once, adapters that target different layers or mix DoRA and LoRA in one layer,
+    modules_to_save copies of an inactive adapter, a merged adapter, lora_bias, LoRA on a layer that is
+    not a Linear / Conv1D or over an 8-bit base, another PEFT method.
     """
     try:
         import peft
@@ -1347,12 +1601,15 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
     if not isinstance(peft_model, peft.PeftModel):
         raise TypeError(f"from_peft takes a peft.PeftModel, got {type(peft_model).__name__}")
     configs = peft_model.peft_config
-    if len(configs) != 1:
-        raise ValueError(f"from_peft takes a PEFT model with one adapter, this one has {sorted(configs)}: save the one "
-                         "to keep (save_pretrained(selected_adapters=[...])) and load_adapter it into a replace_linear model")
-    (adapter, config), = configs.items()
-    if str(getattr(config, "peft_type", "")) not in ("LORA", "PeftType.LORA"):
-        raise ValueError(f"from_peft takes LoRA adapters, this one is {config.peft_type}")
+    active = list(peft_model.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"from_peft: the PEFT model computes with {len(active)} adapters at once ({active}); a "
+                         "QLoRALinear computes with one: set_adapter one of them first")
+    adapter = active[0]
+    adapters = [adapter, *sorted(a for a in configs if a != adapter)]
+    for name, config in configs.items():
+        if str(getattr(config, "peft_type", "")) not in ("LORA", "PeftType.LORA"):
+            raise ValueError(f"from_peft takes LoRA adapters, adapter {name!r} is {config.peft_type}")
     if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
         raise TypeError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
     model = peft_model.get_base_model()
@@ -1363,19 +1620,29 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
         base = mod.get_base_layer()
         if mod.merged:
             problems.append(f"{name}: its adapter is merged into the base (unmerge_adapter() first)")
-        elif mod.lora_bias.get(adapter, False):
+        elif any(mod.lora_bias.get(a, False) for a in adapters):
             problems.append(f"{name}: lora_bias=True (a bias on lora_B) has no QLoRALinear form")
         elif adapter not in mod.lora_A or not (_is_bnb_4bit(base) or dense_weight(base) is not None):
             problems.append(f"{name}: LoRA on a {type(base).__name__}, which is not a Linear / Conv1D with a float "
                             "or bitsandbytes 4-bit weight")
+        elif sorted(a for a in adapters if a in mod.lora_A) != sorted(adapters):
+            # (a QLoRALinear holds the same adapters in every layer, as add_adapter gives them)
+            problems.append(f"{name}: has adapters {sorted(a for a in adapters if a in mod.lora_A)} of the model's "
+                            f"{sorted(adapters)}; the adapters must target the same layers")
+        elif len({a in mod.lora_magnitude_vector for a in adapters}) > 1:
+            problems.append(f"{name}: some of its adapters are DoRA and some not; a QLoRALinear's adapters share use_dora")
         else:
             layers.append((name, mod))
+    for name, wrapper in model.named_modules():
+        if isinstance(wrapper, ModulesToSaveWrapper) and set(wrapper.modules_to_save) - {adapter}:
+            problems.append(f"{name}: modules_to_save copies for adapters {sorted(set(wrapper.modules_to_save) - {adapter})} "
+                            "besides the active one; the model keeps one copy of a module (delete those adapters first)")
     if problems:
         raise ValueError("from_peft: the PEFT model has layers with no QLoRALinear form, nothing was changed:\n  "
                          + "\n  ".join(problems))
     if not layers:
         raise ValueError("from_peft: the PEFT model has no LoRA layer")
-    new_layers = [(name, _peft_lora_layer(mod, adapter, compute_dtype)) for name, mod in layers]
+    new_layers = [(name, _peft_lora_layer(mod, adapters, compute_dtype)) for name, mod in layers]
     paths = _module_paths(model)
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     for (_, layer), (_, old) in zip(new_layers, layers):
@@ -1466,9 +1733,8 @@ def memory_report(model: nn.Module) -> MemoryReport:
     for name, mod in model.named_modules():
         if isinstance(mod, QLoRALinear):
             rows.append(MemoryRow(name or "(root)", "QLoRALinear", mod.in_features * mod.out_features, mod.quantized_nbytes(),
-                                  lora_bytes=_nbytes(getattr(mod, n) for n in mod._adapter_names()),
-                                  bias_bytes=_nbytes([mod.bias])))
-            seen.update(id(t) for t in (*(getattr(mod, n) for n in mod._adapter_names()), mod.bias) if t is not None)
+                                  lora_bytes=_nbytes(mod._adapter_tensors()), bias_bytes=_nbytes([mod.bias])))
+            seen.update(id(t) for t in (*mod._adapter_tensors(), mod.bias) if t is not None)
             continue
         tensors = [t for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
                    if id(t) not in seen]
@@ -1483,5 +1749,5 @@ def memory_report(model: nn.Module) -> MemoryReport:
                         all_params=sum(p.numel() for p in params) + bases)
 
 
-__all__ = ["QLoRALinear", "disable_adapter", "freeze_all_but_adapters", "from_peft", "prepare_model_for_kbit_training", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
+__all__ = ["QLoRALinear", "adapter_active", "add_adapter", "delete_adapter", "disable_adapter", "set_adapter", "freeze_all_but_adapters", "from_peft", "prepare_model_for_kbit_training", "QuantizedWeight", "MemoryReport", "ReplaceReport", "RequantizationError",
            "memory_report", "replace_linear"]

@@ -24,7 +24,7 @@ TESTS=(python_tests/test_opcheck.py python_tests/test_quant_4bit.py python_tests
        python_tests/test_qlora_linear.py python_tests/test_linear_strategy.py python_tests/test_optim.py
        python_tests/test_nn.py python_tests/test_io.py python_tests/test_gpt2_conv1d.py python_tests/test_dora.py
        python_tests/test_trainer.py python_tests/test_from_pretrained.py python_tests/test_lora_init.py
-       python_tests/test_from_peft.py
+       python_tests/test_from_peft.py python_tests/test_adapters.py
        python_tests/test_bad_input.py python_tests/test_formats.py)
 
 # Everything the tests need but torch and triton, from the project's own requirement files.
