@@ -192,7 +192,9 @@ class _Checkpoint:
         except pickle.UnpicklingError as e:
             # torch's message is mostly advice (including "load with weights_only=False", which would
             # run whatever the file says); keep the lines that say what was found.
-            detail = "; ".join(line for line in str(e).splitlines() if line.strip() and not line.startswith(
+            # (torch 2.6 puts the finding after "WeightsUnpickler error:" on the line of its advice)
+            found = (line.split("WeightsUnpickler error:", 1)[-1].strip() for line in str(e).splitlines())
+            detail = "; ".join(line for line in found if line and not line.startswith(
                 ("Weights only load failed", "Please file an issue", "Check the documentation")))
             if "GLOBAL" in detail:
                 raise AdapterFileError(f"{file}: holds objects other than tensors, which only running code from the "
