@@ -573,10 +573,12 @@ def load_adapter(model: nn.Module, directory: PathLike, strict: bool = True,
     # A new adapter: each layer's takes the file's rank (the load below checks it against the config).
     weights = _Checkpoint(_adapter_weights_path(directory))
     ranks = {}
+    keys = set(weights.keys())
     for name in layers:
         key = f"{PEFT_PREFIX}{name}.lora_A.weight"
-        if key in weights.keys() and weights.meta(key).dim() == 2 and weights.meta(key).shape[0] >= 1:
-            ranks[name] = int(weights.meta(key).shape[0])
+        shape = weights.meta(key).shape if key in keys else ()
+        if len(shape) == 2 and shape[0] >= 1:
+            ranks[name] = int(shape[0])
     added = []
     try:
         for name, layer in layers.items():

@@ -115,6 +115,22 @@ def _check_real(what: str, v) -> None:
         raise ValueError(f"{what} must be finite, got {v!r}")
 
 
+def _check_positive_int(what: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what} must be a positive int, got {v!r}")
+
+
+def _check_dropout(v) -> None:
+    _check_real("lora_dropout", v)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {v}")
+
+
+def _check_flag(what: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{what} must be True or False, got {v!r}")
+
+
 def _magnitude_over_norm(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """DoRA's m / n per row, 0 where n = 0: such a row of W + s B A is all zeros, so its output is
     zero whatever the scale (PEFT divides by zero there and gives NaN); the denominator is made safe
@@ -370,12 +386,9 @@ class QLoRALinear(nn.Module):
     ):
         super().__init__()
         for what, v in (("in_features", in_features), ("out_features", out_features), ("r", r)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{what} must be a positive int, got {v!r}")
+            _check_positive_int(what, v)
         _check_real("lora_alpha", lora_alpha)
-        _check_real("lora_dropout", lora_dropout)
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        _check_dropout(lora_dropout)
         check_blocksize(blocksize)
         check_quant_type(quant_type)
         for what, dt in (("compute_dtype", compute_dtype), ("lora_dtype", lora_dtype)):
@@ -393,15 +406,13 @@ class QLoRALinear(nn.Module):
         self.quant_storage = quant_storage
         self.train_bias = bool(train_bias)
         for what, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{what} must be True or False, got {flag!r}")
+            _check_flag(what, flag)
         self.use_rslora = use_rslora
         self.use_dora = use_dora
         if not (init_lora_weights is True or (isinstance(init_lora_weights, str)
                                               and init_lora_weights in INIT_LORA_WEIGHTS)):  # (1 == True)
             raise ValueError(f"init_lora_weights must be one of {INIT_LORA_WEIGHTS}, got {init_lora_weights!r}")
-        if isinstance(loftq_iter, bool) or not isinstance(loftq_iter, int) or loftq_iter < 1:
-            raise ValueError(f"loftq_iter must be a positive int, got {loftq_iter!r}")
+        _check_positive_int("loftq_iter", loftq_iter)
         self.init_lora_weights = init_lora_weights
         self.loftq_iter = loftq_iter
         fitted_adapter = None
@@ -610,13 +621,9 @@ class QLoRALinear(nn.Module):
                              f"{init_lora_weights!r} (LoftQ / PiSSA change the base, which every adapter shares)")
         settings = {name: getattr(self, name) if value is None else value for name, value in (
             ("r", r), ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("use_rslora", use_rslora))}
-        if isinstance(settings["r"], bool) or not isinstance(settings["r"], int) or settings["r"] < 1:
-            raise ValueError(f"add_adapter: r must be a positive int, got {settings['r']!r}")
-        _check_real("lora_dropout", settings["lora_dropout"])
-        if not 0.0 <= settings["lora_dropout"] < 1.0:
-            raise ValueError(f"add_adapter: lora_dropout must be in [0, 1), got {settings['lora_dropout']}")
-        if not isinstance(settings["use_rslora"], bool):
-            raise TypeError(f"add_adapter: use_rslora must be True or False, got {settings['use_rslora']!r}")
+        _check_positive_int("r", settings["r"])
+        _check_dropout(settings["lora_dropout"])
+        _check_flag("use_rslora", settings["use_rslora"])
         slot = _StoredAdapter()
         slot.lora_alpha = settings["lora_alpha"]  # (checked by the property)
         slot.r, slot.lora_dropout = settings["r"], float(settings["lora_dropout"])
@@ -1618,6 +1625,7 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
         if not isinstance(mod, LoraLayer):
             continue
         base = mod.get_base_layer()
+        present = sorted(a for a in adapters if a in mod.lora_A)
         if mod.merged:
             problems.append(f"{name}: its adapter is merged into the base (unmerge_adapter() first)")
         elif any(mod.lora_bias.get(a, False) for a in adapters):
@@ -1625,9 +1633,9 @@ def from_peft(peft_model: nn.Module, compute_dtype: Optional[torch.dtype] = None
         elif adapter not in mod.lora_A or not (_is_bnb_4bit(base) or dense_weight(base) is not None):
             problems.append(f"{name}: LoRA on a {type(base).__name__}, which is not a Linear / Conv1D with a float "
                             "or bitsandbytes 4-bit weight")
-        elif sorted(a for a in adapters if a in mod.lora_A) != sorted(adapters):
+        elif present != sorted(adapters):
             # (a QLoRALinear holds the same adapters in every layer, as add_adapter gives them)
-            problems.append(f"{name}: has adapters {sorted(a for a in adapters if a in mod.lora_A)} of the model's "
+            problems.append(f"{name}: has adapters {present} of the model's "
                             f"{sorted(adapters)}; the adapters must target the same layers")
         elif len({a in mod.lora_magnitude_vector for a in adapters}) > 1:
             problems.append(f"{name}: some of its adapters are DoRA and some not; a QLoRALinear's adapters share use_dora")
